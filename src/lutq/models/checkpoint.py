@@ -1,0 +1,248 @@
+"""The lutq checkpoint directory (DESIGN.md "Artefacts and formats"):
+
+    config.json          what it is: format + version, base HF config, quant layout, snapped, extra
+    model.safetensors    all tensors (LUT-layer indices packed by lutq.quant.storage); tied aliases dropped
+    tokenizer files      tokenizer.save_pretrained
+    trainer_state/       optional: state.pt (tensors and counters, loaded with weights_only=True) + state.json
+
+Written atomically as a whole directory; loading checks every piece and names what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lutq import __version__
+from lutq.core.atomic import atomic_dir, atomic_write_bytes, atomic_write_json, sha256_file
+from lutq.core.errors import LutqError
+
+FORMAT = "lutq-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+TRAINER_STATE = "trainer_state"
+
+
+@dataclass
+class CheckpointInfo:
+    """The parsed config.json of a checkpoint."""
+
+    path: Path
+    architecture: str
+    base_config: dict[str, Any]
+    quant: dict[str, Any] | None = None
+    snapped: bool = False
+    aliases: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    weights_sha256: str | None = None
+    weights_bytes: int | None = None
+    lutq_version: str = ""
+
+
+def _has_quant_layers(model: torch.nn.Module) -> bool:
+    return any(getattr(m, "lutq_quantized", False) for m in model.modules())
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: torch.nn.Module,
+    tokenizer: Any = None,
+    *,
+    extra: dict[str, Any] | None = None,
+    trainer_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write `model` (+ tokenizer, + optional trainer state) as a checkpoint directory, atomically."""
+    path = Path(path)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    quant = None
+    snapped = False
+    if _has_quant_layers(model):
+        from lutq.quant import storage
+
+        quant = storage.quant_layout(model)
+        snapped = storage.is_snapped(model)
+        state = storage.encode_state(model, state)
+    tensors, aliases = _dedupe(state)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    with atomic_dir(path) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if trainer_state is not None:
+            save_trainer_state(tmp, trainer_state)
+        arch = (config.get("architectures") or [type(model).__name__])[0]
+        atomic_write_json(tmp / "config.json", {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "lutq_version": __version__,
+            "architecture": arch,
+            "snapped": snapped,
+            "quant": quant,
+            "aliases": aliases,
+            "weights": {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS),
+                        "bytes": (tmp / WEIGHTS).stat().st_size},
+            "extra": extra or {},
+            "base_config": config,
+        })
+    return path
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop tensors that share storage with an earlier one (tied embeddings); return the alias map."""
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    out: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if v.numel() else None
+        if key is not None and key in seen:
+            aliases[k] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = k
+        out[k] = v
+    return out, aliases
+
+
+def read_checkpoint_info(path: str | os.PathLike[str]) -> CheckpointInfo:
+    """Parse and validate config.json; errors name the file and the problem."""
+    path = Path(path)
+    if not path.exists():
+        raise LutqError(f"checkpoint not found: {path}")
+    if not path.is_dir():
+        raise LutqError(f"{path}: a checkpoint is a directory, got a file")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise LutqError(f"{path}: not a lutq checkpoint (no config.json)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise LutqError(f"{cfg_path}: invalid JSON ({e.msg} at line {e.lineno}); the file is corrupt") from e
+    if cfg.get("format") != FORMAT:
+        raise LutqError(f"{cfg_path}: not a lutq checkpoint (format={cfg.get('format')!r}, expected {FORMAT!r})")
+    version = cfg.get("format_version")
+    if not isinstance(version, int):
+        raise LutqError(f"{cfg_path}: missing or invalid format_version")
+    if version > FORMAT_VERSION:
+        raise LutqError(f"{cfg_path}: format_version {version} is newer than this lutq reads ({FORMAT_VERSION}); "
+                        "upgrade lutq")
+    if version < 1:
+        raise LutqError(f"{cfg_path}: unsupported format_version {version}")
+    for key in ("architecture", "base_config"):
+        if key not in cfg:
+            raise LutqError(f"{cfg_path}: missing key {key!r}")
+    weights = cfg.get("weights") or {}
+    return CheckpointInfo(
+        path=path, architecture=cfg["architecture"], base_config=cfg["base_config"], quant=cfg.get("quant"),
+        snapped=bool(cfg.get("snapped")), aliases=cfg.get("aliases") or {}, extra=cfg.get("extra") or {},
+        weights_sha256=weights.get("sha256"), weights_bytes=weights.get("bytes"),
+        lutq_version=cfg.get("lutq_version", ""),
+    )
+
+
+def _read_weights(info: CheckpointInfo, verify: bool) -> dict[str, torch.Tensor]:
+    wpath = info.path / WEIGHTS
+    if not wpath.is_file():
+        raise LutqError(f"{wpath}: missing (incomplete checkpoint)")
+    size = wpath.stat().st_size
+    if info.weights_bytes is not None and size != info.weights_bytes:
+        raise LutqError(f"{wpath}: {size} bytes, config.json says {info.weights_bytes} (truncated or replaced)")
+    if verify and info.weights_sha256 and sha256_file(wpath) != info.weights_sha256:
+        raise LutqError(f"{wpath}: sha256 mismatch with config.json (corrupt file)")
+    try:
+        return load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LutqError(f"{wpath}: corrupt or truncated safetensors file ({e})") from e
+
+
+def build_base_model(info: CheckpointInfo, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Instantiate the (random-init) HF model described by the checkpoint's base_config."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = info.base_config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise LutqError(f"{info.path}/config.json: unknown model_type {model_type!r}")
+    config = CONFIG_MAPPING[model_type].from_dict(dict(info.base_config))
+    return AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    verify: bool = True,
+    load_tokenizer: bool = True,
+) -> tuple[torch.nn.Module, Any, CheckpointInfo]:
+    """Load a checkpoint directory; returns (model in eval mode, tokenizer or None, info)."""
+    info = read_checkpoint_info(path)
+    tensors = _read_weights(info, verify)
+    model = build_base_model(info)
+    if info.quant:
+        from lutq.quant import storage
+
+        storage.apply_quant_layout(model, info.quant)
+        tensors = storage.decode_state(model, tensors)
+    for alias, target in info.aliases.items():
+        if target not in tensors:
+            raise LutqError(f"{info.path}/{WEIGHTS}: alias {alias} -> {target}, but {target} is missing")
+        tensors[alias] = tensors[target]
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise LutqError(f"{info.path}/{WEIGHTS}: tensors do not match the model "
+                        f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                        f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})")
+    for k, v in tensors.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise LutqError(f"{info.path}/{WEIGHTS}: {k} has shape {tuple(v.shape)}, "
+                            f"model expects {tuple(expected[k].shape)}")
+    model.load_state_dict(tensors, strict=True, assign=True)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    if dtype is not None:
+        model = model.to(dtype)
+    tokenizer = None
+    if load_tokenizer and any((info.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(info.path)
+    return model.to(device).eval(), tokenizer, info
+
+
+def save_trainer_state(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:
+    """Write trainer state (optimizer/scheduler state dicts, RNG states, counters) into `path/trainer_state/`.
+
+    Plain containers of tensors and numbers only (loaded back with torch.load(weights_only=True));
+    JSON-able counters are mirrored into state.json for humans.
+    """
+    d = Path(path) / TRAINER_STATE
+    d.mkdir(parents=True, exist_ok=True)
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(d / "state.pt", buf.getvalue())
+    summary = {k: v for k, v in state.items() if isinstance(v, int | float | str | bool)}
+    atomic_write_json(d / "state.json", summary)
+    return d
+
+
+def load_trainer_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read `path/trainer_state/state.pt` safely (weights_only); clear error when missing or corrupt."""
+    f = Path(path) / TRAINER_STATE / "state.pt"
+    if not f.is_file():
+        raise LutqError(f"{f}: no trainer state (was this checkpoint saved by a training run?)")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated/corrupt pickles
+        raise LutqError(f"{f}: corrupt trainer state ({type(e).__name__}: {e})") from e

@@ -1,0 +1,81 @@
+"""Tiny random-weight models of the real architectures (Qwen3, Llama, Gemma 3) and a byte-level
+tokenizer with a Qwen3-style chat template, for fast tests that need no download."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+TINY_ARCHITECTURES = ("qwen3", "llama", "gemma3")
+
+# ChatML like Qwen3: `enable_thinking=False` pre-fills an empty think block after the generation prompt,
+# and assistant turns may carry a <think> block.
+CHAT_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|im_start|>assistant\n"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}<think>\n\n</think>\n\n{%- endif -%}"
+    "{%- endif -%}"
+)
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def tiny_tokenizer() -> Any:
+    """A byte-level BPE tokenizer (256 byte tokens, no merges, 3 special tokens), with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                 bos_token=None, unk_token=None)
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def tiny_config(arch: str = "qwen3", *, vocab_size: int = 320, hidden: int = 64, layers: int = 2,
+                intermediate: int = 128, heads: int = 4, kv_heads: int = 2) -> Any:
+    """Config of a tiny model of `arch`; dimensions are multiples of 32 so group-32 scale init applies."""
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  head_dim=hidden // heads, max_position_embeddings=512, tie_word_embeddings=True,
+                  bos_token_id=None, eos_token_id=SPECIAL_TOKENS.index("<|im_end|>") + 256,
+                  pad_token_id=256)
+    if arch == "qwen3":
+        from transformers import Qwen3Config
+
+        return Qwen3Config(**common, architectures=["Qwen3ForCausalLM"])
+    if arch == "llama":
+        from transformers import LlamaConfig
+
+        return LlamaConfig(**common, architectures=["LlamaForCausalLM"])
+    if arch == "gemma3":
+        from transformers import Gemma3TextConfig
+
+        return Gemma3TextConfig(**common, sliding_window=64, architectures=["Gemma3ForCausalLM"])
+    raise ValueError(f"unknown tiny architecture {arch!r}; choose from {TINY_ARCHITECTURES}")
+
+
+def tiny_model(arch: str = "qwen3", seed: int = 0, **config_kw: Any) -> torch.nn.Module:
+    """A tiny random-init causal LM of `arch` in eval mode (deterministic for a seed)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **config_kw), dtype=torch.float32)
+    return model.eval()
+
+
+def require_asset(name: str) -> None:
+    """In tests: skip (naming the command to run) when an asset has not been fetched."""
+    import pytest
+
+    from lutq.assets import is_fetched
+
+    if not is_fetched(name):
+        pytest.skip(f"asset {name!r} not fetched; run `lutq assets fetch {name}` (make test does)")

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny random models of the three architectures, and the real teacher (slow tests)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lutq.testing import TINY_ARCHITECTURES, require_asset, tiny_model, tiny_tokenizer
+
+TEACHER = "smollm2-135m-instruct"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(params=TINY_ARCHITECTURES)
+def tiny_arch(request: pytest.FixtureRequest) -> str:
+    """Parametrizes a test over 'qwen3', 'llama', 'gemma3'."""
+    return request.param
+
+
+@pytest.fixture
+def tiny(tiny_arch: str) -> torch.nn.Module:
+    """A tiny random model of each supported architecture."""
+    return tiny_model(tiny_arch)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The tiny byte-level tokenizer with a Qwen3-style chat template."""
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def teacher():
+    """The real SmolLM2-135M-Instruct teacher (model, tokenizer), loaded once per session."""
+    require_asset(TEACHER)
+    from lutq.models import load_model
+
+    return load_model(TEACHER)
