@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
-import click
 import pytest
 from typer.main import get_command
 from typer.testing import CliRunner
@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 from lutq.cli import app
 
 
-def _all_commands(cmd: click.Command, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+def _all_commands(cmd: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     out = [prefix]
-    if isinstance(cmd, click.Group):
+    if hasattr(cmd, "commands"):  # typer vendors its own click: duck-type the group
         for name, sub in cmd.commands.items():
             out += _all_commands(sub, (*prefix, name))
     return out
@@ -26,6 +26,12 @@ def test_every_command_has_help(path: tuple[str, ...]) -> None:
     result = CliRunner().invoke(app, [*path, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
+
+
+def test_all_stages_registered() -> None:
+    names = {p[0] for p in _all_commands(get_command(app)) if p}
+    assert {"assets", "cache", "quantize", "convert", "snap", "train", "plot", "eval", "chat", "export",
+            "pretrain", "data", "bench", "speedrun", "store", "pull"} <= names
 
 
 def test_error_is_one_line_exit_1(tmp_path) -> None:

@@ -1,0 +1,225 @@
+"""Model-level API: `quantize(model, "q2a4")` (in place, like torchao's quantize_), trainable sets,
+LUT projection, and `dequantize_` (LUT layers -> dense nn.Linear with W_eff, for HF export)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from lutq.core.console import progress as progress_bar
+from lutq.core.errors import LutqError
+from lutq.quant.init import init_from_weight_
+from lutq.quant.layer import LUTEmbedding, LUTLinear
+from lutq.quant.presets import LayerSpec, QuantConfig, group_of, resolve_config
+
+TRAINABLE_MODES = ("all", "mlp-only", "attn-only", "g-only", "freeze-g", "lut", "none")
+
+
+@dataclasses.dataclass
+class QuantRow:
+    """One quantized layer: where, what, and how far W_eff is from the reference weight."""
+
+    name: str
+    group: str
+    shape: tuple[int, int]
+    lut_size: int
+    rank: int
+    lut_kind: str
+    rel_error: float | None
+
+
+@dataclasses.dataclass
+class QuantReport:
+    """Per-layer rows of a quantize / convert; `.table()` prints, `.to_dict()` serializes."""
+
+    rows: list[QuantRow] = dataclasses.field(default_factory=list)
+    title: str = "quantization"
+
+    def mean_error(self, group: str | None = None) -> float | None:
+        errs = [r.rel_error for r in self.rows if r.rel_error is not None and group in (None, r.group)]
+        return sum(errs) / len(errs) if errs else None
+
+    def max_error(self, group: str | None = None) -> float | None:
+        errs = [r.rel_error for r in self.rows if r.rel_error is not None and group in (None, r.group)]
+        return max(errs) if errs else None
+
+    def to_dict(self) -> dict[str, Any]:
+        groups = sorted({r.group for r in self.rows})
+        return {"title": self.title, "layers": [dataclasses.asdict(r) for r in self.rows],
+                "summary": {g: {"layers": sum(r.group == g for r in self.rows), "mean_rel_error": self.mean_error(g),
+                                "max_rel_error": self.max_error(g)} for g in groups}}
+
+    def table(self, *, per_layer: bool = True) -> Any:
+        """A rich Table: one row per layer (or per group with per_layer=False) with relative errors."""
+        from rich.table import Table
+
+        t = Table(title=self.title)
+        for col in ("layer", "group", "shape", "lut", "rank", "‖W_eff−W‖/‖W‖"):
+            t.add_column(col, justify="left" if col in ("layer", "group") else "right")
+        if per_layer:
+            for r in self.rows:
+                err = "-" if r.rel_error is None else f"{r.rel_error:.4f}"
+                t.add_row(r.name, r.group, f"{r.shape[0]}×{r.shape[1]}", f"{r.lut_size} {r.lut_kind}",
+                          str(r.rank), err)
+        for g, s in self.to_dict()["summary"].items():
+            mean = "-" if s["mean_rel_error"] is None else f"{s['mean_rel_error']:.4f} (max {s['max_rel_error']:.4f})"
+            t.add_row(f"[bold]{g}: {s['layers']} layers", g, "", "", "", f"[bold]{mean}")
+        return t
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def lut_layers(model: nn.Module) -> Iterator[tuple[str, LUTLinear]]:
+    """(name, layer) for every LUT layer of the model."""
+    for name, m in model.named_modules():
+        if isinstance(m, LUTLinear):
+            yield name, m
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Swap the submodule at dotted `name` for `new`."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _untie_if_needed(model: nn.Module, cfg: QuantConfig) -> None:
+    """Quantizing lm_head or the embeddings of a tied model unties them (each gets its own copy)."""
+    if not (cfg.quantize_lm_head or cfg.quantize_embeddings):
+        return
+    config = getattr(model, "config", None)
+    head, emb = getattr(model, "lm_head", None), model.get_input_embeddings() if config is not None else None
+    if head is None or emb is None or head.weight is not emb.weight:
+        return
+    head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=emb.weight.requires_grad)
+    config.tie_word_embeddings = False
+    text_config = getattr(config, "text_config", None)
+    if text_config is not None:
+        text_config.tie_word_embeddings = False
+
+
+def _make_layer(module: nn.Module, spec: LayerSpec, cfg: QuantConfig) -> LUTLinear:
+    w = module.weight
+    kw: dict[str, Any] = {"mode": cfg.mode, "ste_fp16": cfg.ste_fp16, "device": w.device, "dtype": w.dtype}
+    if isinstance(module, nn.Embedding):
+        scale = getattr(module, "embed_scale", 1.0)
+        return LUTEmbedding(module.num_embeddings, module.embedding_dim, spec.lut_size, spec.rank,
+                            padding_idx=module.padding_idx, embed_scale=float(scale), **kw)
+    return LUTLinear(module.in_features, module.out_features, spec.lut_size, spec.rank,
+                     bias=module.bias is not None, **kw)
+
+
+# ------------------------------------------------------------------------------------------ quantize
+def quantize(model: nn.Module, config: str | QuantConfig | dict[str, Any] = "q2a4", *, init: bool = True,
+             progress: bool = True) -> QuantReport:
+    """Replace the matching linears of `model` by LUT layers in place; returns the per-layer error report.
+
+    `config` is a preset name (q2a4, q4a4, q4a4_r32, q2a2), a QuantConfig or a dict of its fields.
+    With init=False the layers are only created (shapes right, values placeholder): for loading a state.
+    """
+    cfg = resolve_config(config)
+    if any(True for _ in lut_layers(model)):
+        raise LutqError("quantize: the model already has LUT layers (load it unquantized, or convert it)")
+    _untie_if_needed(model, cfg)
+    targets = []
+    for name, module in model.named_modules():
+        picked = cfg.spec_for(name) if isinstance(module, nn.Linear | nn.Embedding) else None
+        if picked is not None:
+            targets.append((name, module, *picked))
+    if not targets:
+        raise LutqError(f"quantize: no layers of {type(model).__name__} match the config "
+                        "(expected HF names like model.layers.0.mlp.gate_proj)")
+    report = QuantReport(title=f"quantize {cfg.preset or 'custom'}")
+    with progress_bar(transient=True) as bar:
+        task = bar.add_task("quantizing", total=len(targets), visible=progress)
+        for name, module, group, spec in targets:
+            layer = _make_layer(module, spec, cfg)
+            err = None
+            if init:
+                err = init_from_weight_(layer, module.weight, group_size=cfg.group_size, lut_kind=spec.lut_kind,
+                                        tighten_rounds=cfg.tighten_rounds)
+                if layer.bias is not None:
+                    layer.bias.data.copy_(module.bias.detach())
+            replace_module(model, name, layer)
+            report.rows.append(QuantRow(name, group, (layer.out_features, layer.in_features), spec.lut_size,
+                                        spec.rank, spec.lut_kind, err))
+            bar.advance(task)
+    model.lutq_config = cfg
+    return report
+
+
+def quant_config_of(model: nn.Module) -> QuantConfig | None:
+    """The QuantConfig a model was quantized with (None if unknown)."""
+    cfg = getattr(model, "lutq_config", None)
+    return cfg if isinstance(cfg, QuantConfig) else None
+
+
+# ------------------------------------------------------------------------------------- trainables
+def set_trainable(model: nn.Module, mode: str = "all", *, lut: bool = False) -> list[str]:
+    """Freeze everything (embeddings, norms, lm_head included) except the selected LUT-layer parts.
+
+    Modes: all (A, B, g of every LUT layer; `weight` for latent layers), mlp-only, attn-only, g-only,
+    freeze-g (A and B; g frozen), lut (the LUT entries only), none. `lut=True` adds the LUT entries to
+    any mode. Returns the names of the trainable parameters.
+    """
+    if mode not in TRAINABLE_MODES:
+        raise LutqError(f"set_trainable: unknown mode {mode!r}; valid: {list(TRAINABLE_MODES)}")
+    layers = list(lut_layers(model))
+    if not layers:
+        raise LutqError("set_trainable: the model has no LUT layers (run lutq.quantize first)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    parts = {"all": {"A", "B", "g"}, "mlp-only": {"A", "B", "g"}, "attn-only": {"A", "B", "g"},
+             "g-only": {"g"}, "freeze-g": {"A", "B"}, "lut": {"lut"}, "none": set()}[mode]
+    for name, layer in layers:
+        selected = mode not in ("mlp-only", "attn-only") or group_of(name) == mode.removesuffix("-only")
+        layer_parts = (parts if selected else set()) | ({"lut"} if lut else set())
+        layer.set_trainable(layer_parts)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def project_luts_(model: nn.Module) -> int:
+    """After an optimizer step: restore sorted FP16-exact LUTs in every layer whose LUT trains; returns count."""
+    n = 0
+    for _, layer in lut_layers(model):
+        if isinstance(layer.lut, nn.Parameter):
+            layer.project_()
+            n += 1
+    return n
+
+
+# ------------------------------------------------------------------------------------- dequantize
+class ScaledEmbedding(nn.Embedding):
+    """nn.Embedding whose output is multiplied by `embed_scale` (Gemma 3's scaled embeddings)."""
+
+    def __init__(self, *args: Any, embed_scale: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.embed_scale = embed_scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * self.embed_scale
+
+
+@torch.no_grad()
+def dequantize_(model: nn.Module) -> nn.Module:
+    """Replace every LUT layer by a dense nn.Linear / nn.Embedding holding W_eff (same dtype); in place."""
+    for name, layer in list(lut_layers(model)):
+        w = layer.effective_weight().detach()
+        dtype = layer.scale_A.dtype
+        if isinstance(layer, LUTEmbedding):
+            dense: nn.Module = ScaledEmbedding(layer.out_features, layer.in_features, layer.padding_idx,
+                                               embed_scale=layer.embed_scale, device=w.device, dtype=dtype)
+            dense.weight.copy_(w)
+        else:
+            dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                              device=w.device, dtype=dtype)
+            dense.weight.copy_(w)
+            if layer.bias is not None:
+                dense.bias.copy_(layer.bias)
+        replace_module(model, name, dense)
+    if hasattr(model, "lutq_config"):
+        del model.lutq_config
+    return model

@@ -1,0 +1,122 @@
+"""CLI: `lutq quantize`, `lutq convert q4-to-q2 | latent-to-frozen`, `lutq snap` (heavy imports inside)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lutq.core.console import console
+from lutq.core.errors import LutqError
+
+
+def _pair(text: str, flag: str) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in text.split(","))
+    except ValueError as e:
+        raise LutqError(f"{flag}: expected LUT_SIZE,RANK like 4,32, got {text!r}") from e
+    return a, b
+
+
+def _load_quantized(ckpt: Path):
+    from lutq.models import load_checkpoint
+    from lutq.quant import lut_layers
+
+    model, tok, info = load_checkpoint(ckpt)
+    if not any(True for _ in lut_layers(model)):
+        raise LutqError(f"{ckpt}: not a LUT checkpoint (no quantized layers); run `lutq quantize` first")
+    return model, tok, info
+
+
+def quantize_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="Asset name, HF dir, .gguf, checkpoint or hub id."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory."),
+    preset: str = typer.Option("q2a4", "--preset", "-p", help="q2a4 | q4a4 | q4a4_r32 | q2a2."),
+    config: Path | None = typer.Option(None, "--config", help="QuantConfig as .toml/.json (overrides --preset)."),
+    tighten: int | None = typer.Option(None, "--tighten", help="Least-squares tighten rounds per layer."),
+    lut: str | None = typer.Option(None, "--lut", help="LUT kind for every layer: uniform | kmeans."),
+    group_size: int | None = typer.Option(None, "--group-size", help="Inputs per group of the scale init map."),
+    latent: bool = typer.Option(False, "--latent", help="Keep a trainable FP weight (latent mode, STE)."),
+    per_layer: bool = typer.Option(True, "--per-layer/--summary", help="Print every layer or group means."),
+) -> None:
+    """Quantize a model to LUT layers, print the per-layer init error table, save a checkpoint."""
+    from lutq.models import load_model, save_checkpoint
+    from lutq.quant import QuantConfig, get_preset, quantize
+
+    cfg = QuantConfig.from_file(config) if config else get_preset(preset)
+    if lut:
+        cfg = cfg.with_lut_kind(lut)
+    cfg = cfg.replace(tighten_rounds=tighten, group_size=group_size, mode="latent" if latent else None)
+    m, tok = load_model(model)
+    report = quantize(m, cfg)
+    console.print(report.table(per_layer=per_layer))
+    save_checkpoint(out, m, tok, extra={"source_model": model, "quantize": report.to_dict()["summary"]})
+    console.print(f"saved {out}")
+
+
+def convert_q4_to_q2_cmd(
+    ckpt: Path = typer.Argument(..., help="Input q4 LUT checkpoint."),
+    out: Path = typer.Argument(..., help="Output checkpoint directory."),
+    mlp: str = typer.Option("4,32", "--mlp", help="MLP target LUT_SIZE,RANK."),
+    attn: str = typer.Option("16,8", "--attn", help="Attention target LUT_SIZE,RANK."),
+    tighten: int = typer.Option(0, "--tighten", help="Least-squares tighten rounds per layer."),
+) -> None:
+    """Q4 → Q2: k-means the LUTs down (usage × S² weighted), expand ranks, re-pick indices; print errors."""
+    from lutq.models import save_checkpoint
+    from lutq.quant import convert_q4_to_q2
+
+    model, tok, info = _load_quantized(ckpt)
+    report = convert_q4_to_q2(model, _pair(mlp, "--mlp"), _pair(attn, "--attn"), tighten_rounds=tighten)
+    console.print(report.table(per_layer=False))
+    save_checkpoint(out, model, tok, extra={**info.extra, "converted": {"from": str(ckpt), "kind": "q4-to-q2",
+                                                                         **report.to_dict()["summary"]}})
+    console.print(f"saved {out}")
+
+
+def convert_latent_cmd(
+    ckpt: Path = typer.Argument(..., help="Input latent-mode LUT checkpoint."),
+    out: Path = typer.Argument(..., help="Output checkpoint directory."),
+) -> None:
+    """Latent → frozen: fix the indices from the trained FP weights and drop those weights."""
+    from lutq.models import save_checkpoint
+    from lutq.quant import freeze_latent
+
+    model, tok, info = _load_quantized(ckpt)
+    n = freeze_latent(model)
+    if n == 0:
+        raise LutqError(f"{ckpt}: no latent layers to freeze")
+    save_checkpoint(out, model, tok, extra={**info.extra, "converted": {"from": str(ckpt), "kind": "latent-to-frozen"}})
+    console.print(f"froze {n} latent layers; saved {out}")
+
+
+def snap_cmd(
+    ckpt: Path = typer.Argument(..., help="LUT checkpoint to snap."),
+    out: Path | None = typer.Argument(None, help="Output directory (default: rewrite CKPT in place, atomically)."),
+    probe_tokens: int = typer.Option(64, "--probe-tokens", help="Length of the random probe sequences."),
+    probe_batch: int = typer.Option(2, "--probe-batch", help="Number of probe sequences."),
+) -> None:
+    """Round LUT, baked Â·g, B̂ and biases to FP16 on the CPU, re-pick indices, verify on a probe batch."""
+    import torch
+
+    from lutq.models import save_checkpoint
+    from lutq.quant import snap_model
+
+    model, tok, info = _load_quantized(ckpt)
+    vocab = int(model.config.vocab_size)
+    probe = torch.randint(0, vocab, (probe_batch, probe_tokens), generator=torch.Generator().manual_seed(0))
+    report = snap_model(model, probe)
+    console.print(report.summary())
+    target = out or ckpt
+    save_checkpoint(target, model, tok, extra={**info.extra, "snap": {"max_abs_logit_error": report.max_abs_error,
+                                                                      "rel_logit_error": report.rel_error}})
+    console.print(f"saved {target}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add quantize, convert (q4-to-q2, latent-to-frozen) and snap to the lutq app."""
+    app.command("quantize")(quantize_cmd)
+    convert = typer.Typer(help="Convert a LUT checkpoint (q4-to-q2, latent-to-frozen).", no_args_is_help=True)
+    convert.command("q4-to-q2")(convert_q4_to_q2_cmd)
+    convert.command("latent-to-frozen")(convert_latent_cmd)
+    app.add_typer(convert, name="convert")
+    app.command("snap")(snap_cmd)

@@ -1,0 +1,104 @@
+"""Conversions between LUT models: Q4 → Q2 (DESIGN.md "Conversions") and latent → frozen.
+
+Q4 → Q2 needs no FP weight: the target of every converted layer is its current (q4) W_eff. Per layer:
+  LUT   when the target LUT is smaller, weighted k-means of the current entries, each weighted by
+        Σ S² over the weights that use it (usage count × mean S²): exactly the least-squares LUT for
+        fixed S and the current assignment;
+  rank  expanded with random directions orthogonal to the current ones and small g (1e-3 · min g);
+  idx   re-picked as nearest(W_target / S) in the new LUT; optional tighten rounds refit the scales.
+The report's rel_error is ‖W_eff(q2) − W_eff(q4)‖ / ‖W_eff(q4)‖.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lutq.core.errors import LutqError
+from lutq.quant.api import QuantReport, QuantRow, lut_layers, quant_config_of, replace_module
+from lutq.quant.init import _orthonormal_extension, relative_error, repick_indices_, tighten_
+from lutq.quant.layer import LUTEmbedding, LUTLinear
+from lutq.quant.lut import kmeans_lut
+from lutq.quant.presets import LayerSpec, group_of
+
+NEW_G = 1e-3  # new directions start at NEW_G · min(g) so the converted W_eff barely moves
+
+
+@torch.no_grad()
+def usage_weights(layer: LUTLinear) -> torch.Tensor:
+    """Σ S² over the weights that use each LUT entry (= usage count × mean S² of that entry) [lut_size]."""
+    s2 = layer.scale_map().detach().float().pow(2).reshape(-1)
+    return torch.zeros(layer.lut_size, device=s2.device).index_add_(0, layer.idx.reshape(-1).long(), s2)
+
+
+@torch.no_grad()
+def convert_layer(layer: LUTLinear, lut_size: int, rank: int, *, tighten_rounds: int = 0) -> tuple[LUTLinear, float]:
+    """A new frozen layer with `lut_size` entries (when smaller) and rank >= `rank`, fitted to layer's W_eff."""
+    if layer.mode != "frozen" or layer.snapped:
+        raise LutqError("convert: layers must be frozen and unsnapped (convert before `lutq snap`)")
+    target = (layer.q() * layer.scale_map()).detach()
+    lut = layer.lut.detach()
+    if lut_size < layer.lut_size:
+        lut = kmeans_lut(lut, usage_weights(layer), lut_size)
+    new_rank = max(rank, layer.rank)
+    dev, dtype = layer.scale_A.device, layer.scale_A.dtype
+    if isinstance(layer, LUTEmbedding):
+        new: LUTLinear = LUTEmbedding(layer.out_features, layer.in_features, lut.numel(), new_rank, lut=lut,
+                                      padding_idx=layer.padding_idx, embed_scale=layer.embed_scale, device=dev,
+                                      dtype=dtype, ste_fp16=layer.ste_fp16)
+    else:
+        new = LUTLinear(layer.in_features, layer.out_features, lut.numel(), new_rank, bias=layer.bias is not None,
+                        lut=lut, ste_fp16=layer.ste_fp16, factored=layer.factored, eps=layer.eps, device=dev,
+                        dtype=dtype)
+    a = layer.scale_A.detach() / layer.scale_A.detach().norm(dim=0).clamp_min(layer.eps)
+    b = layer.scale_B.detach() / layer.scale_B.detach().norm(dim=1, keepdim=True).clamp_min(layer.eps)
+    g = layer.scale_g.detach()
+    extra = new_rank - layer.rank
+    if extra:
+        gen = torch.Generator().manual_seed(new_rank * 7919 + layer.out_features)
+        a = torch.cat([a, _orthonormal_extension(a.double().cpu(), extra, gen).to(a)], dim=1)
+        b = torch.cat([b, _orthonormal_extension(b.t().double().cpu(), extra, gen).t().to(b)], dim=0)
+        g = torch.cat([g, g.new_full((extra,), NEW_G * float(g.abs().min()))])
+    new.scale_A.copy_(a)
+    new.scale_B.copy_(b)
+    new.scale_g.copy_(g)
+    if layer.bias is not None:
+        new.bias.copy_(layer.bias.detach())
+    repick_indices_(new, target)
+    tighten_(new, target, tighten_rounds)
+    return new, relative_error(new, target)
+
+
+def convert_q4_to_q2(model: nn.Module, mlp: tuple[int, int] = (4, 32), attn: tuple[int, int] = (16, 8), *,
+                     tighten_rounds: int = 0) -> QuantReport:
+    """Convert a q4 LUT model in place to (lut_size, rank) targets per group (default q2a4); returns errors."""
+    targets = {"mlp": mlp, "attn": attn}
+    report = QuantReport(title=f"convert q4 → q2 (mlp {mlp}, attn {attn}); error vs. the q4 W_eff")
+    for name, layer in list(lut_layers(model)):
+        group = group_of(name) or "other"
+        if group not in targets:
+            continue
+        lut_size, rank = targets[group]
+        new, err = convert_layer(layer, lut_size, rank, tighten_rounds=tighten_rounds)
+        replace_module(model, name, new)
+        report.rows.append(QuantRow(name, group, (new.out_features, new.in_features), new.lut_size, new.rank,
+                                    "kmeans" if new.lut_size < layer.lut_size else "kept", err))
+    if not report.rows:
+        raise LutqError("convert q4→q2: the model has no mlp/attn LUT layers")
+    cfg = quant_config_of(model)
+    if cfg is not None:
+        cfg.mlp, cfg.attn = LayerSpec(*mlp, cfg.mlp.lut_kind), LayerSpec(*attn, cfg.attn.lut_kind)
+        cfg.preset = "q2a4" if (mlp, attn) == ((4, 32), (16, 8)) else None
+    return report
+
+
+def freeze_latent(model: nn.Module) -> int:
+    """Latent → frozen for every latent LUT layer (idx fixed, FP weight dropped); returns how many."""
+    n = 0
+    for _, layer in lut_layers(model):
+        if layer.mode == "latent":
+            layer.freeze()
+            n += 1
+    if n and (cfg := quant_config_of(model)) is not None:
+        cfg.mode = "frozen"
+    return n

@@ -1,0 +1,241 @@
+"""LUTLinear: W_eff = lut[idx] ⊙ (Â·diag(g)·B̂), trained by materializing W_eff once per forward.
+
+Â / B̂ are scale_A's columns / scale_B's rows scaled to unit norm, so only g carries magnitude. Modes:
+  frozen  idx is a fixed uint8 buffer; gradients reach scale_A, scale_B, scale_g (and the LUT if trained).
+  latent  a trainable full-precision `weight`; idx = nearest(weight / S) is re-picked every forward and the
+          quantizer is straight-through: W_q = w + stopgrad(lut[idx]·S − w). `freeze()` → frozen.
+After `snapped = True` (see lutq.quant.snap) the scales are baked: scale_A = Â·g, scale_g = 1, and the
+forward uses scale_A / scale_B as they are (no normalization), so the FP16 numbers are used exactly.
+
+A trainable LUT (`set_trainable("lut")`) is an nn.Parameter that the forward reads through ste_fp16;
+call `project_()` after each optimizer step to restore the invariants (sorted with idx remapped,
+FP16-exact, strictly increasing). `lutq.quant.project_luts_(model)` does it for a whole model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lutq.core.errors import LutqError
+from lutq.quant.lut import check_lut, nearest_index, repair_lut, round_fp16, ste_fp16, uniform_lut
+
+MODES = ("frozen", "latent")
+# per-layer trainable switches -> the parts they unfreeze
+TRAINABLE = {"all": {"A", "B", "g"}, "g": {"g"}, "ab": {"A", "B"}, "lut": {"lut"}, "none": set()}
+
+
+class LUTLinear(nn.Module):
+    """Linear layer with palettized weights and low-rank scales (DESIGN.md "The LUT linear layer")."""
+
+    lutq_quantized = True
+    kind = "linear"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        lut_size: int = 16,
+        rank: int = 4,
+        *,
+        bias: bool = False,
+        mode: str = "frozen",
+        lut: torch.Tensor | None = None,
+        factored: bool = False,
+        ste_fp16: bool = False,
+        eps: float = 1e-6,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise LutqError(f"LUTLinear: mode must be one of {MODES}, got {mode!r}")
+        if rank < 1:
+            raise LutqError(f"LUTLinear: rank must be >= 1, got {rank}")
+        lut = uniform_lut(lut_size) if lut is None else lut.detach().float().clone()
+        if lut.numel() != lut_size:
+            raise LutqError(f"LUTLinear: lut has {lut.numel()} entries, lut_size is {lut_size}")
+        if lut.device.type != "meta":
+            check_lut(lut)
+        fk: dict[str, Any] = {"device": device, "dtype": dtype or torch.float32}
+        self.in_features, self.out_features = in_features, out_features
+        self.lut_size, self.rank, self.mode, self.eps = lut_size, rank, mode, eps
+        self.factored, self.ste_fp16, self.snapped = factored, ste_fp16, False
+        self.register_buffer("lut", lut.to(device))
+        self.register_buffer("idx", torch.zeros(out_features, in_features, dtype=torch.uint8, device=device))
+        self.scale_A = nn.Parameter(torch.ones(out_features, rank, **fk))
+        self.scale_B = nn.Parameter(torch.ones(rank, in_features, **fk))
+        self.scale_g = nn.Parameter(torch.full((rank,), 1.0 / rank, **fk))
+        self.bias = nn.Parameter(torch.zeros(out_features, **fk)) if bias else None
+        if mode == "latent":
+            self.weight = nn.Parameter(torch.zeros(out_features, in_features, **fk))
+            self.set_trainable("all")
+
+    # ------------------------------------------------------------------------------------------ math
+    def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two factors of S: (Â·diag(g) [out, r], B̂ [r, in]); FP16-rounded (straight-through) if ste_fp16."""
+        if self.snapped:
+            a, b = self.scale_A * self.scale_g, self.scale_B
+        else:
+            a = self.scale_A * (self.scale_g / self.scale_A.norm(dim=0).clamp_min(self.eps))
+            b = self.scale_B / self.scale_B.norm(dim=1, keepdim=True).clamp_min(self.eps)
+        if self.ste_fp16:
+            a, b = ste_fp16(a), ste_fp16(b)
+        return a, b
+
+    def scale_map(self) -> torch.Tensor:
+        """S = Â·diag(g)·B̂ [out, in]."""
+        a, b = self.scales()
+        return a @ b
+
+    def lut_values(self) -> torch.Tensor:
+        """The LUT as the forward sees it (straight-through FP16 while it trains)."""
+        return ste_fp16(self.lut) if self.lut.requires_grad else self.lut
+
+    def q(self) -> torch.Tensor:
+        """Q = lut[idx] [out, in]."""
+        return torch.take(self.lut_values(), self.idx.long())
+
+    def effective_weight(self) -> torch.Tensor:
+        """W_eff = lut[idx] ⊙ S (latent mode: the straight-through W_q); differentiable in A, B, g."""
+        w = self._latent_weight() if self.mode == "latent" else self.q() * self.scale_map()
+        return ste_fp16(w) if self.ste_fp16 else w
+
+    def _latent_weight(self) -> torch.Tensor:
+        with torch.no_grad():
+            s = self.scale_map()
+            self.idx.copy_(nearest_index(self.weight / s, self.lut))
+            wq = self.q() * s
+        return self.weight + (wq - self.weight).detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.factored:
+            return self.factored_forward(x)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.effective_weight().to(x.dtype), bias)
+
+    def factored_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = Σ_k g_k Â_k ⊙ (Q (B̂_k ⊙ x)) + bias: the ANE's form, r× the FLOPs (for checking numerics)."""
+        if self.mode == "latent":
+            raise LutqError("LUTLinear: the factored forward needs a frozen layer; call freeze() first")
+        a, b = self.scales()
+        xb = x.unsqueeze(-2) * b.to(x.dtype)  # [..., r, in]
+        y = F.linear(xb, self.q().to(x.dtype))  # [..., r, out]
+        y = (y * a.t().to(x.dtype)).sum(-2)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    # ------------------------------------------------------------------------------------ switches
+    def set_trainable(self, parts: str | Iterable[str] = "all") -> None:
+        """Unfreeze `parts` and freeze the rest: "all" (A, B, g), "g", "ab", "lut", "none", or a set of
+        {"A", "B", "g", "lut"}. Training A or B with g frozen rounds g to FP16 first. Latent layers train
+        `weight` for "all". Snapped layers cannot train."""
+        chosen = set(TRAINABLE[parts]) if isinstance(parts, str) and parts in TRAINABLE else set(parts)
+        if isinstance(parts, str) and parts not in TRAINABLE:
+            raise LutqError(f"LUTLinear.set_trainable: unknown switch {parts!r}; valid: {sorted(TRAINABLE)}")
+        if chosen - {"A", "B", "g", "lut"}:
+            raise LutqError(f"LUTLinear.set_trainable: unknown parts {sorted(chosen - {'A', 'B', 'g', 'lut'})}")
+        if chosen and self.snapped:
+            raise LutqError("LUTLinear.set_trainable: the layer is snapped to FP16; training it would undo that")
+        if self.mode == "latent":
+            if chosen not in ({"A", "B", "g"}, set()):
+                raise LutqError("LUTLinear.set_trainable: a latent layer trains its weight ('all') or nothing")
+            self.weight.requires_grad_(bool(chosen))
+            chosen = set()  # the straight-through quantizer passes no gradient to the scales
+        self.scale_A.requires_grad_("A" in chosen)
+        self.scale_B.requires_grad_("B" in chosen)
+        self.scale_g.requires_grad_("g" in chosen)
+        if chosen & {"A", "B"} and "g" not in chosen:
+            with torch.no_grad():  # g frozen while A, B train: freeze it at its FP16 value (DESIGN.md)
+                self.scale_g.copy_(round_fp16(self.scale_g))
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self._set_lut_trainable("lut" in chosen)
+
+    def _set_lut_trainable(self, flag: bool) -> None:
+        if flag == isinstance(self.lut, nn.Parameter):
+            self.lut.requires_grad_(flag)
+            return
+        t = self.lut.detach().clone()
+        del self.lut
+        if flag:
+            self.lut = nn.Parameter(t)
+        else:
+            self.register_buffer("lut", t)
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Restore the LUT invariants after an optimizer step: sorted (idx remapped so W_eff keeps its
+        entries), FP16-exact, strictly increasing. A no-op for a valid LUT."""
+        v = self.lut.detach()
+        order = torch.argsort(v)
+        ar = torch.arange(v.numel(), device=v.device)
+        if not torch.equal(order, ar):
+            inv = torch.empty_like(order)
+            inv[order] = ar
+            self.idx.copy_(inv.to(torch.uint8)[self.idx.long()])
+        self.lut.copy_(repair_lut(v[order].cpu()).to(v))
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Latent → frozen: pick idx = nearest(weight / S) once, drop the FP weight, train A, B, g."""
+        if self.mode != "latent":
+            return
+        self.idx.copy_(nearest_index(self.weight / self.scale_map(), self.lut))
+        del self.weight
+        self.mode = "frozen"
+        self.set_trainable("all")
+
+    # ------------------------------------------------------------------------------------- layout
+    def layout(self) -> dict[str, Any]:
+        """What a checkpoint needs to rebuild this module before loading its tensors."""
+        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
+                "lut_size": self.lut_size, "rank": self.rank, "bias": self.bias is not None,
+                "mode": self.mode, "snapped": self.snapped, "ste_fp16": self.ste_fp16,
+                "factored": self.factored, "eps": self.eps}
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, lut_size={self.lut_size}, "
+                f"rank={self.rank}, bias={self.bias is not None}, mode={self.mode}, snapped={self.snapped}")
+
+
+class LUTEmbedding(LUTLinear):
+    """An embedding table [num_embeddings, dim] stored as a LUT weight (only with quantize_embeddings).
+
+    `embed_scale` keeps Gemma 3's scaled embeddings (output × √hidden) working.
+    """
+
+    kind = "embedding"
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, lut_size: int = 16, rank: int = 4, *,
+                 padding_idx: int | None = None, embed_scale: float = 1.0, **kw: Any) -> None:
+        kw.pop("bias", None)
+        super().__init__(embedding_dim, num_embeddings, lut_size, rank, bias=False, **kw)
+        self.padding_idx, self.embed_scale = padding_idx, embed_scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = F.embedding(ids, self.effective_weight(), self.padding_idx)
+        return out * self.embed_scale if self.embed_scale != 1.0 else out
+
+    def layout(self) -> dict[str, Any]:
+        return {**super().layout(), "padding_idx": self.padding_idx, "embed_scale": self.embed_scale}
+
+
+def build_from_layout(layout: dict[str, Any], *, device: torch.device | str | None = None,
+                      dtype: torch.dtype | None = None) -> LUTLinear:
+    """Rebuild an (uninitialized) LUTLinear / LUTEmbedding from `layer.layout()`."""
+    d = dict(layout)
+    kind, snapped = d.pop("kind", "linear"), d.pop("snapped", False)
+    shape = (d.pop("in_features"), d.pop("out_features"), d.pop("lut_size"), d.pop("rank"))
+    if kind == "embedding":
+        d.pop("bias", None)
+        layer: LUTLinear = LUTEmbedding(shape[1], shape[0], shape[2], shape[3], device=device, dtype=dtype, **d)
+    elif kind == "linear":
+        layer = LUTLinear(*shape, device=device, dtype=dtype, **d)
+    else:
+        raise LutqError(f"quant layout: unknown layer kind {kind!r}")
+    layer.snapped = bool(snapped)
+    return layer
