@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -19,8 +21,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
-def _deterministic() -> None:
+def _deterministic_one_thread(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Seed torch, and run tiny-model tests on one intra-op thread: on a busy 2-core machine two OpenMP
+    threads spin against other processes and make tiny ops 10-60x slower. Tests marked `slow` (the real
+    teacher) keep all threads."""
     torch.manual_seed(0)
+    before = torch.get_num_threads()
+    if "slow" not in request.keywords:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(params=TINY_ARCHITECTURES)

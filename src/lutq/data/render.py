@@ -1,0 +1,114 @@
+"""Documents -> token ids -> L-token blocks.
+
+Chat is rendered with the tokenizer's own chat template the way Qwen3's template behaves:
+
+- `on`:   `apply_chat_template(..., enable_thinking=True)` as is. Qwen3 renders a (possibly empty)
+          `<think>\\n\\n</think>\\n\\n` block before the final answer whatever `enable_thinking` says,
+          because the flag only steers the generation prompt.
+- `off`:  `enable_thinking=False`, then every `<think>...</think>` block (and the whitespace after it)
+          is removed from the rendering.
+- `both`: two renderings per conversation, in the order [off, on].
+- `none`: no template; the message contents joined by a blank line.
+
+Templates that ignore `enable_thinking` (SmolLM2's) simply ignore it. Plain-text documents are
+tokenized as they are, once, in every mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from lutq.assets.corpora import Document
+from lutq.core.errors import LutqError
+
+THINKING_MODES = ("off", "on", "both", "none")
+_THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
+
+
+def strip_thinking(text: str) -> str:
+    """Remove `<think>...</think>` blocks and the whitespace that follows each."""
+    return _THINK_BLOCK.sub("", text)
+
+
+def render_text(doc: Document, tokenizer: Any, thinking: str = "off") -> list[str]:
+    """The text(s) a document becomes: one per rendering (two for chat with thinking='both')."""
+    if thinking not in THINKING_MODES:
+        raise LutqError(f"thinking mode {thinking!r}: choose one of {', '.join(THINKING_MODES)}")
+    if not doc.messages:
+        return [doc.text]
+    if thinking == "none":
+        return ["\n\n".join(m["content"] for m in doc.messages)]
+    if not getattr(tokenizer, "chat_template", None):
+        raise LutqError(f"document {doc.id!r} is a chat but the tokenizer has no chat template; "
+                        "use thinking='none' for raw text")
+    modes = {"off": [False], "on": [True], "both": [False, True]}[thinking]
+    out = []
+    for enable in modes:
+        text = tokenizer.apply_chat_template(doc.messages, tokenize=False, add_generation_prompt=False,
+                                             enable_thinking=enable)
+        out.append(text if enable else strip_thinking(text))
+    return out
+
+
+def iter_render(documents: Iterable[Document], tokenizer: Any, thinking: str = "off",
+                batch: int = 64) -> Iterator[list[int]]:
+    """Lazily render and tokenize documents (no special tokens added), in batches for speed."""
+    pending: list[str] = []
+    for doc in documents:
+        pending.extend(render_text(doc, tokenizer, thinking))
+        if len(pending) >= batch:
+            yield from tokenizer(pending, add_special_tokens=False)["input_ids"]
+            pending = []
+    if pending:
+        yield from tokenizer(pending, add_special_tokens=False)["input_ids"]
+
+
+def render(documents: Iterable[Document], tokenizer: Any, thinking: str = "off") -> list[list[int]]:
+    """Token ids per rendering: chat through the chat template (see the module doc), text as is."""
+    return list(iter_render(documents, tokenizer, thinking))
+
+
+def pack(token_lists: Iterable[list[int]], L: int, eos_id: int, max_blocks: int | None = None) -> np.ndarray:
+    """Concatenate renderings with `eos_id` after each and cut into blocks of exactly L tokens.
+
+    No padding: documents run across block boundaries and the incomplete tail is dropped. Stops reading
+    `token_lists` as soon as `max_blocks` blocks are full. Returns int32 [N, L].
+    """
+    if L < 2:
+        raise LutqError(f"block length L={L} must be at least 2")
+    blocks: list[np.ndarray] = []
+    buf: list[int] = []
+    done = 0
+    if max_blocks == 0:
+        return np.zeros((0, L), dtype=np.int32)
+    for ids in token_lists:
+        buf.extend(ids)
+        buf.append(eos_id)
+        n = len(buf) // L
+        if max_blocks is not None:
+            n = min(n, max_blocks - done)
+        if n:
+            blocks.append(np.asarray(buf[: n * L], dtype=np.int32).reshape(n, L))
+            buf = buf[n * L:]
+            done += n
+        if done == max_blocks:
+            break
+    return np.concatenate(blocks) if blocks else np.zeros((0, L), dtype=np.int32)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 over the vocabulary, the special tokens and the chat template: equal fingerprints mean a
+    student can learn from a teacher's token ids."""
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]),
+        "special": sorted(str(t) for t in tokenizer.all_special_tokens),
+        "eos": tokenizer.eos_token,
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode("utf-8")).hexdigest()

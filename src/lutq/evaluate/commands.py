@@ -1,0 +1,154 @@
+"""`lutq eval ppl|kd|compare` and `lutq chat`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from lutq.core.console import console
+
+eval_app = typer.Typer(help="Evaluate models: perplexity, KD metrics, comparison tables.", no_args_is_help=True)
+
+MODEL_HELP = "Model: lutq checkpoint dir, HF dir, .gguf file, asset name or hub id."
+TEXT_HELP = "Text: FILE (.txt/.json/.jsonl, optional :train/:val), ASSET[:split] (e.g. shakespeare:val) or hf:NAME."
+
+
+@eval_app.command("ppl")
+def ppl_cmd(
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    text: list[str] = typer.Option(..., "--text", "-t", help=TEXT_HELP + " Repeat for several texts."),
+    max_length: int = typer.Option(1024, "--max-length", help="Tokens per window."),
+    stride: int = typer.Option(512, "--stride", help="Window step; tokens scored per window (< max length)."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass."),
+    max_tokens: int = typer.Option(None, "--max-tokens", help="Score only the first N tokens of each text."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
+) -> None:
+    """Sliding-window perplexity (documents joined by a blank line; every token after the first scored once)."""
+    from lutq.core.atomic import atomic_write_json
+    from lutq.evaluate.compare import load_text
+    from lutq.evaluate.perplexity import perplexity
+    from lutq.evaluate.size import model_size, size_table
+    from lutq.models import load_model
+
+    m, tok = load_model(model, dtype=dtype, device=device)
+    size = model_size(m)
+    console.print(size_table(size, title=f"size of {model}"))
+    results = {}
+    for spec in text:
+        r = perplexity(m, tok, load_text(spec), max_length=max_length, stride=stride, batch_size=batch_size,
+                       max_tokens=max_tokens)
+        results[spec] = r.to_dict()
+        print(f"{spec}: ppl {r.ppl:.4f}  (nll {r.nll:.4f} nats/token, {r.tokens} tokens, {r.windows} windows, "
+              f"window {max_length}/{stride})")
+    if json_out:
+        atomic_write_json(json_out, {"model": model, "size": size, "ppl": results})
+
+
+@eval_app.command("kd")
+def kd_cmd(
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    cache: Path = typer.Option(..., "--cache", "-c", help="KD cache directory (lutq cache)."),
+    split: str = typer.Option("val", "--split", help="Cache split: val or train."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per batch."),
+    max_batches: int = typer.Option(None, "--max-batches", help="Stop after N batches."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, mps."),
+) -> None:
+    """KD loss, KL and top-1 agreement of a model against a teacher cache's validation split."""
+    from lutq.kd import KDCache, evaluate_kd
+    from lutq.models import load_model
+
+    m, tok = load_model(model, device=device)
+    kd_cache = KDCache(cache)
+    kd_cache.check_tokenizer(tok)
+    metrics = evaluate_kd(m, kd_cache, split=split, batch_size=batch_size, max_batches=max_batches)
+    print(json.dumps(metrics, indent=2))
+
+
+@eval_app.command("compare")
+def compare_cmd(
+    models: list[str] = typer.Argument(..., help="Models to compare (checkpoints, HF dirs, assets)."),
+    text: list[str] = typer.Option(None, "--text", "-t", help=TEXT_HELP + " Repeatable."),
+    cache: Path = typer.Option(None, "--cache", "-c", help="KD cache for KD loss / KL / top-1 agreement."),
+    max_length: int = typer.Option(1024, "--max-length", help="Perplexity window."),
+    stride: int = typer.Option(512, "--stride", help="Perplexity stride."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward."),
+    max_tokens: int = typer.Option(None, "--max-tokens", help="Score only the first N tokens of each text."),
+    kd_max_batches: int = typer.Option(None, "--kd-max-batches", help="Cap the KD evaluation."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, mps."),
+    json_out: Path = typer.Option(None, "--json", help="Write the table as JSON."),
+    markdown_out: Path = typer.Option(None, "--markdown", help="Write the table as markdown."),
+) -> None:
+    """One table (markdown on stdout, optional JSON/markdown files): ppl per text, KD metrics, size, bits/weight."""
+    from lutq.core.atomic import atomic_write_json, atomic_write_text
+    from lutq.evaluate.compare import compare
+    from lutq.evaluate.size import size_table
+
+    result = compare(list(models), texts=list(text or []), cache=cache, max_length=max_length, stride=stride,
+                     batch_size=batch_size, max_tokens=max_tokens, kd_max_batches=kd_max_batches, device=device)
+    for row in result.rows():
+        if row["size"]["lut"]:
+            console.print(size_table(row["size"], title=f"size of {row['label']}"))
+    md = result.markdown()
+    print(md)
+    if json_out:
+        atomic_write_json(json_out, result.to_dict())
+    if markdown_out:
+        atomic_write_text(markdown_out, md)
+
+
+def chat_cmd(
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    prompt: str = typer.Option(None, "--prompt", "-p", help="One-shot prompt; without it, an interactive loop."),
+    system: str = typer.Option(None, "--system", help="System message."),
+    thinking: bool = typer.Option(None, "--thinking/--no-thinking",
+                                  help="Thinking on/off for templates that support it (Qwen3); default: template's."),
+    temperature: float = typer.Option(0.7, "--temperature", help="Sampling temperature."),
+    top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling mass."),
+    repetition_penalty: float = typer.Option(1.1, "--repetition-penalty", help="1.0 = off."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Generation limit per reply."),
+    greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding instead of sampling."),
+    seed: int = typer.Option(None, "--seed", help="Sampling seed."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, mps."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16."),
+) -> None:
+    """Chat with a model (lutq checkpoint, snapped or not, or an FP model); replies stream as they are generated."""
+    from lutq.evaluate.chat import ChatConfig, generate_reply
+    from lutq.models import load_model
+
+    cfg = ChatConfig(max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p,
+                     repetition_penalty=repetition_penalty, thinking=thinking, system=system, seed=seed)
+    cfg.validate()
+    m, tok = load_model(model, dtype=dtype, device=device)
+
+    def stream(s: str) -> None:
+        print(s, end="", flush=True)
+
+    if prompt is not None:
+        generate_reply(m, tok, [{"role": "user", "content": prompt}], cfg, on_text=stream)
+        print()
+        return
+    console.print("[dim]interactive chat: empty line or Ctrl-D to quit, /reset to clear the history[/]")
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        if line == "/reset":
+            history = []
+            continue
+        history.append({"role": "user", "content": line})
+        reply = generate_reply(m, tok, history, cfg, on_text=stream)
+        print()
+        history.append({"role": "assistant", "content": reply})
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(eval_app, name="eval")
+    app.command("chat")(chat_cmd)

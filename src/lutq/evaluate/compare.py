@@ -1,0 +1,137 @@
+"""One table for several models on the same data: perplexity per text, KD metrics against a cache,
+size and bits per weight — the table users paste into a model card (markdown) or keep (JSON)."""
+
+from __future__ import annotations
+
+import datetime
+import gc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lutq.core.configs import ConfigBase
+from lutq.core.console import console
+from lutq.core.errors import LutqError
+
+
+@dataclass
+class CompareConfig(ConfigBase):
+    """Options of `compare`: the perplexity protocol (see `lutq.evaluate.perplexity`), the KD evaluation,
+    and where the models run."""
+
+    max_length: int = 1024
+    stride: int = 512
+    batch_size: int = 4
+    max_tokens: int | None = None
+    kd_split: str = "val"
+    kd_batch_size: int = 8
+    kd_max_batches: int | None = None
+    device: str = "cpu"
+    dtype: str = "fp32"
+
+
+@dataclass
+class CompareResult:
+    """Rows (one per model: label, model spec, size, ppl per text, KD metrics) plus what produced them."""
+
+    entries: list[dict[str, Any]]
+    texts: list[str]
+    cache: str | None
+    config: CompareConfig
+    date: str = field(default_factory=lambda: datetime.date.today().isoformat())
+
+    def rows(self) -> list[dict[str, Any]]:
+        return self.entries
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"date": self.date, "texts": self.texts, "cache": self.cache, "config": self.config.to_dict(),
+                "rows": self.entries}
+
+    def markdown(self) -> str:
+        """A GitHub markdown table (one row per model) and a line saying how it was measured."""
+        has_kd = any(r["kd"] for r in self.entries)
+        head = ["model", "size (MB)", "bits/weight", "LUT bits/weight", *[f"ppl {t}" for t in self.texts]]
+        if has_kd:
+            head += ["KD loss", "KL", "top-1 agree"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+        for r in self.entries:
+            lut = r["size"]["lut"]
+            cells = [r["label"], _fmt(r["size"]["total"]["size_mb"], 2), _fmt(r["size"]["total"]["bits_per_weight"], 2),
+                     _fmt(lut and lut["bits_per_weight"], 3), *[_fmt(r["ppl"].get(t), 3) for t in self.texts]]
+            if has_kd:
+                kd = r["kd"] or {}
+                cells += [_fmt(kd.get("kd"), 4), _fmt(kd.get("kl"), 4), _fmt(kd.get("top1_agree"), 4)]
+            lines.append("| " + " | ".join(cells) + " |")
+        c = self.config
+        note = (f"Perplexity: sliding window {c.max_length}/{c.stride}"
+                + (f", first {c.max_tokens} tokens per text" if c.max_tokens else "")
+                + (f"; KD metrics on {self.cache} ({c.kd_split} split)" if self.cache else "")
+                + f"; lutq eval compare, {self.date}.")
+        return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def _fmt(v: float | None, digits: int) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def load_text(spec: str) -> list[Any]:
+    """Documents of a `--text` spec (FILE | ASSET[:split] | hf:NAME), refusing an empty source."""
+    from lutq.data import load_documents
+
+    docs = load_documents(spec)
+    if not docs:
+        raise LutqError(f"text {spec!r}: no documents")
+    return docs
+
+
+def evaluate_model(model: Any, tokenizer: Any, texts: Mapping[str, list[Any]], cfg: CompareConfig,
+                   cache: Any = None) -> dict[str, Any]:
+    """Size, perplexity per text and KD metrics (when a KDCache is given) of a loaded model."""
+    from lutq.evaluate.perplexity import perplexity
+    from lutq.evaluate.size import model_size
+
+    size = model_size(model)
+    row: dict[str, Any] = {"size": size, "ppl": {}, "ppl_tokens": {}, "kd": None}
+    for name, docs in texts.items():
+        r = perplexity(model, tokenizer, docs, max_length=cfg.max_length, stride=cfg.stride,
+                       batch_size=cfg.batch_size, max_tokens=cfg.max_tokens)
+        row["ppl"][name] = r.ppl
+        row["ppl_tokens"][name] = r.tokens
+    if cache is not None:
+        from lutq.kd import evaluate_kd
+
+        cache.check_tokenizer(tokenizer)
+        row["kd"] = evaluate_kd(model, cache, split=cfg.kd_split, batch_size=cfg.kd_batch_size,
+                                max_batches=cfg.kd_max_batches)
+    return row
+
+
+def compare(models: Mapping[str, str] | Sequence[str], *, texts: Sequence[str] = (), cache: str | Path | None = None,
+            **options: Any) -> CompareResult:
+    """Evaluate models (specs, or {label: spec}) one at a time on the same texts / KD cache.
+
+    `options` are CompareConfig fields (max_length, stride, batch_size, max_tokens, kd_max_batches, device, ...).
+    """
+    from lutq.models import load_model
+
+    cfg = CompareConfig.from_dict(options, source="compare options")
+    labelled = dict(models) if isinstance(models, Mapping) else {Path(str(m)).name or str(m): str(m) for m in models}
+    if not labelled:
+        raise LutqError("compare: no models given")
+    if not texts and not cache:
+        raise LutqError("compare: nothing to measure; give texts (--text) and/or a KD cache (--cache)")
+    docs = {spec: load_text(spec) for spec in texts}
+    kd_cache = None
+    if cache:
+        from lutq.kd import KDCache
+
+        kd_cache = KDCache(cache)
+    entries = []
+    for label, spec in labelled.items():
+        console.print(f"[bold]evaluating[/] {label} ({spec})")
+        model, tok = load_model(spec, dtype=cfg.dtype, device=cfg.device)
+        entries.append({"label": label, "model": str(spec), **evaluate_model(model, tok, docs, cfg, kd_cache)})
+        del model
+        gc.collect()
+    return CompareResult(entries, list(texts), str(cache) if cache else None, cfg)

@@ -1,0 +1,439 @@
+"""`lutq cache`: run the teacher over packed L-token blocks and store its top-K logits (plus optional
+random negatives) per next-token position, in shards that are written atomically one by one.
+
+Resumable: the plan (settings + a hash of every input block) goes to `progress.json` before any shard;
+a shard that exists on disk is done, so a re-run after a kill writes only the missing ones and the
+result is byte-identical to an uninterrupted run (batches never straddle shards, and the negatives of
+a sequence come from an RNG seeded by (seed, split, sequence index) alone, on the teacher's device).
+`meta.json` is written last (with every shard's sha256); a directory without it is an unfinished cache.
+
+Several processes (torchrun): rank r writes shards r, r + W, r + 2W, ... of the same plan; rank 0
+writes meta.json after a barrier, so the directory reads exactly like a single-process cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lutq.core import ConfigBase, LutqError, atomic_write_json, console, lutq_home, progress, sha256_file
+from lutq.kd.shards import (
+    ARRAY_DTYPES,
+    BUILD_LOG,
+    FORMAT,
+    FORMAT_VERSION,
+    META,
+    PROGRESS,
+    shard_file,
+    write_shard,
+)
+
+SPLITS = ("train", "val")
+
+
+@dataclass
+class CacheConfig(ConfigBase):
+    """Settings of a KD cache. L = seq_len, K = top_k, R = negatives (random ids per position)."""
+
+    model: str = "smollm2-135m-instruct"  # teacher: asset name, HF/lutq directory, .gguf, hub id
+    source: str = "sharegpt"  # lutq.data.load_documents spec (asset, file, directory, hf:NAME)
+    thinking: str = "off"  # chat rendering: off | on | both | none
+    seq_len: int = 128
+    top_k: int = 64
+    negatives: int = 0
+    num_sequences: int = 1000  # train + val blocks
+    max_tokens: int | None = None  # alternative to num_sequences: max_tokens // seq_len blocks
+    val_fraction: float = 0.05  # share of blocks held out (and of documents, for non-asset sources)
+    batch_size: int = 8
+    seed: int = 0
+    shard_size: int = 1024  # sequences per shard file
+    out: Path | None = None  # default: $LUTQ_HOME/caches/{source}_{template}_L{L}_K{K}_R{R}
+    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    device: str = "auto"
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        from lutq.data import THINKING_MODES
+
+        if self.thinking not in THINKING_MODES:
+            raise LutqError(f"thinking={self.thinking!r}: choose one of {', '.join(THINKING_MODES)}")
+        for key in ("seq_len", "top_k", "batch_size", "shard_size"):
+            if getattr(self, key) < (2 if key == "seq_len" else 1):
+                raise LutqError(f"cache config {key}={getattr(self, key)} is too small")
+        if self.negatives < 0:
+            raise LutqError(f"cache config negatives={self.negatives} must be >= 0")
+        if not 0 <= self.val_fraction < 1:
+            raise LutqError(f"cache config val_fraction={self.val_fraction} must be in [0, 1)")
+        if self.total_sequences() < 1:
+            raise LutqError("cache config asks for no sequences (num_sequences / max_tokens)")
+        if not self.source.startswith("hf:") and self.source.rpartition(":")[2] in SPLITS:
+            raise LutqError(f"cache source {self.source!r}: give the whole source; lutq makes the val split")
+
+    def total_sequences(self) -> int:
+        return self.max_tokens // self.seq_len if self.max_tokens is not None else self.num_sequences
+
+    def split_sizes(self) -> dict[str, int]:
+        n = self.total_sequences()
+        n_val = 0 if self.val_fraction == 0 else max(1, round(n * self.val_fraction))
+        return {"train": n - n_val, "val": n_val}
+
+
+def cache_name(source: str, template: str, L: int, K: int, R: int) -> str:
+    """The default cache name, as in the original toolkit: {source}_{template}_L{L}_K{K}_R{R}."""
+    return f"{source}_{template}_L{L}_K{K}_R{R}"
+
+
+# --- the teacher step -----------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def teacher_targets(model: torch.nn.Module, input_ids: torch.Tensor, K: int, R: int = 0,
+                    neg_uniform: torch.Tensor | None = None,
+                    vocab_limit: int | None = None) -> dict[str, torch.Tensor]:
+    """Teacher top-K (ids int32, raw logits fp16, sorted descending) for positions 0..L-2 of [B, L] ids.
+
+    With R > 0, `neg_uniform` [B, L-1, R] (floats in [0, 1)) picks R ids per position uniformly from
+    the vocabulary (first `vocab_limit` ids) minus that position's top-K, with the teacher's logits there.
+    """
+    logits = model(input_ids=input_ids, use_cache=False).logits
+    return targets_from_logits(logits, K, R, neg_uniform, vocab_limit)
+
+
+@torch.inference_mode()
+def targets_from_logits(logits: torch.Tensor, K: int, R: int = 0, neg_uniform: torch.Tensor | None = None,
+                        vocab_limit: int | None = None) -> dict[str, torch.Tensor]:
+    """The part of `teacher_targets` after the forward, on full [B, L, V] logits."""
+    logits = logits[:, :-1]
+    vals, ids = logits.topk(K, dim=-1)
+    out = {"topk_ids": ids.to(torch.int32), "topk_logits": vals.to(torch.float16)}
+    if R:
+        assert neg_uniform is not None
+        neg = sample_negatives(ids, neg_uniform.to(ids.device), vocab_limit or logits.shape[-1])
+        out["neg_ids"] = neg.to(torch.int32)
+        out["neg_logits"] = logits.gather(-1, neg).to(torch.float16)
+    return out
+
+
+def sample_negatives(topk_ids: torch.Tensor, uniform: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Map uniforms [..., R] to ids drawn uniformly from [0, vocab) minus each row's top-K ids [..., K].
+
+    With the excluded ids sorted e_0 < e_1 < ..., the u-th allowed id is u + #{i : e_i - i <= u}.
+    """
+    K = topk_ids.shape[-1]
+    excluded = topk_ids.sort(dim=-1).values
+    excluded = torch.where(excluded < vocab, excluded, vocab + K)  # ids past the limit exclude nothing
+    n_in = (excluded < vocab).sum(-1, keepdim=True)
+    u = (uniform.double() * (vocab - n_in).double()).floor().long()
+    shifted = (excluded - torch.arange(K, device=excluded.device)).contiguous()
+    return u + torch.searchsorted(shifted, u.contiguous(), right=True)
+
+
+def negative_uniforms(seed: int, split: str, indices: range, positions: int, R: int,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """[len(indices), positions, R] float64 uniforms drawn on `device`; sequence i's draw depends only on
+    (seed, split, i) (and the device type: CPU and CUDA generators differ)."""
+    out = torch.empty((len(indices), positions, R), dtype=torch.float64, device=device)
+    gen = torch.Generator(device=device)
+    for row, i in enumerate(indices):
+        key = hashlib.sha256(f"{seed}:{split}:{i}".encode()).digest()
+        gen.manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
+        torch.rand((positions, R), generator=gen, dtype=torch.float64, device=device, out=out[row])
+    return out
+
+
+# --- the plan -------------------------------------------------------------------------------------
+
+
+@dataclass
+class CachePlan:
+    """Everything decided before the teacher runs: the blocks per split, the shard layout, the meta."""
+
+    out: Path
+    blocks: dict[str, np.ndarray]
+    shards: list[dict[str, Any]]  # {file, split, start, stop}, in write order
+    info: dict[str, Any]
+
+
+def make_plan(cfg: CacheConfig, model: torch.nn.Module, tokenizer: Any, dtype: torch.dtype) -> CachePlan:
+    """Load and split the documents, render and pack them, lay out the shards."""
+    from lutq.data import document_splits, iter_render, pack, source_name, tokenizer_fingerprint
+
+    cfg.validate()
+    L, K, R = cfg.seq_len, cfg.top_k, cfg.negatives
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise LutqError(f"teacher {cfg.model!r}: tokenizer has no EOS token to separate documents")
+    vocab = _logits_size(model)
+    vocab_limit = min(len(tokenizer), vocab)
+    if vocab < K or (R and vocab_limit - K < 1):
+        raise LutqError(f"K={K}, R={R} do not fit the teacher's vocabulary of {vocab}")
+    docs = document_splits(cfg.source, cfg.val_fraction)
+    is_chat = any(d.messages for split in docs.values() for d in split)
+    template = ({"none": "raw"}.get(cfg.thinking, f"think_{cfg.thinking}")) if is_chat else "text"
+    name = cache_name(source_name(cfg.source), template, L, K, R)
+    wanted = cfg.split_sizes()
+    blocks, used_docs = {}, {}
+    for split, n in wanted.items():
+        order = list(docs[split])
+        random.Random(f"{cfg.seed}:{split}").shuffle(order)
+        counter = _Counter(order)
+        blocks[split] = pack(iter_render(counter, tokenizer, cfg.thinking, batch=8), L, eos, max_blocks=n)
+        used_docs[split] = counter.n
+        if len(blocks[split]) < n:
+            console.print(f"[yellow]warning:[/] {cfg.source} gives only {len(blocks[split])} {split} blocks "
+                          f"of {L} tokens ({n} asked for)")
+    if not len(blocks["train"]):
+        raise LutqError(f"source {cfg.source!r} yields no training block of {L} tokens")
+    shards = [{"file": shard_file(split, i), "split": split, "start": a,
+               "stop": min(a + cfg.shard_size, len(b))}
+              for split, b in blocks.items() for i, a in enumerate(range(0, len(b), cfg.shard_size))]
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "overwrite", "dtype", "device")}
+    data_hash = hashlib.sha256(b"".join(blocks[s].tobytes() for s in ("train", "val"))).hexdigest()
+    info = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
+        "teacher": cfg.model, "teacher_dtype": str(dtype).removeprefix("torch."), "teacher_vocab_size": vocab,
+        "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer),
+                      "name_or_path": str(tokenizer.name_or_path), "vocab_size": len(tokenizer),
+                      "eos_id": int(eos)},
+        "source": cfg.source, "thinking": cfg.thinking, "template": template,
+        "L": L, "K": K, "R": R, "seed": cfg.seed, "val_fraction": cfg.val_fraction,
+        "negatives": ({"distribution": "uniform over ids [0, vocab_limit) minus the position's top-K, "
+                       "with replacement", "vocab_limit": vocab_limit} if R else None),
+        "sequences": {s: len(b) for s, b in blocks.items()}, "requested_sequences": wanted,
+        "documents_rendered": used_docs, "tokens": {s: len(b) * L for s, b in blocks.items()},
+        "arrays": {a: ARRAY_DTYPES[a] for a in ARRAY_DTYPES if R or not a.startswith("neg")},
+        "settings": settings, "plan_hash": _plan_hash(settings, dtype, vocab, data_hash),
+        "versions": _versions(),
+    }
+    return CachePlan(Path(cfg.out) if cfg.out else lutq_home() / "caches" / name, blocks, shards, info)
+
+
+class _Counter:
+    """Iterate documents while counting how many were read."""
+
+    def __init__(self, docs: list[Any]) -> None:
+        self.docs, self.n = docs, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for d in self.docs:
+            self.n += 1
+            yield d
+
+
+def _plan_hash(settings: dict[str, Any], dtype: torch.dtype, vocab: int, data_hash: str) -> str:
+    key = repr((sorted(settings.items()), str(dtype), vocab, data_hash, FORMAT_VERSION))
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _logits_size(model: torch.nn.Module) -> int:
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+
+
+def _versions() -> dict[str, str]:
+    import safetensors
+    import transformers
+
+    import lutq
+
+    return {"lutq": lutq.__version__, "torch": torch.__version__.split("+")[0],
+            "transformers": transformers.__version__, "numpy": np.__version__,
+            "safetensors": safetensors.__version__}
+
+
+# --- writing --------------------------------------------------------------------------------------
+
+
+def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """Resolve 'auto': device cuda:LOCAL_RANK if CUDA is there, else cpu; dtype bf16 on CUDA, else fp32."""
+    from lutq.models.load import _dtype
+
+    if device == "auto":
+        cuda = torch.cuda.is_available()
+        dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    else:
+        dev = torch.device(device)
+    dt = (torch.bfloat16 if dev.type == "cuda" else torch.float32) if dtype == "auto" else _dtype(dtype)
+    assert dt is not None
+    return dev, dt
+
+
+def load_teacher(cfg: CacheConfig) -> tuple[torch.nn.Module, Any]:
+    """The teacher model and tokenizer, on the configured device in the configured dtype."""
+    from lutq.models import load_model
+
+    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
+    return load_model(cfg.model, dtype=dtype, device=device)
+
+
+def prepare(cfg: CacheConfig, teacher: tuple[torch.nn.Module, Any] | None = None,
+            *, rank: int = 0) -> tuple[CachePlan, torch.nn.Module]:
+    """Load the teacher, make the plan, and claim the output directory (refusing a different plan)."""
+    model, tokenizer = teacher or load_teacher(cfg)
+    dtype = next(model.parameters()).dtype
+    plan = make_plan(cfg, model, tokenizer, dtype)
+    out = plan.out
+    if cfg.overwrite and rank == 0 and out.exists():
+        shutil.rmtree(out)
+    for f in (META, PROGRESS):
+        if (out / f).is_file():
+            old = json.loads((out / f).read_text())
+            if old.get("plan_hash") != plan.info["plan_hash"]:
+                raise LutqError(f"{out} holds a KD cache with other settings or data ({f}); "
+                                "pass --overwrite or choose another --out")
+    if not (out / META).is_file():
+        atomic_write_json(out / PROGRESS, {**plan.info, "shards": plan.shards})
+    return plan, model
+
+
+def write_shards(cfg: CacheConfig, teacher: tuple[torch.nn.Module, Any] | None = None, *, rank: int = 0,
+                 world_size: int = 1, sync: Callable[[], Any] | None = None) -> tuple[Path, dict[str, float]]:
+    """Write this rank's missing shards (every world_size-th, from `rank`). Returns (dir, stats).
+
+    `sync` (a barrier, under torchrun) lets rank 0 claim the directory before the other ranks look at it.
+    """
+    teacher = teacher or load_teacher(cfg)
+    if sync is not None and rank != 0:
+        sync()
+    plan, model = prepare(cfg, teacher, rank=rank)
+    if sync is not None and rank == 0:
+        sync()
+    device = next(model.parameters()).device
+    L, K, R = cfg.seq_len, cfg.top_k, cfg.negatives
+    vocab_limit = plan.info["negatives"]["vocab_limit"] if R else None
+    mine = [s for j, s in enumerate(plan.shards) if j % world_size == rank]
+    todo = [s for s in mine if not (plan.out / s["file"]).exists()]
+    total = sum(s["stop"] - s["start"] for s in todo)
+    done, t0 = 0, time.perf_counter()
+    bar = progress(_rate_column())
+    bar.disable = rank != 0  # one bar, on rank 0
+    with bar:
+        task = bar.add_task(f"caching {plan.info['name']}", total=total, rate="")
+        for s in todo:
+            ids = plan.blocks[s["split"]][s["start"]:s["stop"]]
+            parts: dict[str, list[torch.Tensor]] = {}
+            for a in range(0, len(ids), cfg.batch_size):
+                rows = range(s["start"] + a, s["start"] + min(a + cfg.batch_size, len(ids)))
+                x = torch.from_numpy(ids[a:a + cfg.batch_size]).to(device=device, dtype=torch.long)
+                u = negative_uniforms(cfg.seed, s["split"], rows, L - 1, R, device) if R else None
+                for k, v in teacher_targets(model, x, K, R, u, vocab_limit).items():
+                    parts.setdefault(k, []).append(v)
+                done += len(rows)
+                rate = done * L / (time.perf_counter() - t0)
+                bar.update(task, advance=len(rows), rate=f"{rate:,.0f} tok/s")
+            arrays = {"input_ids": np.ascontiguousarray(ids)}
+            arrays.update({k: torch.cat(v).cpu().numpy() for k, v in parts.items()})
+            write_shard(plan.out / s["file"], arrays)
+    seconds = time.perf_counter() - t0
+    return plan.out, {"sequences": done, "tokens": done * L, "seconds": seconds,
+                      "tokens_per_s": done * L / seconds if done else 0.0}
+
+
+def _rate_column() -> Any:
+    from rich.progress import TextColumn
+
+    return TextColumn("{task.fields[rate]}")
+
+
+def finalize_cache(out: str | Path) -> Path:
+    """Check that every planned shard exists, hash them, write meta.json (the cache is then complete)."""
+    out = Path(out)
+    if (out / META).is_file() and not (out / PROGRESS).is_file():
+        return out
+    if not (out / PROGRESS).is_file():
+        raise LutqError(f"{out}: no {PROGRESS}; not an unfinished KD cache")
+    plan = json.loads((out / PROGRESS).read_text())
+    missing = [s["file"] for s in plan["shards"] if not (out / s["file"]).is_file()]
+    if missing:
+        raise LutqError(f"{out}: {len(missing)} shard(s) not written yet ({', '.join(missing[:3])}...); "
+                        "re-run `lutq cache` with the same settings to resume")
+    shards: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
+    for s in plan.pop("shards"):
+        path = out / s["file"]
+        shards[s["split"]].append({"file": s["file"], "sequences": s["stop"] - s["start"],
+                                   "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+    total_bytes = sum(s["bytes"] for split in shards.values() for s in split)
+    total_tokens = sum(plan["tokens"].values())
+    meta = {**plan, "shards": shards, "bytes": total_bytes, "bytes_per_token": total_bytes / total_tokens}
+    atomic_write_json(out / META, meta)
+    (out / PROGRESS).unlink()
+    return out
+
+
+def build_cache(cfg: CacheConfig, teacher: tuple[torch.nn.Module, Any] | None = None) -> Path:
+    """Build (or resume, or confirm) the KD cache of `cfg`; returns its directory.
+
+    Under torchrun (RANK / WORLD_SIZE set) every rank writes its slice of the shards and rank 0 writes
+    meta.json. Timings go to build.json (kept apart so meta.json is the same however it was built).
+    """
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    with _process_group(world) as dist:
+        sync = dist.barrier if world > 1 else None
+        started = time.strftime("%Y-%m-%dT%H:%M:%S")
+        out, stats = write_shards(cfg, teacher, rank=rank, world_size=world, sync=sync)
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            finalize_cache(out)
+            _log_build(out, started, stats, world)
+        if world > 1:
+            dist.barrier()
+    return out
+
+
+@contextlib.contextmanager
+def _process_group(world: int) -> Iterator[Any]:
+    """torch.distributed for barriers when run by torchrun (gloo: only barriers cross processes)."""
+    import torch.distributed as dist
+
+    created = world > 1 and not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo")
+    try:
+        yield dist
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _log_build(out: Path, started: str, stats: dict[str, float], world: int) -> None:
+    import platform
+
+    log = json.loads((out / BUILD_LOG).read_text()) if (out / BUILD_LOG).is_file() else {"runs": []}
+    log["runs"].append({"started": started, "world_size": world, "host": platform.node(),
+                        "rank0": {k: round(v, 3) for k, v in stats.items()}})
+    atomic_write_json(out / BUILD_LOG, log)
+
+
+def config_from_meta(meta: dict[str, Any]) -> CacheConfig:
+    """The CacheConfig a cache was built with (for verify and for re-building)."""
+    fields = {f.name for f in dataclasses.fields(CacheConfig)}
+    return CacheConfig.from_dict({k: v for k, v in meta["settings"].items() if k in fields})
+
+
+__all__ = [
+    "CacheConfig",
+    "CachePlan",
+    "build_cache",
+    "cache_name",
+    "config_from_meta",
+    "finalize_cache",
+    "make_plan",
+    "negative_uniforms",
+    "sample_negatives",
+    "teacher_targets",
+    "write_shards",
+]

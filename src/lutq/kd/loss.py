@@ -1,0 +1,226 @@
+"""The KD loss against a cached teacher, and KD evaluation.
+
+    loss = T² · KL(p_T ‖ q_T)  over the candidates C = top-K (+ cached negatives)
+         + w_top1 · CE(student over the full vocabulary, teacher top-1)
+         + w_sampled · CE(student over C, teacher top-1)
+
+p_T = softmax(teacher logits / T) and q_T = softmax(student logits / T), both over C only. Student
+logits for C are dot products with gathered lm_head rows, never the full vocabulary, and the gathered
+rows are recomputed in backward instead of being kept (memory O(N·|C|), not O(N·|C|·H)). The full-
+vocabulary CE is computed in chunks of positions, with its gradient formed chunk by chunk in the
+forward pass, so memory is bounded by `ce_chunk_size × vocab` whatever the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lutq.core import ConfigBase
+
+
+@dataclass
+class KDLossConfig(ConfigBase):
+    """Weights of the KD loss terms (see the module doc)."""
+
+    temperature: float = 2.0
+    hard_top1_weight: float = 0.2
+    sampled_ce_weight: float = 0.0
+    ce_chunk_size: int = 1024  # positions per chunk for the full-vocab CE and the candidate gather
+    use_negatives: bool = True
+
+
+@dataclass
+class KDLossOutput:
+    """`loss` to backprop; `metrics` (floats): loss, kd (T²·KL_T), kl (KL at T=1 over the candidates), ce
+    (full-vocab CE on the teacher's top-1), top1_agree (student full-vocab argmax == teacher top-1) and
+    sampled_ce when its weight is set."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def student_hidden(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Final hidden states (after the final norm) of positions 0..L-2, [B, L-1, H]; Qwen3, Llama, Gemma 3."""
+    body = getattr(model, "model", None)
+    if body is None:
+        body = model.get_decoder()
+    return body(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+
+
+def kd_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, batch: dict[str, torch.Tensor],
+            cfg: KDLossConfig | None = None, logit_softcap: float | None = None) -> KDLossOutput:
+    """KD loss for `hidden` [B, L-1, H] against a cache batch (see the module doc)."""
+    cfg = cfg or KDLossConfig()
+    H = hidden.shape[-1]
+    h = hidden.reshape(-1, H)
+    cand_ids, t = batch["topk_ids"], batch["topk_logits"]
+    if cfg.use_negatives and "neg_ids" in batch:
+        cand_ids = torch.cat([cand_ids, batch["neg_ids"]], dim=-1)
+        t = torch.cat([t, batch["neg_logits"]], dim=-1)
+    C = cand_ids.shape[-1]
+    cand_ids = cand_ids.reshape(-1, C).to(h.device)
+    t = t.reshape(-1, C).to(h.device, torch.float32)
+    target = cand_ids[:, 0]  # the teacher's top-1
+
+    s = candidate_logits(h, lm_head_weight, cand_ids, cfg.ce_chunk_size)
+    if logit_softcap:
+        s = logit_softcap * torch.tanh(s / logit_softcap)
+    T = cfg.temperature
+    log_p = F.log_softmax(t / T, dim=-1)
+    kl_T = (log_p.exp() * (log_p - F.log_softmax(s / T, dim=-1))).sum(-1).mean()
+    kd = T * T * kl_T
+    loss = kd
+
+    with torch.no_grad():
+        log_p1 = F.log_softmax(t, dim=-1)
+        kl = (log_p1.exp() * (log_p1 - F.log_softmax(s.detach(), dim=-1))).sum(-1).mean()
+    use_grad = cfg.hard_top1_weight != 0 and torch.is_grad_enabled()
+    ce_sum, agree = chunked_top1_ce(h if use_grad else h.detach(), lm_head_weight if use_grad else
+                                    lm_head_weight.detach(), target, cfg.ce_chunk_size, logit_softcap)
+    ce = ce_sum / len(target)
+    if cfg.hard_top1_weight:
+        loss = loss + cfg.hard_top1_weight * ce
+    parts = {"kd": kd, "kl": kl, "ce": ce, "top1_agree": agree.float() / len(target)}
+    if cfg.sampled_ce_weight:
+        sampled = -F.log_softmax(s, dim=-1)[:, 0].mean()
+        loss = loss + cfg.sampled_ce_weight * sampled
+        parts["sampled_ce"] = sampled
+    parts["loss"] = loss
+    values = torch.stack([v.detach().float() for v in parts.values()]).tolist()  # one device sync
+    return KDLossOutput(loss, dict(zip(parts, values, strict=True)))
+
+
+# --- student logits for the candidates only --------------------------------------------------------
+
+
+def candidate_logits(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
+                     chunk: int = 1024) -> torch.Tensor:
+    """fp32 logits [N, C] of `hidden` [N, H] for vocabulary rows `ids` [N, C] of `weight` [V, H]."""
+    return _CandidateLogits.apply(hidden, weight, ids, chunk)
+
+
+class _CandidateLogits(torch.autograd.Function):
+    """s[n, c] = hidden[n] · weight[ids[n, c]], in fp32, chunked; backward re-gathers the rows."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        ctx.save_for_backward(hidden, weight, ids)
+        ctx.chunk = chunk
+        out = torch.empty(ids.shape, dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for a in range(0, len(ids), chunk):
+                rows = weight[ids[a:a + chunk]].float()  # [n, C, H]
+                out[a:a + chunk] = torch.bmm(rows, hidden[a:a + chunk].float().unsqueeze(-1)).squeeze(-1)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, ids = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for a in range(0, len(ids), ctx.chunk):
+                g, i = grad[a:a + ctx.chunk].float(), ids[a:a + ctx.chunk]
+                if grad_h is not None:
+                    grad_h[a:a + ctx.chunk] = torch.bmm(g.unsqueeze(1), weight[i].float()).squeeze(1)
+                if grad_w is not None:
+                    contrib = g.unsqueeze(-1) * hidden[a:a + ctx.chunk].float().unsqueeze(1)
+                    grad_w.index_add_(0, i.reshape(-1), contrib.reshape(-1, hidden.shape[-1]))
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
+
+
+# --- full-vocabulary CE on the teacher's top-1, in chunks -----------------------------------------
+
+
+def chunked_top1_ce(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int = 1024,
+                    logit_softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of CE(hidden @ weightᵀ, target), count of argmax == target) over N positions, `chunk` at a time.
+
+    Differentiable in hidden and weight; never holds more than [chunk, V] logits.
+    """
+    return _ChunkedCE.apply(hidden, weight, target, chunk, logit_softcap)
+
+
+class _ChunkedCE(torch.autograd.Function):
+    """Forward computes the loss and, when a gradient is wanted, the gradient too (chunk by chunk);
+    backward only scales it. The matmuls run in the autocast dtype when autocast is on."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int,
+                softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        agree = torch.zeros((), dtype=torch.long, device=hidden.device)
+        for a in range(0, len(target), chunk):
+            h, y = hidden[a:a + chunk], target[a:a + chunk]
+            z = torch.matmul(h.to(weight.dtype), weight.t()).float()  # [n, V]
+            if softcap:
+                tanh = torch.tanh(z / softcap)
+                z = softcap * tanh
+            lse = torch.logsumexp(z, dim=-1)
+            loss += (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
+            agree += (z.argmax(-1) == y).sum()
+            if need_h or need_w:
+                g = torch.exp(z - lse[:, None])  # d CE / d z = softmax - onehot
+                g[torch.arange(len(y), device=g.device), y] -= 1
+                if softcap:
+                    g *= 1 - tanh * tanh
+                g = g.to(weight.dtype)
+                if grad_h is not None:
+                    grad_h[a:a + chunk] = torch.matmul(g, weight).to(hidden.dtype)
+                if grad_w is not None:
+                    grad_w += torch.matmul(g.t(), h.to(weight.dtype)).float()
+        ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
+        ctx.has = (grad_h is not None, grad_w is not None)
+        ctx.mark_non_differentiable(agree)
+        return loss, agree
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor, _grad_agree: Any) -> tuple[torch.Tensor | None, ...]:
+        saved = list(ctx.saved_tensors)
+        grad_h = saved.pop(0) * grad_loss if ctx.has[0] else None
+        grad_w = saved.pop(0) * grad_loss if ctx.has[1] else None
+        return grad_h, grad_w, None, None, None
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_kd(model: torch.nn.Module, cache: Any, split: str = "val", batch_size: int = 8,
+                max_batches: int | None = None, cfg: KDLossConfig | None = None) -> dict[str, float]:
+    """Token-weighted means of the KD metrics over `split` of a KDCache (or a cache path), in order."""
+    from lutq.kd.reader import KDCache
+
+    cache = cache if isinstance(cache, KDCache) else KDCache(cache)
+    cfg = cfg or KDLossConfig()
+    head = model.get_output_embeddings().weight
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    device = head.device
+    was_training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    tokens = sequences = 0
+    try:
+        for i, batch in enumerate(cache.batches(split, batch_size, shuffle=False)):
+            if max_batches is not None and i >= max_batches:
+                break
+            hidden = student_hidden(model, batch["input_ids"].to(device))
+            out = kd_loss(hidden, head, batch, cfg, logit_softcap=softcap)
+            n = batch["topk_ids"].shape[0] * batch["topk_ids"].shape[1]
+            for k, v in out.metrics.items():
+                totals[k] = totals.get(k, 0.0) + v * n
+            tokens += n
+            sequences += batch["topk_ids"].shape[0]
+    finally:
+        model.train(was_training)
+    result = {k: v / tokens for k, v in totals.items()} if tokens else {}
+    return {**result, "tokens": tokens, "sequences": sequences}

@@ -1,0 +1,114 @@
+"""`lutq pretrain [--run]` and `lutq pretrain export RUN OUT`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from lutq.core.console import console
+from lutq.core.errors import LutqError
+
+pretrain_app = typer.Typer(
+    help="Pretrain a GPT-style decoder from a token file (prints the plan; trains only with --run), "
+         "or export a run (`lutq pretrain export RUN OUT`).",
+)
+
+_O = typer.Option
+
+
+@pretrain_app.callback(invoke_without_command=True)
+def pretrain_command(
+    ctx: typer.Context,
+    data: str = _O(None, "--data", help="Token file from `lutq data prepare` (its .meta.json is checked)."),
+    out: str = _O(None, "--out", help="Run directory (default runs/pretrain-SIZE-VARIANT-seedSEED)."),
+    config: Path = _O(None, "--config", help="TOML/JSON file with PretrainConfig keys; flags override it."),
+    run: bool = _O(False, "--run", help="Train. Without it this is a dry run that prints the plan."),
+    resume: str = _O(None, "--resume", help="Continue the run in this directory exactly (its run.json config)."),
+    size: str = _O(None, "--size", help="Model size preset: tiny, small, medium, 1b."),
+    variant: str = _O(None, "--variant", help="Attention: baseline, gqa, bottleneck, decoupled."),
+    kv_heads: int = _O(None, "--kv-heads", help="gqa: key/value heads (default n_heads / 4)."),
+    d_model: int = _O(None, "--d-model", help="Override the preset's width."),
+    n_layers: int = _O(None, "--layers", help="Override the preset's depth."),
+    n_heads: int = _O(None, "--heads", help="Override the preset's head count."),
+    d_ff: int = _O(None, "--d-ff", help="Override the preset's SwiGLU width."),
+    block_size: int = _O(None, "--block", help="Maximum sequence length (default: preset, grown to the schedule)."),
+    attn_dim: int = _O(None, "--attn-dim", help="Total Q/V width (bottleneck/decoupled default sem + geo)."),
+    sem_dim: int = _O(None, "--sem-dim", help="decoupled: semantic Q/K width (default d_model / 16)."),
+    geo_dim: int = _O(None, "--geo-dim", help="decoupled: geometric (RoPE) Q/K width (default d_model / 8)."),
+    null_attn: bool = _O(None, "--null-attn/--no-null-attn", help="Learned null key/value slot."),
+    tie_qk: bool = _O(None, "--tie-qk/--no-tie-qk", help="Keys use the query projection (not with gqa)."),
+    learned_temp: bool = _O(None, "--learned-temp/--no-learned-temp", help="Learned per-head temperature."),
+    norm: str = _O(None, "--norm", help="rmsnorm (default) or layernorm."),
+    gpu_mem: int = _O(None, "--gpu-mem", help="VRAM preset 80|40|24|16: seq len, micro-batch, accumulation."),
+    seq_len: int = _O(None, "--seq-len", help="Training sequence length (before/without a schedule)."),
+    seq_schedule: str = _O(None, "--seq-schedule", help='Sequence-length schedule, e.g. "512@0,1024@2000".'),
+    micro_batch: int = _O(None, "--micro-batch", help="Sequences per forward pass."),
+    grad_accum: int = _O(None, "--grad-accum", help="Micro-batches per optimizer step."),
+    steps: int = _O(None, "--steps", help="Optimizer steps (default 1000)."),
+    target_tokens: str = _O(None, "--target-tokens", help="Solve the step count for this many tokens (10B)."),
+    optimizer: str = _O(None, "--optimizer", help="adamw (default) or lion."),
+    lr: float = _O(None, "--lr", help="Peak learning rate (default adamw 3e-4, lion 1e-4)."),
+    min_lr_ratio: float = _O(None, "--min-lr-ratio", help="Cosine floor as a fraction of --lr (0.1)."),
+    warmup: int = _O(None, "--warmup", help="Linear warmup steps (100)."),
+    weight_decay: float = _O(None, "--weight-decay", help="Decoupled weight decay on matrices (0.1)."),
+    grad_clip: float = _O(None, "--grad-clip", help="Gradient norm clip (1.0; 0 disables)."),
+    precision: str = _O(None, "--precision", help="auto, fp32, bf16-mixed (fp32 master + autocast), bf16."),
+    grad_checkpoint: bool = _O(None, "--grad-checkpoint/--no-grad-checkpoint", help="Recompute activations."),
+    compile: bool = _O(None, "--compile/--no-compile", help="torch.compile the model."),
+    val_fraction: float = _O(None, "--val-fraction", help="Held-out tail of the token file (0.05)."),
+    eval_every: int = _O(None, "--eval-every", help="Evaluate (and update best/) every N steps (200)."),
+    eval_iters: int = _O(None, "--eval-iters", help="Micro-batches per evaluation (20)."),
+    log_every: int = _O(None, "--log-every", help="Log every N steps (10)."),
+    save_every: int = _O(None, "--save-every", help="Write last/ every N steps (500; also at the end)."),
+    sample_tokens: int = _O(None, "--sample-tokens", help="Tokens of the sample in summary.md (64; 0: none)."),
+    seed: int = _O(None, "--seed", help="Seed of the init and of the data positions (1337)."),
+    device: str = _O(None, "--device", help="auto, cpu, cuda, cuda:1, ..."),
+    stop_after: int = _O(None, "--stop-after", help="Stop after N steps in this invocation (resumable)."),
+    time_limit: float = _O(None, "--time-limit", help="Stop after this many minutes (resumable)."),
+) -> None:
+    """Pretrain: print the plan (params, global batch, steps, tokens, epochs, FLOPs); train with --run."""
+    flags: dict[str, Any] = {k: v for k, v in locals().items()
+                             if k not in ("ctx", "config", "run", "resume") and v is not None}
+    if ctx.invoked_subcommand is not None:
+        return
+    from lutq.pretrain.config import RUNTIME_FIELDS, PretrainConfig
+    from lutq.pretrain.train import load_run_config, pretrain
+
+    if resume:
+        ignored = sorted(k for k in flags if k not in RUNTIME_FIELDS)
+        if ignored:
+            console.print(f"[yellow]note:[/] --resume uses the run's own config; ignoring {', '.join(ignored)}")
+        cfg = load_run_config(resume).replace(**{k: v for k, v in flags.items() if k in RUNTIME_FIELDS})
+        pretrain(cfg, run=run, resume=True)
+        return
+    base = PretrainConfig.from_file(config) if config else PretrainConfig()
+    pretrain(base.replace(**flags), run=run)
+
+
+@pretrain_app.command("export")
+def export_command(
+    run: Path = typer.Argument(..., help="Run directory (uses best/, else last/) or a checkpoint directory."),
+    out: Path = typer.Argument(..., help="Output directory."),
+    format: str = _O("hf", "--format", help="hf: a transformers LlamaForCausalLM directory."),
+    checkpoint: str = _O("best", "--checkpoint", help="best or last (for a run directory)."),
+    tokenizer: str = _O(None, "--tokenizer", help="Tokenizer to ship when the checkpoint has none."),
+    dtype: str = _O("fp32", "--dtype", help="fp32, bf16 or fp16 weights."),
+) -> None:
+    """Export a pretrained baseline/gqa model as a transformers directory (usable as a KD teacher)."""
+    import torch
+
+    from lutq.pretrain.export import FORMATS, export_hf
+
+    if format not in FORMATS:
+        raise LutqError(f"--format {format!r}: choose from {', '.join(FORMATS)}")
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if dtype not in dtypes:
+        raise LutqError(f"--dtype {dtype!r}: choose from {', '.join(dtypes)}")
+    path = export_hf(run, out, checkpoint=checkpoint, tokenizer=tokenizer, dtype=dtypes[dtype])
+    console.print(f"load it with lutq.models.load_model({str(path)!r}) or transformers' AutoModelForCausalLM")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(pretrain_app, name="pretrain")

@@ -1,0 +1,100 @@
+"""Speedrun recipes: TOML files listing the stages to run, with a wall-clock budget they are sized for.
+
+    name = "default"
+    description = "..."
+    budget_minutes = 30          # what the step / sequence counts below are sized for
+    report = "eval"              # the stage whose summary holds the final comparison table
+
+    [[stages]]
+    name = "cache"               # its output directory: RUN_DIR/cache/out, referred to as "@cache"
+    kind = "cache"               # a registered StageKind (see `lutq speedrun --kinds`)
+    scale = ["num_sequences"]    # optional: which params `--budget` scales (default: the kind's)
+    [stages.params]              # the kind's typed params (unknown keys are an error)
+    source = "sharegpt"
+
+Built-in recipes live in `lutq/recipes/*.toml`; any other path works too.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from lutq.core.errors import LutqError
+from lutq.speedrun.runner import StageSpec, check_stages
+
+RECIPE_KEYS = {"name", "description", "budget_minutes", "report", "stages"}
+STAGE_KEYS = {"name", "kind", "scale", "params"}
+
+
+@dataclass
+class Recipe:
+    name: str
+    stages: list[StageSpec]
+    description: str = ""
+    budget_minutes: float = 30.0
+    report: str | None = None
+    path: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def factor(self, budget_minutes: float | None) -> float:
+        """How much `--budget` scales the recipe's step / sequence counts."""
+        if budget_minutes is None:
+            return 1.0
+        if budget_minutes <= 0:
+            raise LutqError(f"--budget must be > 0 minutes, got {budget_minutes}")
+        return budget_minutes / self.budget_minutes
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """Built-in recipe name -> path (the TOML files packaged in lutq/recipes/)."""
+    root = resources.files("lutq") / "recipes"
+    if not root.is_dir():
+        return {}
+    return {Path(str(p)).stem: Path(str(p)) for p in root.iterdir() if str(p).endswith(".toml")}
+
+
+def load_recipe(name_or_path: str | Path = "default") -> Recipe:
+    """A built-in recipe by name, or a TOML file; validated (kinds, refs, typed params)."""
+    path = Path(name_or_path)
+    builtins = builtin_recipes()
+    if not path.is_file():
+        if str(name_or_path) not in builtins:
+            raise LutqError(f"unknown recipe {str(name_or_path)!r}: not a file, and the built-ins are "
+                            f"{', '.join(sorted(builtins))}")
+        path = builtins[str(name_or_path)]
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise LutqError(f"{path}: cannot parse TOML ({e})") from e
+    return parse_recipe(data, path)
+
+
+def parse_recipe(data: dict[str, Any], path: Path | None = None) -> Recipe:
+    where = str(path or "recipe")
+    unknown = sorted(set(data) - RECIPE_KEYS)
+    if unknown:
+        raise LutqError(f"{where}: unknown key(s) {unknown}; valid: {sorted(RECIPE_KEYS)}")
+    stages = []
+    for i, s in enumerate(data.get("stages", [])):
+        bad = sorted(set(s) - STAGE_KEYS)
+        if bad or "name" not in s or "kind" not in s:
+            raise LutqError(f"{where}: stages[{i}] needs name and kind, may have scale and params "
+                            f"(unknown: {bad})")
+        scale = tuple(s["scale"]) if "scale" in s else None
+        stages.append(StageSpec(s["name"], s["kind"], dict(s.get("params", {})), scale))
+    if not stages:
+        raise LutqError(f"{where}: no [[stages]]")
+    check_stages(stages, where)
+    budget = float(data.get("budget_minutes", 30.0))
+    if budget <= 0:
+        raise LutqError(f"{where}: budget_minutes must be > 0, got {budget}")
+    report = data.get("report")
+    if report is not None and report not in {s.name for s in stages}:
+        raise LutqError(f"{where}: report = {report!r} is not a stage")
+    name = data.get("name") or (path.stem if path else "recipe")
+    return Recipe(name=name, stages=stages, description=data.get("description", ""), budget_minutes=budget,
+                  report=report, path=path)

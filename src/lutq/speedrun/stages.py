@@ -1,0 +1,248 @@
+"""The built-in stage kinds: thin adapters from a recipe's params to each stage's library function.
+
+Where a stage already has a config dataclass (CacheConfig, TrainConfig, ExportConfig) the recipe's params
+*are* that config (same keys, same validation); the runner only fills in the output directory.
+
+| kind      | library call                                   | output (`@name`)          |
+|-----------|------------------------------------------------|---------------------------|
+| assets    | lutq.assets.fetch                              | out/assets.json           |
+| cache     | lutq.kd.build_cache(CacheConfig)               | the cache directory       |
+| quantize  | lutq.quant.quantize + save_checkpoint          | a checkpoint (naive PTQ)  |
+| train     | lutq.train.train(TrainConfig, resume=...)      | the run's best/ (or last/)|
+| convert   | lutq.quant.convert_q4_to_q2 + save_checkpoint  | a checkpoint              |
+| snap      | lutq.quant.snap_model + save_checkpoint        | a checkpoint              |
+| export    | lutq.export.export(ExportConfig)               | the exported artefact     |
+| eval      | lutq.evaluate.compare                          | compare.md / compare.json |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lutq.core.atomic import atomic_write_json, atomic_write_text
+from lutq.core.configs import ConfigBase
+from lutq.core.errors import LutqError
+from lutq.kd import CacheConfig
+from lutq.speedrun.runner import StageContext, StageKind, register_kind
+from lutq.train import TrainConfig
+
+
+def _checkpoint_ok(path: Path) -> None:
+    from lutq.models import read_checkpoint_info
+
+    read_checkpoint_info(path)  # raises LutqError naming what is wrong
+
+
+# ----------------------------------------------------------------------------------------------- assets
+@dataclass
+class AssetsParams(ConfigBase):
+    """Offline assets to fetch (idempotent: already fetched ones are only checked)."""
+
+    names: tuple[str, ...] = ("smollm2-135m-instruct", "sharegpt", "shakespeare", "python-docs")
+
+
+def _run_assets(ctx: StageContext, p: AssetsParams) -> dict[str, Any]:
+    from lutq.assets import fetch
+
+    paths = {name: str(fetch(name)) for name in p.names}
+    atomic_write_json(ctx.out / "assets.json", paths)
+    return {"assets": sorted(paths)}
+
+
+def _check_assets(ctx: StageContext, p: AssetsParams) -> None:
+    from lutq.assets import is_fetched
+
+    missing = [n for n in p.names if not is_fetched(n)]
+    if missing:
+        raise LutqError(f"assets not fetched: {missing}")
+
+
+# ------------------------------------------------------------------------------------------------ cache
+def _run_cache(ctx: StageContext, cfg: Any) -> dict[str, Any]:
+    from lutq.kd import build_cache
+
+    out = build_cache(cfg.replace(out=ctx.out))  # resumes a partly written cache by itself
+    meta = json.loads((out / "meta.json").read_text())
+    build = json.loads((out / "build.json").read_text()) if (out / "build.json").is_file() else {}
+    return {"sequences": meta.get("sequences"), "tokens": meta.get("tokens"),
+            "bytes_per_token": meta.get("bytes_per_token"), "build": build}
+
+
+def _check_cache(ctx: StageContext, cfg: Any) -> None:
+    from lutq.kd import KDCache
+
+    KDCache(ctx.out)
+
+
+# --------------------------------------------------------------------------------------------- quantize
+@dataclass
+class QuantizeParams(ConfigBase):
+    """Quantize a FP model with a preset (plus QuantConfig overrides) and save it: the naive-PTQ baseline."""
+
+    model: str = "smollm2-135m-instruct"
+    preset: str = "q4a4"
+    config: dict[str, Any] = field(default_factory=dict)  # QuantConfig fields overriding the preset
+
+
+def _run_quantize(ctx: StageContext, p: QuantizeParams) -> dict[str, Any]:
+    from lutq.models import load_model, save_checkpoint
+    from lutq.quant import get_preset, quantize
+
+    model, tok = load_model(p.model)
+    config: Any = p.preset if not p.config else {**get_preset(p.preset).to_dict(), **p.config}
+    report = quantize(model, config)
+    save_checkpoint(ctx.out, model, tok, extra={"speedrun_stage": ctx.name, "source": p.model})
+    return {"rel_error": report.to_dict()["summary"]}
+
+
+# ------------------------------------------------------------------------------------------------ train
+def _run_train(ctx: StageContext, cfg: Any) -> dict[str, Any]:
+    from lutq.train.recipes import run_stage
+
+    # run_stage resumes the run in ctx.out when it has a checkpoint to resume from, else starts it; the
+    # runner has already cleared ctx.out if the params changed, so what is there is this stage's own run
+    result = run_stage(cfg.replace(out=ctx.out))
+    summary = json.loads(json.dumps(dataclasses.asdict(result), default=str))
+    return {**summary, "output": str(result.checkpoint)}
+
+
+def _check_train(ctx: StageContext, cfg: Any) -> None:
+    best, last = ctx.out / "best", ctx.out / "last"
+    _checkpoint_ok(best if (best / "config.json").is_file() else last)
+
+
+# ----------------------------------------------------------------------------------- convert / snap
+@dataclass
+class ConvertParams(ConfigBase):
+    """Q4 → Q2 (q2a4) conversion of a checkpoint (lutq.train.recipes.convert_checkpoint)."""
+
+    input: Path = Path("model")
+    tighten_rounds: int = 0
+
+
+def _run_convert(ctx: StageContext, p: ConvertParams) -> dict[str, Any]:
+    from lutq.models import read_checkpoint_info
+    from lutq.train.recipes import convert_checkpoint
+
+    convert_checkpoint(p.input, ctx.out, tighten_rounds=p.tighten_rounds)
+    report = read_checkpoint_info(ctx.out).extra.get("report", {})
+    return {"rel_error": report.get("summary", {})}
+
+
+@dataclass
+class SnapParams(ConfigBase):
+    """Snap a checkpoint to FP16 (LUT, Â·g, B̂) and verify on a probe batch."""
+
+    input: Path = Path("model")
+
+
+def _run_snap(ctx: StageContext, p: SnapParams) -> dict[str, Any]:
+    from lutq.models import load_checkpoint, save_checkpoint
+    from lutq.quant import snap_model
+
+    model, tok, _ = load_checkpoint(p.input)
+    report = snap_model(model)
+    save_checkpoint(ctx.out, model, tok, extra={"speedrun_stage": ctx.name, "source": str(p.input)})
+    return {"max_abs_logit_error": report.max_abs_error, "rel_logit_error": report.rel_error,
+            "summary": report.summary()}
+
+
+def _check_ckpt(ctx: StageContext, p: Any) -> None:
+    _checkpoint_ok(ctx.out)
+
+
+# ----------------------------------------------------------------------------------------------- export
+@dataclass
+class ExportParams(ConfigBase):
+    """Export a checkpoint; `options` are lutq.export.ExportConfig fields (keep_dtype, hf_dtype, verify, ...)."""
+
+    input: Path = Path("model")
+    format: str = "ane"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def export_config(self) -> Any:
+        from lutq.export.api import ExportConfig
+
+        cfg = ExportConfig.from_dict({**self.options, "format": self.format}, source="export options")
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        self.export_config()
+
+
+def _run_export(ctx: StageContext, p: ExportParams) -> dict[str, Any]:
+    from lutq.export.api import export
+
+    res = export(p.input, ctx.out, p.format, p.export_config())
+    total = (res.size or {}).get("total", {})
+    return {"format": res.format, "checks": res.checks, "snap": res.snap, "size_total": total}
+
+
+def _check_export(ctx: StageContext, p: ExportParams) -> None:
+    if not ctx.out.is_dir() or not any(ctx.out.iterdir()):
+        raise LutqError(f"{ctx.out}: export output missing")
+
+
+# ------------------------------------------------------------------------------------------------- eval
+@dataclass
+class EvalParams(ConfigBase):
+    """Compare models on the same data: held-out perplexity per text, KD metrics on the cache's val split,
+    size and bits/weight. `models` maps a row label to a model spec (asset, checkpoint, "@stage")."""
+
+    models: dict[str, str] = field(default_factory=dict)
+    cache: Path | None = None
+    texts: tuple[str, ...] = ("shakespeare:val", "python-docs:val")
+    options: dict[str, Any] = field(default_factory=dict)  # lutq.evaluate.CompareConfig fields
+
+    def validate(self) -> None:
+        from lutq.evaluate import CompareConfig
+
+        if not self.models:
+            raise LutqError("eval stage: `models` is empty (label = model spec)")
+        CompareConfig.from_dict(self.options, source="eval stage options")
+
+
+
+def _run_eval(ctx: StageContext, p: EvalParams) -> dict[str, Any]:
+    import torch
+
+    from lutq.evaluate import compare
+
+    options = {"device": "cuda" if torch.cuda.is_available() else "cpu", **p.options}
+    result = compare(dict(p.models), cache=p.cache, texts=tuple(p.texts), **options)
+    table = result.markdown()
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(ctx.out / "compare.md", table)
+    atomic_write_json(ctx.out / "compare.json", result.to_dict())
+    return {"table": table, "rows": [_figures(r) for r in result.rows()]}
+
+
+def _figures(row: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of one compare row (the run log keeps these; compare.json has everything)."""
+    total = row["size"]["total"]
+    return {"model": row["label"], "spec": row["model"], "size_mb": total.get("size_mb"),
+            "bits_per_weight": total.get("bits_per_weight"), "ppl": row["ppl"], "kd": row["kd"]}
+
+
+def _check_eval(ctx: StageContext, p: EvalParams) -> None:
+    if not (ctx.out / "compare.json").is_file():
+        raise LutqError(f"{ctx.out}/compare.json missing")
+
+
+def _kind(name: str, params: Any, run: Any, check: Any, scaled: tuple[str, ...], description: str) -> None:
+    register_kind(StageKind(name, params, run, check, scaled, description))
+
+
+_kind("assets", AssetsParams, _run_assets, _check_assets, (), "fetch offline assets")
+_kind("cache", CacheConfig, _run_cache, _check_cache, ("num_sequences", "max_tokens"), "teacher top-K KD cache")
+_kind("quantize", QuantizeParams, _run_quantize, _check_ckpt, (), "quantize a FP model with a preset (PTQ init)")
+_kind("train", TrainConfig, _run_train, _check_train, ("steps", "warmup"), "KD-QAT training (resumes)")
+_kind("convert", ConvertParams, _run_convert, _check_ckpt, (), "q4 -> q2 conversion")
+_kind("snap", SnapParams, _run_snap, _check_ckpt, (), "FP16 snap")
+_kind("export", ExportParams, _run_export, _check_export, (), "export ane / hf / coreml")
+_kind("eval", EvalParams, _run_eval, _check_eval, (), "comparison table")

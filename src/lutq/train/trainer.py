@@ -1,0 +1,468 @@
+"""The KD-QAT training loop: `train(cfg) -> TrainResult`.
+
+Read `train()` top to bottom: build the student (a FP model quantized with a preset, or a lutq
+checkpoint), choose what trains, AdamW + warmup/cosine, then the loop over deterministic cache batches
+(forward the student's final hidden states, KD loss against the cached teacher top-K, accumulate, clip,
+step), with evaluation on the cache's validation split, `best/` by validation KD loss and `last/` with
+the full trainer state, so `--resume` continues exactly where a killed run stopped.
+
+Under torchrun (WORLD_SIZE > 1) the same code runs DDP (gloo on CPU, nccl on CUDA): each rank takes
+its share of every global batch, gradients are averaged, and rank 0 evaluates, logs and saves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lutq import __version__
+from lutq.core.console import console, progress
+from lutq.core.errors import LutqError
+from lutq.kd import KDCache, KDLossConfig, evaluate_kd, kd_loss, student_hidden
+from lutq.models import load_checkpoint, load_model, load_trainer_state, save_checkpoint
+from lutq.quant import project_luts_, quantize, set_trainable
+from lutq.train.config import TrainConfig
+from lutq.train.loggers import Trackers
+from lutq.train.run_dir import TRAIN_COLUMNS, RunDir, csv_columns, ppl_name
+from lutq.train.schedule import make_scheduler
+from lutq.train.state import DistContext, rng_state, seed_everything, set_rng_state, setup_distributed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: where, how far, and the validation numbers before and after."""
+
+    run_dir: Path
+    step: int
+    tokens: int
+    elapsed_s: float
+    initial_eval: dict[str, float] = field(default_factory=dict)
+    final_eval: dict[str, float] = field(default_factory=dict)
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    final_train_loss: float | None = None
+
+    @property
+    def best(self) -> Path:
+        return self.run_dir / "best"
+
+    @property
+    def last(self) -> Path:
+        return self.run_dir / "last"
+
+    @property
+    def checkpoint(self) -> Path:
+        """The checkpoint to carry on with: best/ when validation ran, else last/."""
+        return self.best if (self.best / "config.json").is_file() else self.last
+
+
+class KDStudent(torch.nn.Module):
+    """The student plus the KD loss, as one module so DDP and torch.compile see the whole step."""
+
+    def __init__(self, model: torch.nn.Module, loss_cfg: KDLossConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_cfg = loss_cfg
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        hidden = student_hidden(self.model, batch["input_ids"])
+        softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        out = kd_loss(hidden, self.model.get_output_embeddings().weight, batch, self.loss_cfg,
+                      logit_softcap=softcap)
+        return out.loss, out.metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
+    """Train a LUT student against a KD cache (see the module docstring); returns a TrainResult.
+
+    `resume=True` continues the run in `cfg.out` from its last/ checkpoint, exactly.
+    """
+    cfg.validate()
+    ctx = setup_distributed(cfg.device)
+    try:
+        return _train(cfg, ctx, resume=resume, overwrite=overwrite)
+    finally:
+        ctx.close()
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool) -> TrainResult:
+    run = RunDir(cfg.out)
+    _check_run_dir(run, resume=resume, overwrite=overwrite)
+    seed_everything(cfg.seed)
+    cache = KDCache(cfg.cache)
+    _check_batch(cfg, ctx)
+
+    # the student: a checkpoint (resume / --init) or a FP model quantized with the preset
+    state: dict[str, Any] = {}
+    if resume:
+        ckpt = run.resume_checkpoint()
+        model, tokenizer, _ = load_checkpoint(ckpt)
+        state = load_trainer_state(ckpt)
+    else:
+        model, tokenizer = build_student(cfg, cache, verbose=ctx.is_main)
+    cache.check_tokenizer(tokenizer)
+    trainable = set_trainable(model, cfg.mode)
+    if not trainable:
+        raise LutqError(f"train: mode {cfg.mode!r} leaves no trainable parameters in this model")
+    model.to(ctx.device).train()
+    if cfg.grad_checkpointing:
+        _enable_checkpointing(model)
+
+    # optimizer over the trainable tensors (in model order, so a resumed optimizer lines up), schedule
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, total=cfg.steps, warmup=cfg.warmup, min_ratio=cfg.min_lr_ratio)
+    step, tokens, elapsed0 = 0, 0, 0.0
+    best = {"eval_loss": math.inf, "step": None}
+    if resume:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        step, tokens, elapsed0 = int(state["step"]), int(state["tokens"]), float(state["elapsed"])
+        best = {"eval_loss": float(state["best_eval_loss"]), "step": state.get("best_step")}
+
+    # one module for the forward + loss, wrapped for DDP / compile
+    student: torch.nn.Module = KDStudent(model, cfg.kd)
+    if ctx.distributed:
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        student = torch.nn.parallel.DistributedDataParallel(student, device_ids=device_ids)
+    if cfg.compile:
+        student = torch.compile(student)
+    amp = _autocast_factory(cfg.precision, ctx.device)
+
+    # logs (rank 0): a fresh run writes run.json + headers; a resume drops rows after its checkpoint
+    ppl_docs = _load_ppl_texts(cfg.ppl_texts) if ctx.is_main else {}
+    trackers = None
+    initial_eval: dict[str, float] = {}
+    final_eval: dict[str, float] = {}
+    if ctx.is_main:
+        if resume:
+            run.truncate(step)
+            initial_eval, final_eval = _evals_from_log(run)
+        else:
+            run.clear()  # an overwritten run must not leave a stale best/ or last/ behind
+            run.write_config(_run_record(cfg, cache, ctx))
+            run.start_logs(csv_columns([ppl_name(s) for s in cfg.ppl_texts]))
+        trackers = Trackers(cfg.loggers, run_dir=run.path, project=cfg.project, config=cfg.to_dict(),
+                            resume=resume)
+
+    do_eval = cfg.eval_batches > 0 and cache.num_sequences("val") > 0
+    if ctx.is_main:
+        if cfg.eval_batches > 0 and not do_eval:
+            console.print(f"[yellow]warning:[/] {cfg.cache} has no validation sequences; no evaluation, no best/")
+        where = f"resuming {run.path} at step {step}" if resume else f"training {run.path}"
+        console.print(f"{where}: mode {cfg.mode}, {sum(p.numel() for p in params):,} trainable parameters, "
+                      f"{cfg.steps} steps × {cfg.sequences_per_step} sequences × {cache.L} tokens, "
+                      f"{ctx.device} × {ctx.world_size}")
+
+    def evaluate() -> dict[str, float]:
+        """Validation KD metrics (+ held-out perplexity), rank 0 only; others wait at the barrier."""
+        out: dict[str, float] = {}
+        if ctx.is_main and do_eval:
+            out = evaluate_student(model, cache, cfg, amp, ppl_docs, tokenizer)
+            model.train()
+        ctx.barrier()
+        return out
+
+    def save_last() -> None:
+        _check_finite_params(model, step, run)  # identical on every rank: all stop together
+        if ctx.is_main:
+            trainer_state = {"step": step, "tokens": tokens, "elapsed": elapsed0 + time.time() - t0,
+                             "best_eval_loss": best["eval_loss"], "best_step": best["step"],
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "rng": rng_state(), "world_size": ctx.world_size}
+            save_checkpoint(run.last, model, tokenizer, extra=_ckpt_extra(cfg, step),
+                            trainer_state=trainer_state)
+        ctx.barrier()
+
+    def maybe_save_best(metrics: dict[str, float]) -> None:
+        if ctx.is_main and metrics.get("eval_loss", math.inf) < best["eval_loss"]:
+            best.update(eval_loss=metrics["eval_loss"], step=step)
+            save_checkpoint(run.best, model, tokenizer, extra=_ckpt_extra(cfg, step, metrics))
+
+    t0 = time.time()
+    if not resume:
+        initial_eval = evaluate()
+        maybe_save_best(initial_eval)
+        if ctx.is_main and initial_eval:
+            run.log({"step": 0, "tokens": 0, **initial_eval, "elapsed": 0.0})
+            trackers.log(initial_eval, 0)
+            _print_eval(0, cfg.steps, initial_eval)
+
+    # deterministic batches: the global batch of micro-step i is the same however many ranks share it
+    batches = cache.batches("train", cfg.batch_size // ctx.world_size, seed=cfg.seed,
+                            start_step=step * cfg.grad_accum, rank=ctx.rank, world_size=ctx.world_size)
+    step_metrics: dict[str, float] = {}
+    t_log, tokens_log, tps = time.time(), tokens, 0.0
+    try:
+        with _bar(ctx.is_main, cfg.steps, step) as (bar, task):
+            while step < cfg.steps:
+                # ---- one optimizer step: grad_accum micro-batches; metrics averaged over micro-steps and ranks
+                sums: dict[str, float] = {}
+                for micro in range(cfg.grad_accum):
+                    batch = {k: v.to(ctx.device, non_blocking=True) for k, v in next(batches).items()}
+                    last_micro = micro == cfg.grad_accum - 1
+                    with contextlib.nullcontext() if last_micro or not ctx.distributed else student.no_sync():
+                        with amp():
+                            loss, metrics = student(batch)
+                        (loss / cfg.grad_accum).backward()
+                    for k, v in metrics.items():  # floats, "loss" included
+                        sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+                    tokens += batch["input_ids"].numel() * ctx.world_size
+                step_metrics = _all_reduce_mean(sums, ctx)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf))
+                _check_finite_step(step + 1, step_metrics["loss"], grad_norm, run)
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                project_luts_(model)  # a trained LUT stays sorted and FP16-exact (no-op otherwise)
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+
+                # ---- log / eval / save
+                row: dict[str, Any] = {}
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    now = time.time()
+                    tps = (tokens - tokens_log) / max(now - t_log, 1e-9)
+                    t_log, tokens_log = now, tokens
+                    row.update({k: step_metrics[k] for k in TRAIN_COLUMNS if k in step_metrics},
+                               lr=lr, grad_norm=grad_norm, tokens_per_s=tps)
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    final_eval = evaluate()
+                    maybe_save_best(final_eval)
+                    row.update(final_eval)
+                    if ctx.is_main and final_eval:
+                        _print_eval(step, cfg.steps, final_eval, step_metrics["loss"])
+                if ctx.is_main and row:
+                    row = {"step": step, "tokens": tokens, **row, "elapsed": elapsed0 + time.time() - t0}
+                    run.log(row)
+                    trackers.log(row, step)
+                if step % cfg.save_every == 0 or step == cfg.steps:
+                    save_last()
+                if bar is not None:
+                    bar.update(task, advance=1, loss=step_metrics["loss"], tps=tps)
+    except LutqError as e:
+        if ctx.is_main:
+            trackers.close()
+            partial = TrainResult(run_dir=run.path, step=step, tokens=tokens, elapsed_s=elapsed0 + time.time() - t0,
+                                  initial_eval=initial_eval, final_eval=final_eval)
+            write_summary(run, cfg, partial, status=f"stopped: {e}")
+        raise
+
+    result = TrainResult(run_dir=run.path, step=step, tokens=tokens, elapsed_s=elapsed0 + time.time() - t0,
+                         initial_eval=initial_eval, final_eval=final_eval,
+                         best_eval_loss=best["eval_loss"] if math.isfinite(best["eval_loss"]) else None,
+                         best_step=best["step"], final_train_loss=step_metrics.get("loss"))
+    if ctx.is_main:
+        trackers.close()
+        write_summary(run, cfg, result, status="completed")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# building blocks
+
+
+def build_student(cfg: TrainConfig, cache: KDCache, *, verbose: bool = True) -> tuple[torch.nn.Module, Any]:
+    """The initial student: `cfg.init` (a quantized lutq checkpoint) or `cfg.model` (default: the cache's
+    teacher) quantized in place with `cfg.preset`."""
+    if cfg.init is not None:
+        model, tokenizer, info = load_checkpoint(cfg.init)
+        if not info.quant:
+            raise LutqError(f"{cfg.init}: not a quantized lutq checkpoint; to start from a FP model pass "
+                            f"--model {cfg.init} --preset {cfg.preset}")
+        return model, tokenizer
+    spec = cfg.model or cache.meta.get("teacher")
+    if not spec:
+        raise LutqError(f"{cfg.cache}/meta.json names no teacher; pass --model")
+    model, tokenizer = load_model(spec)
+    report = quantize(model, cfg.preset, progress=verbose)
+    if verbose:
+        console.print(f"quantized {spec} with preset {cfg.preset}")
+        console.print(report.table(per_layer=False))
+    return model, tokenizer
+
+
+def evaluate_student(model: torch.nn.Module, cache: KDCache, cfg: TrainConfig, amp: Any,
+                     ppl_docs: dict[str, list[Any]], tokenizer: Any) -> dict[str, float]:
+    """Validation KD metrics as eval_<name> (+ eval_ppl_<corpus> for each held-out text)."""
+    from lutq.evaluate.perplexity import perplexity
+
+    model.eval()
+    out: dict[str, float] = {}
+    with torch.no_grad(), amp():
+        metrics = evaluate_kd(model, cache, split="val", batch_size=cfg.eval_batch_size or cfg.batch_size,
+                              max_batches=cfg.eval_batches, cfg=cfg.kd)
+        out.update({f"eval_{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)})
+        for name, docs in ppl_docs.items():
+            res = perplexity(model, tokenizer, docs, max_length=cfg.ppl_max_length,
+                             stride=cfg.ppl_max_length // 2, max_tokens=cfg.ppl_max_tokens, show_progress=False)
+            out[f"eval_ppl_{name}"] = res.ppl
+    return out
+
+
+def _load_ppl_texts(specs: tuple[str, ...]) -> dict[str, list[Any]]:
+    if not specs:
+        return {}
+    from lutq.data import load_documents
+
+    return {ppl_name(s): load_documents(s) for s in specs}
+
+
+def _enable_checkpointing(model: torch.nn.Module) -> None:
+    """HF activation (gradient) checkpointing of every decoder layer, non-reentrant."""
+    model.config.use_cache = False
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _autocast_factory(precision: str, device: torch.device) -> Any:
+    """A factory of autocast contexts: bf16 (fp32 master weights) on CUDA for 'auto', plain fp32 on CPU
+    unless 'bf16' is forced."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _evals_from_log(run: RunDir) -> tuple[dict[str, float], dict[str, float]]:
+    """(eval metrics at step 0, latest eval metrics) from train.jsonl, for a resumed run's summary."""
+    evals = [{k: v for k, v in r.items() if k.startswith("eval_")} for r in run.rows()]
+    evals = [e for e in evals if e]
+    rows0 = [r for r in run.rows() if r.get("step") == 0]
+    initial = {k: v for k, v in rows0[0].items() if k.startswith("eval_")} if rows0 else {}
+    return initial, (evals[-1] if evals else {})
+
+
+def _check_run_dir(run: RunDir, *, resume: bool, overwrite: bool) -> None:
+    if resume and not run.exists():
+        raise LutqError(f"{run.path}: nothing to resume (no run.json)")
+    if not resume and run.exists() and not overwrite:
+        raise LutqError(f"{run.path}: a run already exists; continue it with --resume {run.path}, "
+                        "or pass --overwrite / another --out")
+
+
+def _check_batch(cfg: TrainConfig, ctx: DistContext) -> None:
+    if cfg.batch_size % ctx.world_size:
+        raise LutqError(f"train: batch_size {cfg.batch_size} (global) is not divisible by the "
+                        f"{ctx.world_size} ranks")
+
+
+def _all_reduce_mean(values: dict[str, float], ctx: DistContext) -> dict[str, float]:
+    if not ctx.distributed:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    if ctx.device.type == "cuda":
+        t = t.to(ctx.device)
+    torch.distributed.all_reduce(t)
+    return {k: float(v) / ctx.world_size for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+def _check_finite_step(step: int, loss: float, grad_norm: float, run: RunDir) -> None:
+    """Stop before a non-finite loss or gradient reaches the weights; last/ keeps the last good state."""
+    bad = [f"loss is {loss}"] if not math.isfinite(loss) else []
+    if not math.isfinite(grad_norm):
+        bad.append(f"gradient norm is {grad_norm}")
+    if bad:
+        raise LutqError(f"training diverged at step {step}: {' and '.join(bad)}; stopped without updating the "
+                        f"weights; the last good checkpoint is {_last_note(run)} (lower --lr, or check the cache)")
+
+
+def _check_finite_params(model: torch.nn.Module, step: int, run: RunDir) -> None:
+    for name, p in model.named_parameters():
+        if p.requires_grad and not torch.isfinite(p).all():
+            raise LutqError(f"training diverged at step {step}: parameter {name} is not finite; not saving it; "
+                            f"the last good checkpoint is {_last_note(run)} (lower --lr)")
+
+
+def _last_note(run: RunDir) -> str:
+    state = run.last / "trainer_state" / "state.json"
+    if not state.is_file():
+        return "none (no checkpoint was saved yet)"
+    import json
+
+    return f"{run.last} (step {json.loads(state.read_text()).get('step')})"
+
+
+def _ckpt_extra(cfg: TrainConfig, step: int, metrics: dict[str, float] | None = None) -> dict[str, Any]:
+    return {"train": {"run": str(cfg.out), "step": step, "mode": cfg.mode, "preset": cfg.preset,
+                      "cache": str(cfg.cache), "metrics": metrics or {}}}
+
+
+def _run_record(cfg: TrainConfig, cache: KDCache, ctx: DistContext) -> dict[str, Any]:
+    meta = {k: cache.meta.get(k) for k in ("teacher", "L", "K", "R", "source") if k in cache.meta}
+    return {"config": cfg.to_dict(), "lutq_version": __version__, "torch_version": torch.__version__,
+            "world_size": ctx.world_size, "device": str(ctx.device), "cache_meta": meta,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _print_eval(step: int, total: int, m: dict[str, float], train_loss: float | None = None) -> None:
+    parts = [f"step {step}/{total}"]
+    if train_loss is not None:
+        parts.append(f"train loss {train_loss:.4f}")
+    parts += [f"val {k[5:]} {v:.4f}" for k, v in m.items() if k not in ("eval_tokens", "eval_sequences")]
+    console.print(" | ".join(parts))
+
+
+@contextlib.contextmanager
+def _bar(enabled: bool, total: int, start: int) -> Any:
+    from rich.progress import TextColumn
+
+    if not enabled:
+        yield None, None
+        return
+    cols = (TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"))
+    with progress(*cols) as bar:
+        task = bar.add_task("train", total=total, completed=start, loss=float("nan"), tps=0.0)
+        yield bar, task
+
+
+# ----------------------------------------------------------------------------------------------------
+# summary
+
+
+def write_summary(run: RunDir, cfg: TrainConfig, result: TrainResult, *, status: str) -> None:
+    """summary.md: status, the numbers before/after, where the checkpoints are, the config."""
+    from lutq.core.atomic import atomic_write_text
+
+    lines = [f"# lutq train: {run.path.name}", "", f"- status: {status}",
+             f"- steps: {result.step}/{cfg.steps}, tokens: {result.tokens:,}, time: {result.elapsed_s:.1f} s "
+             f"({result.tokens / max(result.elapsed_s, 1e-9):,.0f} tok/s)",
+             f"- student: {cfg.init or cfg.model or 'cache teacher'} ({cfg.preset}), mode {cfg.mode}",
+             f"- best validation loss: {_fmt(result.best_eval_loss)} at step {result.best_step}",
+             f"- final train loss: {_fmt(result.final_train_loss)}", ""]
+    keys = sorted((set(result.initial_eval) | set(result.final_eval)) - {"eval_tokens", "eval_sequences"})
+    if keys:
+        lines += ["| metric | initial | final |", "|---|---|---|"]
+        lines += [f"| {k[5:]} | {_fmt(result.initial_eval.get(k))} | {_fmt(result.final_eval.get(k))} |"
+                  for k in keys]
+        lines.append("")
+    lines += ["## config", "", "```json", _json(cfg.to_dict()), "```", ""]
+    atomic_write_text(run.summary, "\n".join(lines))
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def _json(d: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(d, indent=2, default=str)

@@ -1,0 +1,156 @@
+"""The KD loss: equal to a full-softmax reference, chunking changes nothing, negatives, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lutq.kd import KDCache, KDLossConfig, evaluate_kd, kd_loss, student_hidden
+from lutq.kd.loss import candidate_logits, chunked_top1_ce
+from lutq.testing import tiny_model
+
+B, S, H, V = 2, 5, 16, 40
+
+
+def _setup(seed=0, K=V, R=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, S, H, generator=g, requires_grad=True)
+    weight = torch.randn(V, H, generator=g) * 0.5
+    teacher = torch.randn(B, S, V, generator=g) * 3
+    vals, ids = teacher.topk(K, dim=-1)
+    batch = {"topk_ids": ids, "topk_logits": vals}
+    if R:
+        neg = torch.randint(0, V, (B, S, R), generator=g)
+        batch |= {"neg_ids": neg, "neg_logits": teacher.gather(-1, neg)}
+    return hidden, weight, teacher, batch
+
+
+def _ref_kl(teacher_logits, student_logits, T):
+    log_p, log_q = F.log_softmax(teacher_logits / T, -1), F.log_softmax(student_logits / T, -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+def test_equals_full_softmax_reference_when_k_is_vocab():
+    hidden, weight, teacher, batch = _setup()
+    cfg = KDLossConfig(temperature=2.0, hard_top1_weight=0.3, ce_chunk_size=3)
+    out = kd_loss(hidden, weight, batch, cfg)
+    student = hidden @ weight.T
+    kl_T = _ref_kl(teacher, student, 2.0)
+    ce = F.cross_entropy(student.reshape(-1, V), teacher.argmax(-1).reshape(-1))
+    ref = 4.0 * kl_T + 0.3 * ce
+    torch.testing.assert_close(out.loss, ref)
+    assert out.metrics["kd"] == pytest.approx(4.0 * kl_T.item(), rel=1e-5)
+    assert out.metrics["kl"] == pytest.approx(_ref_kl(teacher, student, 1.0).item(), rel=1e-5)
+    assert out.metrics["ce"] == pytest.approx(ce.item(), rel=1e-5)
+    agree = (student.argmax(-1) == teacher.argmax(-1)).float().mean().item()
+    assert out.metrics["top1_agree"] == pytest.approx(agree)
+    assert out.metrics["loss"] == pytest.approx(ref.item(), rel=1e-5)
+    # gradients too (custom backward of the candidate gather and of the chunked CE)
+    (g_out,) = torch.autograd.grad(out.loss, hidden)
+    (g_ref,) = torch.autograd.grad(ref, hidden)
+    torch.testing.assert_close(g_out, g_ref)
+
+
+def test_candidate_logits_gradients_match_plain_gather():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(7, H, generator=g, requires_grad=True)
+    w = torch.randn(V, H, generator=g, requires_grad=True)
+    ids = torch.randint(0, V, (7, 6), generator=g)
+    up = torch.randn(7, 6, generator=g)
+    ours = candidate_logits(h, w, ids, chunk=2)
+    ref = (w[ids] * h[:, None]).sum(-1)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(torch.autograd.grad((ours * up).sum(), (h, w)),
+                               torch.autograd.grad((ref * up).sum(), (h, w)))
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_chunked_ce_equals_unchunked(softcap):
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(23, H, generator=g, requires_grad=True)
+    w = torch.randn(V, H, generator=g, requires_grad=True)
+    y = torch.randint(0, V, (23,), generator=g)
+    logits = h @ w.T
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    ref = F.cross_entropy(logits, y, reduction="sum")
+    ref_grads = torch.autograd.grad(ref * 0.7, (h, w))
+    for chunk in (1, 5, 23, 1000):
+        loss, agree = chunked_top1_ce(h, w, y, chunk, softcap)
+        torch.testing.assert_close(loss, ref)
+        assert agree.item() == (logits.argmax(-1) == y).sum().item()
+        torch.testing.assert_close(torch.autograd.grad(loss * 0.7, (h, w)), ref_grads)
+
+
+def test_chunk_size_does_not_change_kd_loss():
+    hidden, weight, _, batch = _setup(K=6, R=3)
+    a = kd_loss(hidden, weight, batch, KDLossConfig(ce_chunk_size=1, sampled_ce_weight=0.1))
+    b = kd_loss(hidden, weight, batch, KDLossConfig(ce_chunk_size=4096, sampled_ce_weight=0.1))
+    torch.testing.assert_close(a.loss, b.loss)
+    assert a.metrics == pytest.approx(b.metrics)
+
+
+def test_negatives_join_the_candidate_set():
+    hidden, weight, teacher, batch = _setup(K=5, R=4)
+    student = (hidden @ weight.T).detach()
+    cand = torch.cat([batch["topk_ids"], batch["neg_ids"]], -1)
+    cfg = KDLossConfig(hard_top1_weight=0.0)
+    with_neg = kd_loss(hidden, weight, batch, cfg)
+    without = kd_loss(hidden, weight, batch, cfg.replace(use_negatives=False))
+    topk_only = {k: v for k, v in batch.items() if not k.startswith("neg")}
+    assert without.metrics == pytest.approx(kd_loss(hidden, weight, topk_only, cfg).metrics)
+    ref_with = 4.0 * _ref_kl(teacher.gather(-1, cand), student.gather(-1, cand), 2.0)
+    ref_without = 4.0 * _ref_kl(batch["topk_logits"], student.gather(-1, batch["topk_ids"]), 2.0)
+    torch.testing.assert_close(with_neg.loss.detach(), ref_with)
+    torch.testing.assert_close(without.loss.detach(), ref_without)
+    assert abs(with_neg.metrics["kd"] - without.metrics["kd"]) > 1e-3
+
+
+def test_sampled_ce_over_the_candidates():
+    hidden, weight, _, batch = _setup(K=5, R=4)
+    cand = torch.cat([batch["topk_ids"], batch["neg_ids"]], -1)
+    s = (hidden @ weight.T).gather(-1, cand)
+    ref = -F.log_softmax(s, -1)[..., 0].mean()
+    base = kd_loss(hidden, weight, batch, KDLossConfig(hard_top1_weight=0.0))
+    out = kd_loss(hidden, weight, batch, KDLossConfig(hard_top1_weight=0.0, sampled_ce_weight=0.5))
+    assert out.metrics["sampled_ce"] == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(out.loss, base.loss + 0.5 * ref)
+
+
+def test_no_grad_for_a_zero_ce_weight_and_bf16_autocast():
+    hidden, weight, _, batch = _setup(K=8)
+    out = kd_loss(hidden, weight, batch, KDLossConfig(hard_top1_weight=0.0))
+    assert out.metrics["ce"] > 0 and out.loss.requires_grad
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = kd_loss(hidden, weight, batch, KDLossConfig())
+    high = kd_loss(hidden, weight, batch, KDLossConfig())
+    assert low.metrics["loss"] == pytest.approx(high.metrics["loss"], rel=0.05)
+    low.loss.backward()
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+
+
+def test_student_hidden_gives_the_models_logits(tiny):
+    x = torch.randint(0, 250, (2, 12))
+    with torch.no_grad():
+        h = student_hidden(tiny, x)
+        logits = tiny(input_ids=x).logits[:, :-1]
+    assert h.shape == (2, 11, 64)
+    head = h @ tiny.get_output_embeddings().weight.T
+    cap = getattr(tiny.config, "final_logit_softcapping", None)
+    torch.testing.assert_close(cap * torch.tanh(head / cap) if cap else head, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_evaluate_kd_on_the_cache(kd_cache, kd_teacher):
+    teacher, _ = kd_teacher
+    cache = KDCache(kd_cache)
+    same = evaluate_kd(teacher, cache, split="train", batch_size=4)
+    assert same["tokens"] == 19 * 31 and same["sequences"] == 19
+    assert same["top1_agree"] == 1.0 and same["kl"] < 1e-4 and abs(same["kd"]) < 1e-4
+    other = tiny_model("qwen3", seed=1)
+    other.train()
+    res = evaluate_kd(other, kd_cache, batch_size=8)
+    assert other.training  # mode restored
+    assert res["sequences"] == 1 and res["kd"] > 0.01 and res["top1_agree"] < 1.0
+    capped = evaluate_kd(other, cache, split="train", batch_size=4, max_batches=2)
+    assert capped["sequences"] == 8

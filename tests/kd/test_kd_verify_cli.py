@@ -1,0 +1,70 @@
+"""`lutq cache`, `lutq cache verify`, verify_cache and bench_cache."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from lutq.cli import app
+from lutq.core import sha256_file
+from lutq.kd import bench_cache, verify_cache
+from lutq.kd.shards import open_shard, write_shard
+
+
+def _tamper(cache_dir, delta=0.5):
+    """Shift one stored top-K logit and re-sign the shard, so only the teacher check can notice."""
+    shard = cache_dir / "train-00000.safetensors"
+    arrays = {k: np.array(v) for k, v in open_shard(shard).items()}
+    arrays["topk_logits"][0, 3, 0] += np.float16(delta)
+    write_shard(shard, arrays)
+    meta = json.loads((cache_dir / "meta.json").read_text())
+    meta["shards"]["train"][0].update(sha256=sha256_file(shard), bytes=shard.stat().st_size)
+    (cache_dir / "meta.json").write_text(json.dumps(meta))
+
+
+def test_verify_passes_then_catches_a_wrong_logit(kd_cache, kd_teacher, tmp_path):
+    report = verify_cache(kd_cache, n=4, teacher=kd_teacher)
+    assert report["ok"] and report["positions"] == 4 * 31 and report["top1_match"] == 1.0
+    assert report["sequences"] == {"train": [0, 9, 18], "val": [0]} and report["max_abs_diff"] < 1e-2
+    bad = tmp_path / "bad"
+    shutil.copytree(kd_cache, bad)
+    _tamper(bad)
+    report = verify_cache(bad, n=4, teacher=kd_teacher)
+    assert not report["ok"] and report["max_abs_diff"] > 0.4
+
+
+def test_cli_builds_and_verifies(kd_dir, kd_cache, tmp_path):
+    out = tmp_path / "cli-cache"
+    runner = CliRunner()
+    res = runner.invoke(app, ["cache", "--model", str(kd_dir / "teacher"), "--source",
+                              str(kd_dir / "chat.jsonl"), "-L", "32", "-K", "8", "-R", "4", "--sequences",
+                              "20", "--batch-size", "4", "--shard-size", "6", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "bytes/token: " in res.output and "tokens/s: " in res.output
+    for f in ("meta.json", "val-00000.safetensors"):
+        assert (out / f).read_bytes() == (kd_cache / f).read_bytes()
+    res = runner.invoke(app, ["cache", "verify", str(out), "-n", "2"])
+    assert res.exit_code == 0, res.output
+    assert '"ok": true' in res.output
+    _tamper(out)
+    res = runner.invoke(app, ["cache", "verify", str(out)])
+    assert res.exit_code != 0 and "differ from the teacher" in str(res.exception)
+
+
+def test_cli_help_lists_verify():
+    res = CliRunner().invoke(app, ["cache", "--help"])
+    assert res.exit_code == 0 and "verify" in res.output and "--thinking" in res.output
+
+
+def test_bench_cache_reports_both_rates(kd_teacher):
+    model, _ = kd_teacher
+    r = bench_cache(model, L=32, K=8, batch=2, n_batches=2, R=2)
+    assert r["tokens"] == 2 * 2 * 32
+    assert r["bare_tokens_per_s"] > 0 and r["cache_tokens_per_s"] > 0
+    assert r["ratio"] == pytest.approx(r["cache_tokens_per_s"] / r["bare_tokens_per_s"])
+    assert r["overhead"] > 0 and r["ratio_from_overhead"] == pytest.approx(1 / (1 + r["overhead"]))
+    assert r["bytes_per_token"] == pytest.approx((32 * 4 + 31 * (8 + 2) * 6) / 32)

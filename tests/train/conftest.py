@@ -1,0 +1,73 @@
+"""Fixtures of the train tests: a tiny Llama teacher (saved as an HF directory) and a KD cache built
+from it with `lutq.kd.build_cache` on a few short generated texts."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lutq.testing import tiny_model, tiny_tokenizer
+
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards",
+         "quietly", "hex", "jolly", "bakers", "and", "bright", "vixens", "climb", "past", "eight", "humble"]
+
+
+@dataclass
+class KDFixture:
+    root: Path
+    teacher: Path  # HF directory of the tiny teacher (the student is it, quantized)
+    cache: Path
+
+    def config(self, out: Path, **changes: Any) -> Any:
+        """A TrainConfig for a short run on the tiny cache (no eval unless asked, log every step)."""
+        from lutq.train.config import TrainConfig
+
+        base = dict(cache=self.cache, out=out, model=str(self.teacher), preset="q2a4", steps=6, batch_size=4,
+                    lr=1e-2, warmup=1, log_every=1, eval_every=1000, eval_batches=0, save_every=1000,
+                    device="cpu")
+        return TrainConfig.from_dict({**base, **changes})
+
+
+def sharp_tiny_teacher() -> torch.nn.Module:
+    """A tiny random Llama whose next-token distributions are peaked but not trivial (entropy ~2 nats),
+    so KD has something to learn: larger layer weights and a scaled final norm."""
+    model = tiny_model("llama", seed=1)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(24.0)
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and name != "lm_head":
+                m.weight.mul_(3.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def kd(tmp_path_factory: pytest.TempPathFactory) -> KDFixture:
+    from lutq.kd import CacheConfig, build_cache
+
+    root = tmp_path_factory.mktemp("kd")
+    model, tok = sharp_tiny_teacher(), tiny_tokenizer()
+    model.save_pretrained(root / "teacher")
+    tok.save_pretrained(root / "teacher")
+    rng = random.Random(0)
+    with (root / "docs.jsonl").open("w") as f:
+        for _ in range(60):
+            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 40)))}) + "\n")
+    cache = build_cache(CacheConfig(model=str(root / "teacher"), source=str(root / "docs.jsonl"), thinking="none",
+                                    seq_len=32, top_k=8, negatives=4, num_sequences=96, val_fraction=0.1,
+                                    batch_size=32, out=root / "cache"), teacher=(model, tok))
+    return KDFixture(root=root, teacher=root / "teacher", cache=cache)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    """Tiny models run fastest single-threaded; on a shared CPU extra OpenMP threads only spin."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

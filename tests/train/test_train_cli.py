@@ -1,0 +1,78 @@
+"""`lutq train` / `lutq plot` through the CLI (in process), and the progressive q4a4 → q2a4 recipe."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from lutq.cli import app
+from lutq.core.errors import LutqError
+from lutq.models import load_checkpoint, load_trainer_state
+from lutq.quant import lut_layers
+from lutq.train import ProgressiveConfig, RunDir, progressive
+
+runner = CliRunner()
+
+
+def test_help_texts():
+    for cmd in ("train", "plot"):
+        res = runner.invoke(app, [cmd, "--help"])
+        assert res.exit_code == 0 and "--out" in res.output
+    assert "--resume" in runner.invoke(app, ["train", "--help"]).output
+
+
+def test_cli_train_resume_extends_and_plot(kd, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--cache", str(kd.cache), "--model", str(kd.teacher), "--preset", "q4a4", "--out", str(run),
+            "--steps", "3", "--batch-size", "4", "--lr", "1e-2", "--warmup", "1", "--log-every", "1",
+            "--eval-every", "3", "--eval-batches", "1", "--save-every", "3", "--device", "cpu",
+            "--temperature", "1.5", "--hard-top1-weight", "0"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    cfg = RunDir(run).read_config()["config"]
+    assert cfg["kd"]["temperature"] == 1.5 and cfg["kd"]["hard_top1_weight"] == 0 and cfg["preset"] == "q4a4"
+    # --resume with a flag overrides the saved config: train 2 more steps
+    res = runner.invoke(app, ["train", "--resume", str(run), "--steps", "5"])
+    assert res.exit_code == 0, res.output
+    assert [r["step"] for r in RunDir(run).rows()] == [0, 1, 2, 3, 4, 5]
+    assert load_trainer_state(run / "last")["step"] == 5
+    assert RunDir(run).read_config()["config"]["steps"] == 3  # run.json keeps what the run started with
+    res = runner.invoke(app, ["plot", str(run), "--out", str(tmp_path / "loss.png")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    # bad usage: clear errors
+    res = runner.invoke(app, ["train", "--out", str(tmp_path / "x")])
+    assert isinstance(res.exception, LutqError) and "--cache" in str(res.exception)
+    res = runner.invoke(app, ["train", "--resume", str(tmp_path / "nope")])
+    assert isinstance(res.exception, LutqError) and "not a training run" in str(res.exception)
+    res = runner.invoke(app, [*args[:-4], "--mode", "everything"])
+    assert isinstance(res.exception, LutqError) and "unknown mode" in str(res.exception)
+
+
+def test_progressive_recipe_q4_to_q2(kd, tmp_path):
+    base = kd.config(tmp_path / "unused", eval_every=1000, eval_batches=1)
+    cfg = ProgressiveConfig(out=tmp_path / "recipe", base=base, q4_steps=3, q2_mlp_steps=4, q2_all_steps=4,
+                            q4_lr=1e-3, q2_mlp_lr=3e-3, q2_all_lr=3e-3)
+    res = progressive(cfg)
+    assert set(res.stages) == {"q4a4", "convert", "q2a4_mlp", "q2a4_all"}
+    q4, _, _ = load_checkpoint(res.stages["q4a4"].checkpoint, load_tokenizer=False)
+    assert {layer.lut_size for _, layer in lut_layers(q4)} == {16}
+    q2, _, info = load_checkpoint(res.stages["convert"], load_tokenizer=False)
+    sizes = {name.rsplit(".", 1)[1]: (layer.lut_size, layer.rank) for name, layer in lut_layers(q2)}
+    assert sizes["gate_proj"] == (4, 32) and sizes["q_proj"] == (16, 8)
+    assert info.extra["conversion"] == "q4-to-q2"
+    mlp_run = RunDir(res.stages["q2a4_mlp"].run_dir).read_config()["config"]
+    all_run = RunDir(res.stages["q2a4_all"].run_dir).read_config()["config"]
+    assert mlp_run["mode"] == "mlp-only" and mlp_run["init"] == str(res.stages["convert"])
+    assert all_run["mode"] == "all" and all_run["init"] == str(res.stages["q2a4_mlp"].checkpoint)
+    assert res.final.is_dir() and res.stages["q2a4_all"].step == 4
+    # each stage starts from the previous stage's best checkpoint: same validation numbers at step 0
+    mlp = res.stages["q2a4_mlp"]
+    assert RunDir(res.stages["q2a4_all"].run_dir).rows()[0]["eval_loss"] == mlp.best_eval_loss
+    assert RunDir(res.stages["q4a4"].run_dir).rows()[-1]["step"] == 3
+    # running it again continues (here: finds every stage finished) instead of starting over
+    again = progressive(cfg)
+    assert again.stages["q2a4_all"].step == 4
+    assert [r["step"] for r in RunDir(again.stages["q4a4"].run_dir).rows()] == [0, 1, 2, 3]
+    with pytest.raises(LutqError, match="base.init"):
+        progressive(ProgressiveConfig(out=tmp_path / "r2", base=base.replace(init=tmp_path)))

@@ -1,0 +1,207 @@
+"""The training loop in process on a tiny model: logs, checkpoints, modes, accumulation, NaN stop."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lutq.core.errors import LutqError
+from lutq.kd import KDCache
+from lutq.models import load_checkpoint, load_trainer_state
+from lutq.quant import set_trainable
+from lutq.train import RunDir, build_student, train
+from lutq.train.run_dir import read_csv
+
+
+def test_train_learns_logs_and_checkpoints(kd, tmp_path):
+    cfg = kd.config(tmp_path / "run", steps=20, eval_every=10, eval_batches=2, save_every=5, log_every=2)
+    res = train(cfg)
+    run = RunDir(res.run_dir)
+    assert res.step == 20 and res.tokens == 20 * 4 * 32
+    # training beats the init on the held-out split
+    assert res.final_eval["eval_loss"] < 0.8 * res.initial_eval["eval_loss"]
+    assert res.final_eval["eval_kl"] < res.initial_eval["eval_kl"]
+    assert res.final_eval["eval_top1_agree"] > res.initial_eval["eval_top1_agree"]
+    # one row per logged step: 0 (initial eval), 2, 4, ..., 20; eval columns at 0, 10, 20
+    rows = read_csv(run.csv)
+    assert [int(r["step"]) for r in rows] == [0, *range(2, 21, 2)]
+    header = list(rows[0])
+    assert header[:2] == ["step", "tokens"]
+    for col in ("loss", "kd", "kl", "ce", "top1_agree", "eval_loss", "eval_kd", "eval_kl", "eval_top1_agree",
+                "lr", "grad_norm", "tokens_per_s", "elapsed"):
+        assert col in header
+    by_step = {int(r["step"]): r for r in rows}
+    assert all(by_step[s]["eval_kd"] for s in (0, 10, 20)) and not by_step[4]["eval_kd"]
+    assert all(float(by_step[s]["loss"]) > 0 and float(by_step[s]["tokens_per_s"]) > 0 for s in range(2, 21, 2))
+    assert int(by_step[20]["tokens"]) == res.tokens and float(by_step[20]["elapsed"]) > 0
+    lrs = [float(by_step[s]["lr"]) for s in range(2, 21, 2)]
+    assert lrs[0] == pytest.approx(1e-2) and lrs[-1] < lrs[0]  # cosine decay after 1 warmup step
+    # checkpoints: last/ with trainer state at the final step, best/ at the best eval
+    state = load_trainer_state(run.last)
+    assert state["step"] == 20 and set(state) >= {"optimizer", "scheduler", "rng", "tokens", "elapsed"}
+    _, _, info = load_checkpoint(run.best, load_tokenizer=False)
+    assert info.extra["train"]["step"] == res.best_step == 20 and info.quant
+    assert res.best_eval_loss == pytest.approx(res.final_eval["eval_loss"])
+    summary = run.summary.read_text()
+    assert "status: completed" in summary and "top1_agree" in summary
+    assert json.loads((run.path / "run.json").read_text())["config"]["steps"] == 20
+    # a second run into the same directory is refused unless resumed or overwritten
+    with pytest.raises(LutqError, match="--resume"):
+        train(cfg)
+    # --overwrite starts over and leaves nothing stale behind (no eval this time: no best/)
+    again = train(cfg.replace(steps=2, eval_batches=0, log_every=1), overwrite=True)
+    assert not again.best.exists() and again.checkpoint == again.last
+    assert [r["step"] for r in run.rows()] == [1, 2]
+
+
+@pytest.mark.parametrize(("mode", "expected"), [
+    ("mlp-only", {("mlp", "scale_A"), ("mlp", "scale_B"), ("mlp", "scale_g")}),
+    ("attn-only", {("self_attn", "scale_A"), ("self_attn", "scale_B"), ("self_attn", "scale_g")}),
+    ("g-only", {("mlp", "scale_g"), ("self_attn", "scale_g")}),
+    ("freeze-g", {("mlp", "scale_A"), ("mlp", "scale_B"), ("self_attn", "scale_A"), ("self_attn", "scale_B")}),
+    ("lut", {("mlp", "lut"), ("self_attn", "lut")}),
+])
+def test_modes_change_only_their_parameters(kd, tmp_path, mode, expected):
+    cfg = kd.config(tmp_path / mode, mode=mode, steps=2, lr=3e-2, warmup=0)
+    before, _ = build_student(cfg, KDCache(kd.cache), verbose=False)
+    set_trainable(before, mode)  # what set_trainable itself does (freeze-g rounds g to FP16) is not training
+    train(cfg)
+    after, _, _ = load_checkpoint(cfg.out / "last", load_tokenizer=False)
+    b, a = before.state_dict(), after.state_dict()
+    assert set(a) == set(b)
+    changed = {name for name in a if not torch.equal(a[name], b[name])}
+    kinds = {(("mlp" if ".mlp." in n else "self_attn" if ".self_attn." in n else "other"), n.rsplit(".", 1)[1])
+             for n in changed}
+    assert kinds == expected, f"{mode}: changed {sorted(changed)}"
+    # every tensor of the selected kinds moved (e.g. each of the 6 MLP scale_A of mlp-only)
+    for group, leaf in expected:
+        names = [n for n in a if f".{group}." in n and n.endswith("." + leaf)]
+        assert names and set(names) <= changed
+    if mode == "freeze-g":  # the frozen g sits at its FP16 value
+        assert all(torch.equal(v, v.half().float()) for n, v in a.items() if n.endswith("scale_g"))
+
+
+def test_grad_accumulation_matches_a_larger_batch(kd, tmp_path):
+    big = train(kd.config(tmp_path / "b4", steps=3))
+    acc = train(kd.config(tmp_path / "b2x2", steps=3, batch_size=2, grad_accum=2))
+    rows_big, rows_acc = RunDir(big.run_dir).rows(), RunDir(acc.run_dir).rows()
+    assert [r["loss"] for r in rows_acc] == pytest.approx([r["loss"] for r in rows_big], rel=1e-5)
+    assert [r["grad_norm"] for r in rows_acc] == pytest.approx([r["grad_norm"] for r in rows_big], rel=1e-4)
+    assert acc.tokens == big.tokens
+
+
+@pytest.mark.parametrize(("poison", "message"), [
+    ("loss", r"diverged at step 5: loss is nan"),
+    ("grad", r"diverged at step 5: gradient norm is nan"),
+    ("param", r"diverged at step 6: (loss is nan|parameter .* is not finite)"),
+])
+def test_nan_stops_and_keeps_last_good_checkpoint(kd, tmp_path, monkeypatch, poison, message):
+    import lutq.train.trainer as trainer
+
+    real_loss, real_project, calls = trainer.kd_loss, trainer.project_luts_, {"loss": 0, "step": 0}
+
+    def poisoned_loss(hidden, *args, **kwargs):
+        out = real_loss(hidden, *args, **kwargs)
+        calls["loss"] += 1
+        if calls["loss"] == 5 and poison == "loss":  # the 5th training forward: step 5
+            out.loss = out.loss * float("nan")
+            out.metrics["loss"] = float("nan")
+        if calls["loss"] == 5 and poison == "grad":  # finite value, NaN gradient (d sqrt(x)/dx at 0)
+            out.loss = out.loss + torch.sqrt((hidden - hidden.detach()).pow(2).sum())
+        return out
+
+    def poisoned_step(model):  # runs right after optimizer.step()
+        calls["step"] += 1
+        if calls["step"] == 5 and poison == "param":
+            next(p for p in model.parameters() if p.requires_grad).data.fill_(float("inf"))
+        return real_project(model)
+
+    monkeypatch.setattr(trainer, "kd_loss", poisoned_loss)
+    monkeypatch.setattr(trainer, "project_luts_", poisoned_step)
+    cfg = kd.config(tmp_path / "run", steps=10, save_every=2)
+    with pytest.raises(LutqError, match=message + r".*last good checkpoint is .*last \(step 4\)"):
+        train(cfg)
+    run = RunDir(cfg.out)
+    assert load_trainer_state(run.last)["step"] == 4
+    assert max(r["step"] for r in run.rows()) <= 5
+    assert all(math.isfinite(r["loss"]) for r in run.rows())
+    assert "status: stopped: training diverged at step" in run.summary.read_text()
+    model, _, _ = load_checkpoint(run.last, load_tokenizer=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_runtime_options_keep_the_numbers(kd, tmp_path, monkeypatch):
+    def losses(name, **changes):
+        res = train(kd.config(tmp_path / name, steps=3, **changes))
+        return [r["loss"] for r in RunDir(res.run_dir).rows()]
+
+    from lutq.quant import LUTLinear
+
+    calls = {"n": 0}
+    real_forward = LUTLinear.forward
+
+    def counting_forward(self, x):
+        calls["n"] += 1
+        return real_forward(self, x)
+
+    monkeypatch.setattr(LUTLinear, "forward", counting_forward)
+    ref = losses("fp32")
+    plain_calls, calls["n"] = calls["n"], 0
+    assert losses("checkpointing", grad_checkpointing=True) == pytest.approx(ref, rel=1e-6)
+    assert calls["n"] == 2 * plain_calls  # every decoder layer is recomputed in backward
+    compiled = []
+    real_compile = torch.compile
+
+    def eager_compile(module, **kw):  # the inductor backend takes minutes on CPU; the wiring is the same
+        compiled.append(type(module).__name__)
+        return real_compile(module, backend="eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    assert losses("compiled", compile=True) == pytest.approx(ref, rel=1e-5)
+    assert compiled == ["KDStudent"]
+    bf16 = losses("bf16", precision="bf16")  # autocast on CPU when forced; 'auto' is fp32 on CPU
+    assert bf16 != ref and bf16 == pytest.approx(ref, rel=5e-2)
+
+
+def test_heldout_perplexity_at_eval(kd, tmp_path):
+    from lutq.data import load_documents
+    from lutq.evaluate.perplexity import perplexity
+
+    text = tmp_path / "held.txt"
+    text.write_text("a jolly wizard bakes seven brown loaves while the lazy fox sleeps over the quartz\n" * 6)
+    cfg = kd.config(tmp_path / "run", steps=2, eval_every=2, eval_batches=1, ppl_texts=[str(text)],
+                    ppl_max_tokens=300, ppl_max_length=64)
+    res = train(cfg)
+    assert "eval_ppl_held" in RunDir(res.run_dir).columns()
+    rows = RunDir(res.run_dir).rows()
+    assert [r["step"] for r in rows if "eval_ppl_held" in r] == [0, 2]
+    model, tok, _ = load_checkpoint(res.last)
+    direct = perplexity(model, tok, load_documents(str(text)), max_length=64, stride=32, max_tokens=300,
+                        show_progress=False)
+    assert rows[-1]["eval_ppl_held"] == pytest.approx(direct.ppl, rel=1e-5)
+    assert rows[0]["eval_ppl_held"] != rows[-1]["eval_ppl_held"]
+
+
+def test_trainer_feeds_the_requested_tracker(kd, tmp_path, monkeypatch):
+    import sys
+
+    logged = []
+
+    class FakeWandb:
+        @staticmethod
+        def init(**kw):
+            return FakeWandb()
+
+        def log(self, metrics, step):
+            logged.append((step, metrics))
+
+        def finish(self):
+            logged.append(("finished", {}))
+
+    monkeypatch.setitem(sys.modules, "wandb", FakeWandb)
+    train(kd.config(tmp_path / "run", steps=2, eval_every=2, eval_batches=1, loggers=["wandb"]))
+    assert [s for s, _ in logged] == [0, 1, 2, "finished"]
+    assert "eval/loss" in logged[0][1] and "train/loss" in logged[1][1] and "eval/kd" in logged[2][1]
