@@ -103,7 +103,7 @@ def test_corrupt_artefact_is_reported(tokenizer, tmp_path) -> None:
     (tmp_path / "ane" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(LutqError, match="model.safetensors"):
         load_ane_artefact(tmp_path / "ane")
-    with pytest.raises(LutqError, match="not an ANE artefact"):
+    with pytest.raises(LutqError, match="not a lutq ANE artefact"):
         load_ane_artefact(tmp_path)
 
 

@@ -95,7 +95,7 @@ def test_not_a_cache(tmp_path):
     with pytest.raises(LutqError, match="not a KD cache"):
         KDCache(tmp_path)
     (tmp_path / "meta.json").write_text(json.dumps({"format": "something-else"}))
-    with pytest.raises(LutqError, match="is not lutq-kd-cache"):
+    with pytest.raises(LutqError, match="expected .lutq-kd-cache."):
         KDCache(tmp_path)
     (tmp_path / "meta.json").write_text(json.dumps({"format": "lutq-kd-cache", "format_version": 1, "L": 8}))
     with pytest.raises(LutqError, match="malformed"):

@@ -33,6 +33,7 @@ from lutq import __version__
 from lutq.core.atomic import atomic_dir, atomic_write_json, sha256_file
 from lutq.core.console import console, progress
 from lutq.core.errors import LutqError
+from lutq.core.formats import read_versioned_json
 from lutq.core.home import lutq_home
 
 FORMAT = "lutq-tokens"
@@ -324,15 +325,7 @@ class TokenData:
             raise LutqError(f"token file not found: {path}")
         if not mpath.is_file():
             raise LutqError(f"{mpath}: missing; a token file needs its meta (write both with `lutq data prepare`)")
-        try:
-            meta = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
-            raise LutqError(f"{mpath}: invalid JSON ({e.msg} at line {e.lineno})") from e
-        if meta.get("format") != FORMAT:
-            raise LutqError(f"{mpath}: not a lutq token meta (format={meta.get('format')!r}, expected {FORMAT!r})")
-        if not isinstance(meta.get("format_version"), int) or meta["format_version"] > FORMAT_VERSION:
-            raise LutqError(f"{mpath}: format_version {meta.get('format_version')!r} is not readable by this lutq "
-                            f"(reads <= {FORMAT_VERSION})")
+        meta = read_versioned_json(mpath, format=FORMAT, max_version=FORMAT_VERSION, what="lutq token meta")
         for key in ("dtype", "tokens", "vocab_size", "eos_id", "tokenizer"):
             if key not in meta:
                 raise LutqError(f"{mpath}: missing key {key!r}")

@@ -12,7 +12,6 @@ Every other tensor keeps its state_dict name (float16 by default, or its stored 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from torch import nn
 from lutq import __version__
 from lutq.core.atomic import atomic_dir, atomic_write_json
 from lutq.core.errors import LutqError
+from lutq.core.formats import read_versioned_json
 
 FORMAT = "lutq-ane"
 FORMAT_VERSION = 1
@@ -176,17 +176,8 @@ def write_ane_artefact(artefact: AneArtefact, out: str | Path, tokenizer: Any = 
 def read_ane_artefact(path: str | Path) -> AneArtefact:
     """Parse and check an artefact directory (config.json + weights); errors name the file and problem."""
     path = Path(path)
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise LutqError(f"{path}: not an ANE artefact (no config.json)")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise LutqError(f"{cfg_path}: invalid JSON ({e.msg} at line {e.lineno})") from e
-    if config.get("format") != FORMAT:
-        raise LutqError(f"{cfg_path}: not an ANE artefact (format={config.get('format')!r}, expected {FORMAT!r})")
-    if int(config.get("format_version", 0)) > FORMAT_VERSION:
-        raise LutqError(f"{cfg_path}: format_version {config['format_version']} is newer than this lutq reads")
+    config = read_versioned_json(path / "config.json", format=FORMAT, max_version=FORMAT_VERSION,
+                                 what="lutq ANE artefact")
     wpath = path / config.get("weights", WEIGHTS)
     try:
         tensors = load_file(str(wpath))

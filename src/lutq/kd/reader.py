@@ -11,7 +11,6 @@ is safe to hand to DataLoader workers.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from lutq.core import LutqError, sha256_file
+from lutq.core.formats import read_versioned_json
 from lutq.kd.shards import FORMAT, FORMAT_VERSION, META, PROGRESS, open_shard
 
 SPLITS = ("train", "val")
@@ -32,16 +32,9 @@ class KDCache:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         meta_path = self.path / META
-        if not meta_path.is_file():
-            hint = " (unfinished: re-run `lutq cache` to resume)" if (self.path / PROGRESS).is_file() else ""
-            raise LutqError(f"{self.path}: not a KD cache, no {META}{hint}")
-        try:
-            self.meta: dict[str, Any] = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise LutqError(f"{meta_path}: not valid JSON ({e.msg})") from e
-        if self.meta.get("format") != FORMAT or self.meta.get("format_version", 0) > FORMAT_VERSION:
-            got = f"{self.meta.get('format')!r} v{self.meta.get('format_version')}"
-            raise LutqError(f"{meta_path}: format {got} is not {FORMAT} v<={FORMAT_VERSION}")
+        hint = " (unfinished: re-run `lutq cache` to resume)" if (self.path / PROGRESS).is_file() else ""
+        self.meta: dict[str, Any] = read_versioned_json(meta_path, format=FORMAT, max_version=FORMAT_VERSION,
+                                                        what="KD cache", missing_hint=hint)
         try:
             self.L, self.K, self.R = int(self.meta["L"]), int(self.meta["K"]), int(self.meta["R"])
             self._shards = {s: list(self.meta["shards"].get(s, [])) for s in SPLITS}

@@ -10,7 +10,6 @@ Written atomically as a whole directory; loading checks every piece and names wh
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from lutq import __version__
 from lutq.core.atomic import atomic_dir, atomic_write_bytes, atomic_write_json, sha256_file
 from lutq.core.errors import LutqError
+from lutq.core.formats import read_versioned_json
 
 FORMAT = "lutq-checkpoint"
 FORMAT_VERSION = 1
@@ -119,22 +119,7 @@ def read_checkpoint_info(path: str | os.PathLike[str]) -> CheckpointInfo:
     if not path.is_dir():
         raise LutqError(f"{path}: a checkpoint is a directory, got a file")
     cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise LutqError(f"{path}: not a lutq checkpoint (no config.json)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise LutqError(f"{cfg_path}: invalid JSON ({e.msg} at line {e.lineno}); the file is corrupt") from e
-    if cfg.get("format") != FORMAT:
-        raise LutqError(f"{cfg_path}: not a lutq checkpoint (format={cfg.get('format')!r}, expected {FORMAT!r})")
-    version = cfg.get("format_version")
-    if not isinstance(version, int):
-        raise LutqError(f"{cfg_path}: missing or invalid format_version")
-    if version > FORMAT_VERSION:
-        raise LutqError(f"{cfg_path}: format_version {version} is newer than this lutq reads ({FORMAT_VERSION}); "
-                        "upgrade lutq")
-    if version < 1:
-        raise LutqError(f"{cfg_path}: unsupported format_version {version}")
+    cfg = read_versioned_json(cfg_path, format=FORMAT, max_version=FORMAT_VERSION, what="lutq checkpoint")
     for key in ("architecture", "base_config"):
         if key not in cfg:
             raise LutqError(f"{cfg_path}: missing key {key!r}")

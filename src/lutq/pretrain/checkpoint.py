@@ -10,7 +10,6 @@ Written as a whole with `lutq.core.atomic_dir`, so a crash never leaves a half-w
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from lutq import __version__
 from lutq.core.atomic import atomic_dir, atomic_write_json, sha256_file
 from lutq.core.errors import LutqError
+from lutq.core.formats import read_versioned_json
 from lutq.models import save_trainer_state
 from lutq.pretrain.model import GPT, ModelConfig
 
@@ -54,19 +54,8 @@ def save_pretrain_checkpoint(path: str | os.PathLike[str], model: GPT, *, tokeni
 def read_pretrain_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The parsed config.json of a pretraining checkpoint; errors name the file and the problem."""
     path = Path(path)
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise LutqError(f"{path}: not a pretraining checkpoint (no config.json)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise LutqError(f"{cfg_path}: invalid JSON ({e.msg} at line {e.lineno})") from e
-    if cfg.get("format") != FORMAT:
-        raise LutqError(f"{cfg_path}: not a lutq pretraining checkpoint (format={cfg.get('format')!r}, "
-                        f"expected {FORMAT!r})")
-    if not isinstance(cfg.get("format_version"), int) or cfg["format_version"] > FORMAT_VERSION:
-        raise LutqError(f"{cfg_path}: format_version {cfg.get('format_version')!r} not readable by this lutq")
-    return cfg
+    return read_versioned_json(path / "config.json", format=FORMAT, max_version=FORMAT_VERSION,
+                               what="lutq pretraining checkpoint")
 
 
 def read_weights(path: str | os.PathLike[str], *, verify: bool = True) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ from typing import Any
 
 from lutq.core.atomic import atomic_write_json, atomic_write_text
 from lutq.core.errors import LutqError
+from lutq.core.formats import read_json
 
 RUN_JSON = "run.json"
 JSONL = "train.jsonl"
@@ -79,13 +80,7 @@ class RunDir:
         atomic_write_json(self.path / RUN_JSON, config)
 
     def read_config(self) -> dict[str, Any]:
-        f = self.path / RUN_JSON
-        if not f.is_file():
-            raise LutqError(f"{self.path}: not a training run (no {RUN_JSON})")
-        try:
-            return json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise LutqError(f"{f}: invalid JSON ({e.msg} at line {e.lineno})") from e
+        return read_json(self.path / RUN_JSON, what="training run")
 
     # -- logs -----------------------------------------------------------------------------------------
     def start_logs(self, columns: list[str]) -> None:
