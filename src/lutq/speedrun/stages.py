@@ -8,8 +8,8 @@ Where a stage already has a config dataclass (CacheConfig, TrainConfig, ExportCo
 | assets    | lutq.assets.fetch                              | out/assets.json           |
 | cache     | lutq.kd.build_cache(CacheConfig)               | the cache directory       |
 | quantize  | lutq.quant.quantize + save_checkpoint          | a checkpoint (naive PTQ)  |
-| train     | lutq.train.train(TrainConfig, resume=...)      | the run's best/ (or last/)|
-| convert   | lutq.quant.convert_q4_to_q2 + save_checkpoint  | a checkpoint              |
+| train     | lutq.train.recipes.run_stage(TrainConfig)      | the run's best/ (or last/)|
+| convert   | lutq.train.recipes.convert_checkpoint (q4→q2)  | a checkpoint              |
 | snap      | lutq.quant.snap_model + save_checkpoint        | a checkpoint              |
 | export    | lutq.export.export(ExportConfig)               | the exported artefact     |
 | eval      | lutq.evaluate.compare                          | compare.md / compare.json |
