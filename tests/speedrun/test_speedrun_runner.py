@@ -169,3 +169,15 @@ def test_sigkill_mid_stage_then_rerun_continues(tmp_path: Path) -> None:
     done = json.loads((tmp_path / "sr" / "train" / "done.json").read_text())
     assert done["summary"]["started_at"] == killed_at
     assert len(list(out.glob("step_*"))) == 60
+
+
+def test_failed_speedrun_is_logged_then_resumes(tmp_path: Path) -> None:
+    path = tmp_path / "fail.toml"
+    path.write_text(RECIPE.format(steps=4, sleep=0).replace("sleep = 0\n", "sleep = 0\nfail_at = 2\n"))
+    cfg = SpeedrunConfig(recipe=str(path), run_dir=tmp_path / "runs" / "sr")
+    with pytest.raises(RuntimeError, match="boom at step 2"):
+        speedrun(cfg)
+    entry = json.loads((tmp_path / "runs" / "log.jsonl").read_text().splitlines()[-1])
+    assert entry["status"] == "failed (RuntimeError)" and "boom" in entry["error"] and entry["stages"] == []
+    res = speedrun(cfg)
+    assert [r.status for r in res.stages] == ["resumed", "ran"] and res.stages[0].summary["started_at"] == 2

@@ -25,6 +25,7 @@ def artefact(tmp_path: Path) -> Path:
     (d / "config.json").write_text('{"a": 1}\n')
     (d / "model.safetensors").write_bytes(os.urandom(300_000) + b"\0" * 200_000)
     (d / "trainer_state" / "state.pt").write_bytes(os.urandom(1234))
+    (d / "tokenizer.json").symlink_to(d / "config.json")  # symlinked files are stored as their content
     return d
 
 
@@ -41,11 +42,12 @@ def memory_url() -> str:
 def test_round_trip_local_dir(tmp_path: Path, artefact: Path, codec: str) -> None:
     store = Store(str(tmp_path / "store"))
     m = store.push("runs/q2_best", artefact, codec=codec, show_progress=False)
-    assert m.kind == "dir" and sorted(m.files) == ["config.json", "model.safetensors", "trainer_state/state.pt"]
+    assert m.kind == "dir" and sorted(m.files) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                   "trainer_state/state.pt"]
     assert (tmp_path / "store" / "runs" / f"q2_best.tar.{codec}").is_file()
     assert m.archive_bytes < m.total_bytes  # the zero half compresses
     out = store.pull("runs/q2_best", tmp_path / "out", show_progress=False)
-    assert _tree(out) == _tree(artefact)
+    assert _tree(out) == _tree(artefact) and not (out / "tokenizer.json").is_symlink()
     assert [x.name for x in store.list()] == ["runs/q2_best"]
 
 

@@ -180,7 +180,8 @@ def check_stages(stages: list[StageSpec], where: str = "recipe") -> None:
 
 
 # -- the runner ---------------------------------------------------------------------------------------
-def _read(path: Path) -> dict[str, Any] | None:
+def read_marker(path: Path) -> dict[str, Any] | None:
+    """A stage marker (stage.json / done.json), or None when missing or unreadable."""
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -226,7 +227,7 @@ def _run_one(spec: StageSpec, run_dir: Path, results: dict[str, StageResult], fa
     ctx = StageContext(spec.name, stage_dir, stage_dir / "out", run_dir, False, results, factor)
     cfg = typed_params(kind, resolved, f"stage {spec.name!r}")
 
-    done, started = _read(stage_dir / DONE_FILE), _read(stage_dir / STAGE_FILE)
+    done, started = read_marker(stage_dir / DONE_FILE), read_marker(stage_dir / STAGE_FILE)
     if force:
         _clear(stage_dir)
     elif done and done.get("fingerprint") == fp:
@@ -259,7 +260,7 @@ def _run_one(spec: StageSpec, run_dir: Path, results: dict[str, StageResult], fa
         kind.check(ctx, cfg)
     except BaseException:
         spent = time.perf_counter() - t0
-        record = _read(stage_dir / STAGE_FILE) or {}
+        record = read_marker(stage_dir / STAGE_FILE) or {}
         record["elapsed_before_s"] = previous + spent  # time spent so far counts toward the stage
         atomic_write_json(stage_dir / STAGE_FILE, record)
         console.print(f"[red]speedrun: {spec.name} stopped after {spent:.0f} s; run the same command to resume[/]")

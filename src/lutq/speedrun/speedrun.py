@@ -14,7 +14,7 @@ from lutq.core.configs import ConfigBase
 from lutq.core.console import console
 from lutq.speedrun.log import append_log, machine_info
 from lutq.speedrun.recipe import Recipe, load_recipe
-from lutq.speedrun.runner import StageResult, run_stages
+from lutq.speedrun.runner import DONE_FILE, StageResult, read_marker, run_stages
 
 
 @dataclass
@@ -80,11 +80,9 @@ def speedrun(cfg: SpeedrunConfig) -> SpeedrunResult:
 
 def _finished(run_dir: Path, recipe: Recipe) -> list[StageResult]:
     """The stages with a done marker (for logging a run that stopped part-way)."""
-    from lutq.speedrun.runner import DONE_FILE, _read
-
     out = []
     for s in recipe.stages:
-        done = _read(run_dir / s.name / DONE_FILE)
+        done = read_marker(run_dir / s.name / DONE_FILE)
         if done is None:
             break
         out.append(StageResult(s.name, s.kind, "done", run_dir / s.name / done.get("output", "out"), 0.0,

@@ -118,10 +118,10 @@ def pack(
     comp = _compressor(codec, out, level)
     with tarfile.open(fileobj=comp, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for name, p in list_files(path):
-            info = tar.gettarinfo(str(p), arcname=name)
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
             with open(p, "rb") as f:
+                info = tar.gettarinfo(arcname=name, fileobj=f)  # fstat: a symlinked file is stored as its content
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
                 reader = HashingReader(f, on_bytes)
                 tar.addfile(info, reader)
             if reader.nbytes != info.size:
