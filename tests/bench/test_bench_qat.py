@@ -13,15 +13,6 @@ from lutq.bench.qat import SHAPES, QATBenchConfig, QATStep, bench_qat, build_mod
 from lutq.core.errors import LutqError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread avoids spin-waiting on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_variants_train_and_report() -> None:
     cfg = QATBenchConfig(shape="tiny", seq_lens=(16,), batch=2, topk=8, steps=1, warmup=0, device="cpu",
                          dtypes=("fp32",), grad_ckpt=(False, True))

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from lutq.speedrun.recipe import load_recipe
 from lutq.speedrun.speedrun import SpeedrunConfig, speedrun
@@ -15,14 +14,6 @@ from lutq.testing import tiny_model, tiny_tokenizer
 
 TRAIN = 'batch_size = 4\nwarmup = 1\nlog_every = 1\neval_every = 2\neval_batches = 1\nsave_every = 2\nlr = 1e-3\n'
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread avoids spin-waiting on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 RECIPE = """
 name = "mini"

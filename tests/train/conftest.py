@@ -63,11 +63,3 @@ def kd(tmp_path_factory: pytest.TempPathFactory) -> KDFixture:
                                     batch_size=32, out=root / "cache"), teacher=(model, tok))
     return KDFixture(root=root, teacher=root / "teacher", cache=cache)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    """Tiny models run fastest single-threaded; on a shared CPU extra OpenMP threads only spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -29,6 +29,7 @@ from lutq.bench.timing import (
 )
 from lutq.core.configs import ConfigBase
 from lutq.core.errors import LutqError
+from lutq.models.runtime import set_grad_checkpointing
 
 # Random-weight model shapes (built from a config, nothing downloaded).
 SHAPES: dict[str, dict[str, Any]] = {
@@ -127,19 +128,6 @@ def _set_factored(model: Any, factored: bool) -> None:
     for m in model.modules():
         if getattr(m, "lutq_quantized", False):
             m.factored = factored
-
-
-def set_grad_checkpointing(model: Any, on: bool) -> None:
-    """Turn HF activation (gradient) checkpointing on (non-reentrant) or off, across transformers versions."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        if on:
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            model.activation_checkpointing_disable()
-    elif on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_disable()
 
 
 def model_flops_per_token(model: Any, seq_len: int, full_vocab: bool) -> float:

@@ -27,6 +27,7 @@ from lutq.core.console import console, progress
 from lutq.core.errors import LutqError
 from lutq.kd import KDCache, KDLossConfig, evaluate_kd, kd_loss, student_hidden
 from lutq.models import load_checkpoint, load_model, load_trainer_state, save_checkpoint
+from lutq.models.runtime import set_grad_checkpointing
 from lutq.quant import project_luts_, quantize, set_trainable
 from lutq.train.config import TrainConfig
 from lutq.train.loggers import Trackers
@@ -119,7 +120,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
         raise LutqError(f"train: mode {cfg.mode!r} leaves no trainable parameters in this model")
     model.to(ctx.device).train()
     if cfg.grad_checkpointing:
-        _enable_checkpointing(model)
+        set_grad_checkpointing(model, True)
 
     # optimizer over the trainable tensors (in model order, so a resumed optimizer lines up), schedule
     params = [p for p in model.parameters() if p.requires_grad]
@@ -320,16 +321,6 @@ def _load_ppl_texts(specs: tuple[str, ...]) -> dict[str, list[Any]]:
     from lutq.data import load_documents
 
     return {ppl_name(s): load_documents(s) for s in specs}
-
-
-def _enable_checkpointing(model: torch.nn.Module) -> None:
-    """HF activation (gradient) checkpointing of every decoder layer, non-reentrant."""
-    model.config.use_cache = False
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _autocast_factory(precision: str, device: torch.device) -> Any:
