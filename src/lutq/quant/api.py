@@ -4,7 +4,7 @@ LUT projection, and `dequantize_` (LUT layers -> dense nn.Linear with W_eff, for
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -12,7 +12,8 @@ from torch import nn
 
 from lutq.core.console import progress as progress_bar
 from lutq.core.errors import LutqError
-from lutq.quant.init import init_from_weight_
+from lutq.quant.calibrate import gptq_indices_
+from lutq.quant.init import init_from_weight_, relative_error
 from lutq.quant.layer import LUTEmbedding, LUTLinear
 from lutq.quant.presets import LayerSpec, QuantConfig, group_of, resolve_config
 
@@ -30,6 +31,7 @@ class QuantRow:
     rank: int
     lut_kind: str
     rel_error: float | None
+    out_error: float | None = None  # calibrated: sqrt(tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)) on the calibration inputs
 
 
 @dataclasses.dataclass
@@ -47,27 +49,39 @@ class QuantReport:
         errs = [r.rel_error for r in self.rows if r.rel_error is not None and group in (None, r.group)]
         return max(errs) if errs else None
 
+    def mean_out_error(self, group: str | None = None) -> float | None:
+        errs = [r.out_error for r in self.rows if r.out_error is not None and group in (None, r.group)]
+        return sum(errs) / len(errs) if errs else None
+
     def to_dict(self) -> dict[str, Any]:
         groups = sorted({r.group for r in self.rows})
-        return {"title": self.title, "layers": [dataclasses.asdict(r) for r in self.rows],
-                "summary": {g: {"layers": sum(r.group == g for r in self.rows), "mean_rel_error": self.mean_error(g),
-                                "max_rel_error": self.max_error(g)} for g in groups}}
+        summary: dict[str, dict[str, Any]] = {}
+        for g in groups:
+            summary[g] = {"layers": sum(r.group == g for r in self.rows), "mean_rel_error": self.mean_error(g),
+                          "max_rel_error": self.max_error(g)}
+            if self.mean_out_error(g) is not None:
+                summary[g]["mean_out_error"] = self.mean_out_error(g)
+        return {"title": self.title, "layers": [dataclasses.asdict(r) for r in self.rows], "summary": summary}
 
     def table(self, *, per_layer: bool = True) -> Any:
         """A rich Table: one row per layer (or per group with per_layer=False) with relative errors."""
         from rich.table import Table
 
         t = Table(title=self.title)
-        for col in ("layer", "group", "shape", "lut", "rank", "‖W_eff−W‖/‖W‖"):
+        calibrated = any(r.out_error is not None for r in self.rows)
+        cols = ["layer", "group", "shape", "lut", "rank", "‖W_eff−W‖/‖W‖"] + (["output error"] if calibrated else [])
+        for col in cols:
             t.add_column(col, justify="left" if col in ("layer", "group") else "right")
         if per_layer:
             for r in self.rows:
                 err = "-" if r.rel_error is None else f"{r.rel_error:.4f}"
+                out = ["-" if r.out_error is None else f"{r.out_error:.4f}"] if calibrated else []
                 t.add_row(r.name, r.group, f"{r.shape[0]}×{r.shape[1]}", f"{r.lut_size} {r.lut_kind}",
-                          str(r.rank), err)
+                          str(r.rank), err, *out)
         for g, s in self.to_dict()["summary"].items():
             mean = "-" if s["mean_rel_error"] is None else f"{s['mean_rel_error']:.4f} (max {s['max_rel_error']:.4f})"
-            t.add_row(f"[bold]{g}: {s['layers']} layers", g, "", "", "", f"[bold]{mean}")
+            out = [f"[bold]{s['mean_out_error']:.4f}" if "mean_out_error" in s else "-"] if calibrated else []
+            t.add_row(f"[bold]{g}: {s['layers']} layers", g, "", "", "", f"[bold]{mean}", *out)
         return t
 
 
@@ -114,11 +128,13 @@ def _make_layer(module: nn.Module, spec: LayerSpec, cfg: QuantConfig) -> LUTLine
 
 # ------------------------------------------------------------------------------------------ quantize
 def quantize(model: nn.Module, config: str | QuantConfig | dict[str, Any] = "q2a4", *, init: bool = True,
-             progress: bool = True) -> QuantReport:
+             hessians: Mapping[str, torch.Tensor] | None = None, progress: bool = True) -> QuantReport:
     """Replace the matching linears of `model` by LUT layers in place; returns the per-layer error report.
 
     `config` is a preset name (q2a4, q4a4, q4a4_r32, q2a2), a QuantConfig or a dict of its fields.
-    With init=False the layers are only created (shapes right, values placeholder): for loading a state.
+    `hessians` (from `lutq.quant.calibrate.collect_hessians` on the FP model) turns on GPTQ index picking
+    for every layer that has one. With init=False the layers are only created (shapes right, values
+    placeholder): for loading a state.
     """
     cfg = resolve_config(config)
     if any(True for _ in lut_layers(model)):
@@ -137,15 +153,18 @@ def quantize(model: nn.Module, config: str | QuantConfig | dict[str, Any] = "q2a
         task = bar.add_task("quantizing", total=len(targets), visible=progress)
         for name, module, group, spec in targets:
             layer = _make_layer(module, spec, cfg)
-            err = None
+            err = out_err = None
             if init:
                 err = init_from_weight_(layer, module.weight, group_size=cfg.group_size, lut_kind=spec.lut_kind,
                                         tighten_rounds=cfg.tighten_rounds)
+                if hessians is not None and name in hessians and layer.mode == "frozen":
+                    out_err = gptq_indices_(layer, module.weight, hessians[name], damp=cfg.gptq_damp)
+                    err = relative_error(layer, module.weight)
                 if layer.bias is not None:
                     layer.bias.data.copy_(module.bias.detach())
             replace_module(model, name, layer)
             report.rows.append(QuantRow(name, group, (layer.out_features, layer.in_features), spec.lut_size,
-                                        spec.rank, spec.lut_kind, err))
+                                        spec.rank, spec.lut_kind, err, out_err))
             bar.advance(task)
     model.lutq_config = cfg
     return report

@@ -37,6 +37,11 @@ def quantize_cmd(
     lut: str | None = typer.Option(None, "--lut", help="LUT kind for every layer: uniform | kmeans."),
     group_size: int | None = typer.Option(None, "--group-size", help="Inputs per group of the scale init map."),
     latent: bool = typer.Option(False, "--latent", help="Keep a trainable FP weight (latent mode, STE)."),
+    calib: str | None = typer.Option(None, "--calib", help="GPTQ index picking on this data: a KD cache "
+                                     "directory or a data source (sharegpt, file.jsonl, ...)."),
+    calib_sequences: int = typer.Option(128, "--calib-sequences", help="Calibration sequences."),
+    calib_len: int = typer.Option(256, "--calib-len", help="Tokens per calibration sequence (data sources)."),
+    damp: float | None = typer.Option(None, "--damp", help="GPTQ damping, a fraction of the mean diag(H)."),
     per_layer: bool = typer.Option(True, "--per-layer/--summary", help="Print every layer or group means."),
 ) -> None:
     """Quantize a model to LUT layers, print the per-layer init error table, save a checkpoint."""
@@ -46,11 +51,20 @@ def quantize_cmd(
     cfg = QuantConfig.from_file(config) if config else get_preset(preset)
     if lut:
         cfg = cfg.with_lut_kind(lut)
-    cfg = cfg.replace(tighten_rounds=tighten, group_size=group_size, mode="latent" if latent else None)
+    cfg = cfg.replace(tighten_rounds=tighten, group_size=group_size, mode="latent" if latent else None,
+                      gptq_damp=damp)
     m, tok = load_model(model)
-    report = quantize(m, cfg)
+    hessians = None
+    if calib:
+        from lutq.quant.calibrate import hessians_for
+
+        hessians = hessians_for(m, cfg, calib, tok, num_sequences=calib_sequences, seq_len=calib_len)
+    report = quantize(m, cfg, hessians=hessians)
     console.print(report.table(per_layer=per_layer))
-    save_checkpoint(out, m, tok, extra={"source_model": model, "quantize": report.to_dict()["summary"]})
+    extra = {"source_model": model, "quantize": report.to_dict()["summary"]}
+    if calib:
+        extra["calibration"] = {"source": calib, "sequences": calib_sequences, "seq_len": calib_len}
+    save_checkpoint(out, m, tok, extra=extra)
     console.print(f"saved {out}")
 
 

@@ -53,6 +53,7 @@ class QuantConfig(ConfigBase):
     overrides: dict[str, LayerSpec | None] = dataclasses.field(default_factory=dict)
     group_size: int = 32
     tighten_rounds: int = 0
+    gptq_damp: float = 0.01  # GPTQ damping (fraction of mean diag H), used when quantize() gets Hessians
     mode: str = "frozen"  # "latent": keep a trainable FP weight, idx re-picked each step (STE)
     ste_fp16: bool = False
     quantize_lm_head: bool = False

@@ -86,16 +86,23 @@ class QuantizeParams(ConfigBase):
     model: str = "smollm2-135m-instruct"
     preset: str = "q4a4"
     config: dict[str, Any] = field(default_factory=dict)  # QuantConfig fields overriding the preset
+    calib: str | None = None  # GPTQ index picking on a KD cache ("@cache") or a data source; None: nearest
+    calib_sequences: int = 128
+    calib_len: int = 256
 
 
 def _run_quantize(ctx: StageContext, p: QuantizeParams) -> dict[str, Any]:
     from lutq.models import load_model, save_checkpoint
     from lutq.quant import get_preset, quantize
+    from lutq.quant.calibrate import hessians_for
 
     model, tok = load_model(p.model)
     config: Any = p.preset if not p.config else {**get_preset(p.preset).to_dict(), **p.config}
-    report = quantize(model, config)
-    save_checkpoint(ctx.out, model, tok, extra={"speedrun_stage": ctx.name, "source": p.model})
+    hessians = None if p.calib is None else hessians_for(model, config, p.calib, tok,
+                                                         num_sequences=p.calib_sequences, seq_len=p.calib_len)
+    report = quantize(model, config, hessians=hessians)
+    save_checkpoint(ctx.out, model, tok, extra={"speedrun_stage": ctx.name, "source": p.model,
+                                                "calibration": p.calib})
     return {"rel_error": report.to_dict()["summary"]}
 
 

@@ -1,0 +1,192 @@
+"""Calibrated (activation-aware) index picking: GPTQ for LUT layers.
+
+Nearest-entry rounding minimizes the weight error ‖W_eff − W‖; what matters is the output error
+E‖(W_eff − W) x‖² = tr(ΔW H ΔWᵀ) with H = E[x xᵀ] over real inputs. With the scales S and the LUT fixed,
+GPTQ (Frantar et al., 2022) picks the indices one input column at a time and spreads each column's
+rounding error onto the columns not yet picked, using the Cholesky factor of H⁻¹; columns go in order of
+falling H_jj (act-order). Only idx changes, so the layer format is untouched.
+
+    H = collect_hessians(model, blocks)       # FP model, before quantize(); {module name: H [in, in]}
+    quantize(model, cfg, hessians=H)          # init as usual, then GPTQ idx per layer
+
+Hand-rolled rather than imported: GPTQ libraries (auto-gptq, gptqmodel, torchao) quantize to a uniform
+integer grid with per-group scales; here the grid is an arbitrary sorted LUT times a low-rank scale map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lutq.core.console import progress
+from lutq.core.errors import LutqError
+from lutq.quant.layer import LUTLinear
+from lutq.quant.lut import nearest_index
+
+DEFAULT_DAMP = 0.01
+
+
+@torch.no_grad()
+def collect_hessians(model: nn.Module, blocks: torch.Tensor, names: Iterable[str] | None = None, *,
+                     batch_size: int = 8, show_progress: bool = True) -> dict[str, torch.Tensor]:
+    """H = mean over tokens of x xᵀ (float32 [in, in], on the CPU) for the inputs of every nn.Linear named.
+
+    `blocks` are token ids [N, L]. Linears that read the same input tensor (q/k/v, gate/up) share one H.
+    """
+    if blocks.dim() != 2 or blocks.numel() == 0:
+        raise LutqError(f"calibration: expected token blocks [N, L], got shape {tuple(blocks.shape)}")
+    wanted = set(names) if names is not None else None
+    targets = {n: m for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and (wanted is None or n in wanted)}
+    if not targets:
+        raise LutqError("calibration: no nn.Linear layers to calibrate (quantize after collecting Hessians)")
+    sums: dict[str, torch.Tensor] = {}
+    alias: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    last: dict[str, Any] = {"x": None, "owner": None}  # holding x keeps its identity unambiguous
+
+    def hook(name: str):
+        def fn(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0]
+            if x is last["x"]:  # the same tensor as the previous linear's (q/k/v, gate/up): share its H
+                alias.setdefault(name, last["owner"])
+                return
+            last["x"], last["owner"] = x, name
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            h = flat.t() @ flat
+            sums[name] = sums[name] + h.cpu() if name in sums else h.cpu()
+            counts[name] = counts.get(name, 0) + flat.shape[0]
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with progress(transient=True) as bar:
+            task = bar.add_task("calibrating", total=blocks.shape[0], visible=show_progress)
+            for s in range(0, blocks.shape[0], batch_size):
+                chunk = blocks[s : s + batch_size].to(device)
+                model(input_ids=chunk, use_cache=False)
+                bar.advance(task, chunk.shape[0])
+    finally:
+        for h in handles:
+            h.remove()
+        last["x"] = None
+        model.train(was_training)
+    out = {n: sums[n] / counts[n] for n in sums}
+    for name, owner in alias.items():
+        if name not in out:
+            out[name] = out[owner]
+    missing = sorted(set(targets) - set(out))
+    if missing:
+        raise LutqError(f"calibration: no inputs reached {missing[:3]}{'...' if len(missing) > 3 else ''}")
+    return out
+
+
+@torch.no_grad()
+def gptq_indices_(layer: LUTLinear, weight: torch.Tensor, hessian: torch.Tensor, *, damp: float = DEFAULT_DAMP,
+                  block_size: int = 128, act_order: bool = True) -> float:
+    """Re-pick layer.idx by GPTQ against `hessian` with the layer's scales and LUT fixed.
+
+    Returns the relative output error tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) after the pick (H undamped).
+    """
+    if layer.snapped:
+        raise LutqError("gptq: the layer is snapped to FP16; calibrate before `lutq snap`")
+    n_in = layer.in_features
+    if tuple(hessian.shape) != (n_in, n_in):
+        raise LutqError(f"gptq: Hessian shape {tuple(hessian.shape)} does not match the layer input {n_in}")
+    dev = layer.scale_A.device
+    w = weight.detach().to(device=dev, dtype=torch.float32).clone()
+    h = hessian.to(device=dev, dtype=torch.float32).clone()
+    s = layer.scale_map().detach().float()
+    lut = layer.lut.detach().float()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(n_in, device=dev)
+    w, s, h = w[:, perm], s[:, perm], h[perm][:, perm]
+    h.diagonal().add_(damp * float(torch.diagonal(h).mean()))
+    hinv = _upper_cholesky_of_inverse(h)
+    idx = torch.empty(w.shape, dtype=torch.uint8, device=dev)
+    for i1 in range(0, n_in, block_size):
+        i2 = min(i1 + block_size, n_in)
+        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2]), hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col, sc = w1[:, i], s[:, i1 + i]
+            k = nearest_index(col / sc, lut)
+            idx[:, i1 + i] = k
+            e = (col - lut[k.long()] * sc) / hinv1[i, i]
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    inv = torch.argsort(perm)
+    layer.idx.copy_(idx[:, inv])
+    return output_error(layer, weight, hessian)
+
+
+def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of H⁻¹ (H damped further if it is not positive definite)."""
+    extra = 0.0
+    mean = float(torch.diagonal(h).mean())
+    for _ in range(6):
+        l_, info = torch.linalg.cholesky_ex(h + extra * mean * torch.eye(h.shape[0], device=h.device))
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(l_)
+            u, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info2) == 0:
+                return u
+        extra = max(extra * 10, 1e-3)
+    raise LutqError("gptq: the calibration Hessian is not positive definite even after damping "
+                    "(too few calibration tokens?)")
+
+
+@torch.no_grad()
+def output_error(layer: LUTLinear, weight: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ): the layer's relative output error on the calibration inputs."""
+    h = hessian.to(layer.scale_A.device, torch.float64)
+    w = weight.detach().to(h)
+    d = (layer.q() * layer.scale_map()).detach().to(h) - w
+    return float(((d @ h) * d).sum() / ((w @ h) * w).sum().clamp_min(1e-300)) ** 0.5
+
+
+def calibration_blocks(source: str | Sequence[str], tokenizer: Any, *, num_sequences: int = 128,
+                       seq_len: int = 256, thinking: str = "off") -> torch.Tensor:
+    """Token blocks [N, L] for calibration: a KD cache directory (its train input_ids) or a data source."""
+    from pathlib import Path
+
+    sources = [source] if isinstance(source, str) else list(source)
+    first = Path(sources[0]).expanduser()
+    if len(sources) == 1 and (first / "meta.json").is_file() and not (first / "config.json").is_file():
+        from lutq.kd.reader import KDCache
+
+        cache = KDCache(first)
+        cache.check_tokenizer(tokenizer)
+        n = min(num_sequences, cache.num_sequences("train"))
+        return cache.read("train", np.arange(n))["input_ids"].long()
+    from lutq.data import iter_render, load_documents, pack
+
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise LutqError("calibration: the tokenizer has no EOS token to separate documents")
+    docs = (d for spec in sources for d in load_documents(spec + ("" if ":" in spec else ":train")))
+    arr = pack(iter_render(docs, tokenizer, thinking), seq_len, int(eos), max_blocks=num_sequences)
+    if arr.shape[0] == 0:
+        raise LutqError(f"calibration: {sources} gave fewer than {seq_len} tokens")
+    return torch.from_numpy(arr).long()
+
+
+def hessians_for(model: nn.Module, config: Any, source: str | Sequence[str], tokenizer: Any, *,
+                 num_sequences: int = 128, seq_len: int = 256, show_progress: bool = True
+                 ) -> dict[str, torch.Tensor]:
+    """Hessians of exactly the linears `config` (a preset name or QuantConfig) will quantize, on `source`."""
+    from lutq.quant.presets import resolve_config
+
+    cfg = resolve_config(config)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and cfg.spec_for(n) is not None]
+    blocks = calibration_blocks(source, tokenizer, num_sequences=num_sequences, seq_len=seq_len)
+    return collect_hessians(model, blocks, names, show_progress=show_progress)
