@@ -162,3 +162,30 @@ def test_quantize_cli_with_calibration(tmp_path: Path, calib_source: str) -> Non
     _, _, info = load_checkpoint(tmp_path / "q4")
     assert info.extra["calibration"]["sequences"] == 4 and "mean_out_error" in info.extra["quantize"]["mlp"]
     assert get_preset("q4a4").gptq_damp == 0.01
+
+
+def test_convert_q4_to_q2_with_hessians_of_the_q4_model(calib_source: str) -> None:
+    from lutq.quant import convert_q4_to_q2
+
+    tok = tiny_tokenizer()
+    plain, calibrated = tiny_model("llama"), tiny_model("llama")
+    for m in (plain, calibrated):
+        quantize(m, "q4a4", progress=False)
+    hs = hessians_for(calibrated, "q2a4", calib_source, tok, num_sequences=6, seq_len=16, show_progress=False)
+    assert set(hs) == {n for n, _ in lut_layers(calibrated)}  # LUT layers are calibrated too
+    targets = {n: (layer.q() * layer.scale_map()).detach() for n, layer in lut_layers(plain)}
+    convert_q4_to_q2(plain)
+    report = convert_q4_to_q2(calibrated, hessians=hs)
+    before = [output_error(layer, targets[n], hs[n]) for n, layer in lut_layers(plain)]
+    assert sum(r.out_error for r in report.rows) < sum(before)
+
+
+def test_convert_cli_with_calibration(tmp_path: Path, calib_source: str) -> None:
+    model = tiny_model("qwen3")
+    quantize(model, "q4a4", progress=False)
+    save_checkpoint(tmp_path / "q4", model, tiny_tokenizer())
+    result = CliRunner().invoke(app, ["convert", "q4-to-q2", str(tmp_path / "q4"), str(tmp_path / "q2"), "--calib",
+                                      calib_source, "--calib-sequences", "4", "--calib-len", "24"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "output error" in result.output

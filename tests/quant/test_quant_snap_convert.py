@@ -90,6 +90,6 @@ def test_convert_layer_kmeans_weights_and_tighten() -> None:
     s2 = layer.scale_map().detach().pow(2)
     j = int(layer.idx[0, 0])
     assert w.shape == (16,) and w[j].item() == pytest.approx(float(s2[layer.idx == j].sum()), rel=1e-5)
-    _, e0 = convert_layer(layer, 4, 32)
-    _, e2 = convert_layer(layer, 4, 32, tighten_rounds=3)
+    _, e0, _ = convert_layer(layer, 4, 32)
+    _, e2, _ = convert_layer(layer, 4, 32, tighten_rounds=3)
     assert e2 < e0

@@ -33,7 +33,8 @@ DEFAULT_DAMP = 0.01
 @torch.no_grad()
 def collect_hessians(model: nn.Module, blocks: torch.Tensor, names: Iterable[str] | None = None, *,
                      batch_size: int = 8, show_progress: bool = True) -> dict[str, torch.Tensor]:
-    """H = mean over tokens of x xᵀ (float32 [in, in], on the CPU) for the inputs of every nn.Linear named.
+    """H = mean over tokens of x xᵀ (float32 [in, in], on the CPU) for the inputs of every linear named
+    (nn.Linear, or a LUT layer: a q4 model calibrates its own q2 conversion).
 
     `blocks` are token ids [N, L]. Linears that read the same input tensor (q/k/v, gate/up) share one H.
     """
@@ -41,7 +42,7 @@ def collect_hessians(model: nn.Module, blocks: torch.Tensor, names: Iterable[str
         raise LutqError(f"calibration: expected token blocks [N, L], got shape {tuple(blocks.shape)}")
     wanted = set(names) if names is not None else None
     targets = {n: m for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and (wanted is None or n in wanted)}
+               if _is_linear(m) and (wanted is None or n in wanted)}
     if not targets:
         raise LutqError("calibration: no nn.Linear layers to calibrate (quantize after collecting Hessians)")
     sums: dict[str, torch.Tensor] = {}
@@ -86,6 +87,10 @@ def collect_hessians(model: nn.Module, blocks: torch.Tensor, names: Iterable[str
     if missing:
         raise LutqError(f"calibration: no inputs reached {missing[:3]}{'...' if len(missing) > 3 else ''}")
     return out
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or (isinstance(m, LUTLinear) and m.kind == "linear")
 
 
 @torch.no_grad()
@@ -187,6 +192,6 @@ def hessians_for(model: nn.Module, config: Any, source: str | Sequence[str], tok
     from lutq.quant.presets import resolve_config
 
     cfg = resolve_config(config)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and cfg.spec_for(n) is not None]
+    names = [n for n, m in model.named_modules() if _is_linear(m) and cfg.spec_for(n) is not None]
     blocks = calibration_blocks(source, tokenizer, num_sequences=num_sequences, seq_len=seq_len)
     return collect_hessians(model, blocks, names, show_progress=show_progress)

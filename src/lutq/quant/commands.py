@@ -74,13 +74,20 @@ def convert_q4_to_q2_cmd(
     mlp: str = typer.Option("4,32", "--mlp", help="MLP target LUT_SIZE,RANK."),
     attn: str = typer.Option("16,8", "--attn", help="Attention target LUT_SIZE,RANK."),
     tighten: int = typer.Option(0, "--tighten", help="Least-squares tighten rounds per layer."),
+    calib: str | None = typer.Option(None, "--calib", help="GPTQ index picking on this data (KD cache or source)."),
+    calib_sequences: int = typer.Option(128, "--calib-sequences", help="Calibration sequences."),
+    calib_len: int = typer.Option(256, "--calib-len", help="Tokens per calibration sequence (data sources)."),
 ) -> None:
     """Q4 → Q2: k-means the LUTs down (usage × S² weighted), expand ranks, re-pick indices; print errors."""
     from lutq.models import save_checkpoint
     from lutq.quant import convert_q4_to_q2
+    from lutq.quant.calibrate import hessians_for
 
     model, tok, info = _load_quantized(ckpt)
-    report = convert_q4_to_q2(model, _pair(mlp, "--mlp"), _pair(attn, "--attn"), tighten_rounds=tighten)
+    hessians = None if calib is None else hessians_for(model, "q2a4", calib, tok, num_sequences=calib_sequences,
+                                                       seq_len=calib_len)
+    report = convert_q4_to_q2(model, _pair(mlp, "--mlp"), _pair(attn, "--attn"), tighten_rounds=tighten,
+                              hessians=hessians)
     console.print(report.table(per_layer=False))
     save_checkpoint(out, model, tok, extra={**info.extra, "converted": {"from": str(ckpt), "kind": "q4-to-q2",
                                                                          **report.to_dict()["summary"]}})

@@ -5,17 +5,22 @@ Q4 → Q2 needs no FP weight: the target of every converted layer is its current
         Σ S² over the weights that use it (usage count × mean S²): exactly the least-squares LUT for
         fixed S and the current assignment;
   rank  expanded with random directions orthogonal to the current ones and small g (1e-3 · min g);
-  idx   re-picked as nearest(W_target / S) in the new LUT; optional tighten rounds refit the scales.
-The report's rel_error is ‖W_eff(q2) − W_eff(q4)‖ / ‖W_eff(q4)‖.
+  idx   re-picked as nearest(W_target / S) in the new LUT; optional tighten rounds refit the scales;
+        with calibration Hessians (`lutq.quant.calibrate`, collected on the q4 model) idx is then
+        re-picked by GPTQ against the layer's real inputs.
+The report's rel_error is ‖W_eff(q2) − W_eff(q4)‖ / ‖W_eff(q4)‖ (out_error: the same on the outputs).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from lutq.core.errors import LutqError
 from lutq.quant.api import QuantReport, QuantRow, lut_layers, quant_config_of, replace_module
+from lutq.quant.calibrate import DEFAULT_DAMP, gptq_indices_
 from lutq.quant.init import _orthonormal_extension, relative_error, repick_indices_, tighten_
 from lutq.quant.layer import LUTEmbedding, LUTLinear
 from lutq.quant.lut import kmeans_lut
@@ -32,8 +37,11 @@ def usage_weights(layer: LUTLinear) -> torch.Tensor:
 
 
 @torch.no_grad()
-def convert_layer(layer: LUTLinear, lut_size: int, rank: int, *, tighten_rounds: int = 0) -> tuple[LUTLinear, float]:
-    """A new frozen layer with `lut_size` entries (when smaller) and rank >= `rank`, fitted to layer's W_eff."""
+def convert_layer(layer: LUTLinear, lut_size: int, rank: int, *, tighten_rounds: int = 0,
+                  hessian: torch.Tensor | None = None, damp: float = DEFAULT_DAMP
+                  ) -> tuple[LUTLinear, float, float | None]:
+    """A new frozen layer with `lut_size` entries (when smaller) and rank >= `rank`, fitted to layer's W_eff;
+    returns (layer, weight error, output error or None without a Hessian)."""
     if layer.mode != "frozen" or layer.snapped:
         raise LutqError("convert: layers must be frozen and unsnapped (convert before `lutq snap`)")
     target = (layer.q() * layer.scale_map()).detach()
@@ -66,12 +74,19 @@ def convert_layer(layer: LUTLinear, lut_size: int, rank: int, *, tighten_rounds:
         new.bias.copy_(layer.bias.detach())
     repick_indices_(new, target)
     tighten_(new, target, tighten_rounds)
-    return new, relative_error(new, target)
+    out_err = None
+    if hessian is not None and not isinstance(new, LUTEmbedding):
+        out_err = gptq_indices_(new, target, hessian, damp=damp)
+    return new, relative_error(new, target), out_err
 
 
 def convert_q4_to_q2(model: nn.Module, mlp: tuple[int, int] = (4, 32), attn: tuple[int, int] = (16, 8), *,
-                     tighten_rounds: int = 0) -> QuantReport:
-    """Convert a q4 LUT model in place to (lut_size, rank) targets per group (default q2a4); returns errors."""
+                     tighten_rounds: int = 0, hessians: Mapping[str, torch.Tensor] | None = None,
+                     damp: float = DEFAULT_DAMP) -> QuantReport:
+    """Convert a q4 LUT model in place to (lut_size, rank) targets per group (default q2a4); returns errors.
+
+    `hessians` ({layer name: H}, e.g. `collect_hessians(model, blocks)` on this q4 model) adds GPTQ
+    index picking to the layers that have one."""
     targets = {"mlp": mlp, "attn": attn}
     report = QuantReport(title=f"convert q4 → q2 (mlp {mlp}, attn {attn}); error vs. the q4 W_eff")
     for name, layer in list(lut_layers(model)):
@@ -79,10 +94,12 @@ def convert_q4_to_q2(model: nn.Module, mlp: tuple[int, int] = (4, 32), attn: tup
         if group not in targets:
             continue
         lut_size, rank = targets[group]
-        new, err = convert_layer(layer, lut_size, rank, tighten_rounds=tighten_rounds)
+        hessian = None if hessians is None else hessians.get(name)
+        new, err, out_err = convert_layer(layer, lut_size, rank, tighten_rounds=tighten_rounds, hessian=hessian,
+                                          damp=damp)
         replace_module(model, name, new)
         report.rows.append(QuantRow(name, group, (new.out_features, new.in_features), new.lut_size, new.rank,
-                                    "kmeans" if new.lut_size < layer.lut_size else "kept", err))
+                                    "kmeans" if new.lut_size < layer.lut_size else "kept", err, out_err))
     if not report.rows:
         raise LutqError("convert q4→q2: the model has no mlp/attn LUT layers")
     cfg = quant_config_of(model)

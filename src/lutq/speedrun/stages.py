@@ -86,6 +86,7 @@ class QuantizeParams(ConfigBase):
     model: str = "smollm2-135m-instruct"
     preset: str = "q4a4"
     config: dict[str, Any] = field(default_factory=dict)  # QuantConfig fields overriding the preset
+    lut_kind: str | None = None  # "uniform" | "kmeans" for every layer; None: the preset's
     calib: str | None = None  # GPTQ index picking on a KD cache ("@cache") or a data source; None: nearest
     calib_sequences: int = 128
     calib_len: int = 256
@@ -95,9 +96,12 @@ def _run_quantize(ctx: StageContext, p: QuantizeParams) -> dict[str, Any]:
     from lutq.models import load_model, save_checkpoint
     from lutq.quant import get_preset, quantize
     from lutq.quant.calibrate import hessians_for
+    from lutq.quant.presets import resolve_config
 
     model, tok = load_model(p.model)
     config: Any = p.preset if not p.config else {**get_preset(p.preset).to_dict(), **p.config}
+    if p.lut_kind is not None:
+        config = resolve_config(config).with_lut_kind(p.lut_kind)
     hessians = None if p.calib is None else hessians_for(model, config, p.calib, tok,
                                                          num_sequences=p.calib_sequences, seq_len=p.calib_len)
     report = quantize(model, config, hessians=hessians)
@@ -129,13 +133,17 @@ class ConvertParams(ConfigBase):
 
     input: Path = Path("model")
     tighten_rounds: int = 0
+    calib: str | None = None  # GPTQ index picking on a KD cache ("@cache") or a data source
+    calib_sequences: int = 128
+    calib_len: int = 256
 
 
 def _run_convert(ctx: StageContext, p: ConvertParams) -> dict[str, Any]:
     from lutq.models import read_checkpoint_info
     from lutq.train.recipes import convert_checkpoint
 
-    convert_checkpoint(p.input, ctx.out, tighten_rounds=p.tighten_rounds)
+    convert_checkpoint(p.input, ctx.out, tighten_rounds=p.tighten_rounds, calib=p.calib,
+                       calib_sequences=p.calib_sequences, calib_len=p.calib_len)
     report = read_checkpoint_info(ctx.out).extra.get("report", {})
     return {"rel_error": report.get("summary", {})}
 

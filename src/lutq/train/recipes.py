@@ -91,16 +91,20 @@ def run_stage(cfg: TrainConfig) -> Any:
     return train(cfg, overwrite=True)
 
 
-def convert_checkpoint(src: Path, dst: Path, *, tighten_rounds: int = 0) -> Path:
-    """Load the q4 checkpoint `src`, convert it with `lutq.quant.convert_q4_to_q2`, save it as `dst`
-    (skipped when `dst` is already a complete checkpoint)."""
+def convert_checkpoint(src: Path, dst: Path, *, tighten_rounds: int = 0, calib: str | None = None,
+                       calib_sequences: int = 128, calib_len: int = 256) -> Path:
+    """Load the q4 checkpoint `src`, convert it with `lutq.quant.convert_q4_to_q2` (GPTQ on `calib`, a KD
+    cache or data source, when given), save it as `dst` (skipped when `dst` is already complete)."""
     from lutq.models import load_checkpoint, save_checkpoint
     from lutq.quant import convert_q4_to_q2
+    from lutq.quant.calibrate import hessians_for
 
     if (dst / "config.json").is_file():
         return dst
     model, tokenizer, _ = load_checkpoint(src)
-    report = convert_q4_to_q2(model, tighten_rounds=tighten_rounds)
+    hessians = None if calib is None else hessians_for(model, "q2a4", calib, tokenizer,
+                                                       num_sequences=calib_sequences, seq_len=calib_len)
+    report = convert_q4_to_q2(model, tighten_rounds=tighten_rounds, hessians=hessians)
     console.print(report.table(per_layer=False))
     save_checkpoint(dst, model, tokenizer, extra={"converted_from": str(src), "conversion": "q4-to-q2",
                                                   "report": json.loads(json.dumps(report.to_dict()))})
