@@ -189,3 +189,21 @@ def test_convert_cli_with_calibration(tmp_path: Path, calib_source: str) -> None
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "output error" in result.output
+
+
+def test_refit_scales_in_the_output_metric_never_hurts() -> None:
+    from lutq.quant.calibrate import calibrate_layer_, refit_scales_
+
+    torch.manual_seed(3)
+    w = torch.randn(40, 32)
+    x = _correlated_inputs(1024, 32, seed=3)
+    h = x.t() @ x / x.shape[0]
+    layer = _layer(w, lut_size=4, rank=4)
+    gptq = gptq_indices_(layer, w, h)
+    idx = layer.idx.clone()
+    refit = refit_scales_(layer, w, h)
+    assert refit <= gptq and torch.equal(layer.idx, idx)  # scales only
+    assert refit == pytest.approx(output_error(layer, w, h))
+    assert float(layer.scale_g.detach().min()) > 0
+    fresh = _layer(w, lut_size=4, rank=4)
+    assert calibrate_layer_(fresh, w, h, refit_rounds=2) <= gptq + 1e-9

@@ -63,11 +63,14 @@ def test_train_learns_logs_and_checkpoints(kd, tmp_path):
     ("g-only", {("mlp", "scale_g"), ("self_attn", "scale_g")}),
     ("freeze-g", {("mlp", "scale_A"), ("mlp", "scale_B"), ("self_attn", "scale_A"), ("self_attn", "scale_B")}),
     ("lut", {("mlp", "lut"), ("self_attn", "lut")}),
+    ("mlp-only+lut", {("mlp", "scale_A"), ("mlp", "scale_B"), ("mlp", "scale_g"), ("mlp", "lut"),
+                      ("self_attn", "lut")}),
 ])
 def test_modes_change_only_their_parameters(kd, tmp_path, mode, expected):
-    cfg = kd.config(tmp_path / mode, mode=mode, steps=2, lr=3e-2, warmup=0)
+    mode, _, lut = mode.partition("+")
+    cfg = kd.config(tmp_path / mode, mode=mode, train_lut=bool(lut), steps=2, lr=3e-2, warmup=0)
     before, _ = build_student(cfg, KDCache(kd.cache), verbose=False)
-    set_trainable(before, mode)  # what set_trainable itself does (freeze-g rounds g to FP16) is not training
+    set_trainable(before, mode, lut=bool(lut))  # what set_trainable does (freeze-g rounds g to FP16) is not training
     train(cfg)
     after, _, _ = load_checkpoint(cfg.out / "last", load_tokenizer=False)
     b, a = before.state_dict(), after.state_dict()

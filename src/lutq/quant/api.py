@@ -12,7 +12,7 @@ from torch import nn
 
 from lutq.core.console import progress as progress_bar
 from lutq.core.errors import LutqError
-from lutq.quant.calibrate import gptq_indices_
+from lutq.quant.calibrate import calibrate_layer_
 from lutq.quant.init import init_from_weight_, relative_error
 from lutq.quant.layer import LUTEmbedding, LUTLinear
 from lutq.quant.presets import LayerSpec, QuantConfig, group_of, resolve_config
@@ -158,7 +158,8 @@ def quantize(model: nn.Module, config: str | QuantConfig | dict[str, Any] = "q2a
                 err = init_from_weight_(layer, module.weight, group_size=cfg.group_size, lut_kind=spec.lut_kind,
                                         tighten_rounds=cfg.tighten_rounds)
                 if hessians is not None and name in hessians and layer.mode == "frozen":
-                    out_err = gptq_indices_(layer, module.weight, hessians[name], damp=cfg.gptq_damp)
+                    out_err = calibrate_layer_(layer, module.weight, hessians[name], damp=cfg.gptq_damp,
+                                               refit_rounds=cfg.gptq_refit_rounds)
                     err = relative_error(layer, module.weight)
                 if layer.bias is not None:
                     layer.bias.data.copy_(module.bias.detach())

@@ -24,6 +24,7 @@ from torch import nn
 
 from lutq.core.console import progress
 from lutq.core.errors import LutqError
+from lutq.quant.init import solve_batched, unit_factors
 from lutq.quant.layer import LUTLinear
 from lutq.quant.lut import nearest_index
 
@@ -132,6 +133,49 @@ def gptq_indices_(layer: LUTLinear, weight: torch.Tensor, hessian: torch.Tensor,
     inv = torch.argsort(perm)
     layer.idx.copy_(idx[:, inv])
     return output_error(layer, weight, hessian)
+
+
+@torch.no_grad()
+def calibrate_layer_(layer: LUTLinear, weight: torch.Tensor, hessian: torch.Tensor, *, damp: float = DEFAULT_DAMP,
+                     refit_rounds: int = 1) -> float:
+    """GPTQ idx, then `refit_rounds` of (output-metric refit of Â·g, GPTQ idx again) while the output error
+    falls; returns the output error (the best state is kept)."""
+    err = gptq_indices_(layer, weight, hessian, damp=damp)
+    for _ in range(refit_rounds):
+        saved = [p.detach().clone() for p in (layer.scale_A, layer.scale_g, layer.idx)]
+        refit_scales_(layer, weight, hessian)
+        new = gptq_indices_(layer, weight, hessian, damp=damp)
+        if not new < err:
+            for p, v in zip((layer.scale_A, layer.scale_g, layer.idx), saved, strict=True):
+                p.copy_(v)
+            break
+        err = new
+    return err
+
+
+@torch.no_grad()
+def refit_scales_(layer: LUTLinear, weight: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Exact least squares for Â·diag(g) in the output metric, with B̂ and idx fixed: per output row i,
+    min over a_i of (t_i − a_iᵀM_i) H (t_i − a_iᵀM_i)ᵀ with M_i = B̂ ⊙ q_i. Kept only if the output error
+    falls; returns the output error."""
+    before = output_error(layer, weight, hessian)
+    saved = (layer.scale_A.detach().clone(), layer.scale_g.detach().clone())
+    h = hessian.to(layer.scale_A.device, torch.float64)
+    q = layer.q().detach().double()
+    _, _, b = unit_factors(layer)
+    t = weight.detach().to(h)
+    for s in range(0, q.shape[0], 256):  # rows in chunks: M is [rows, r, in]
+        m = b[None] * q[s : s + 256, None, :]
+        mh = m @ h
+        a = solve_batched(mh @ m.transpose(1, 2), (mh @ t[s : s + 256, :, None]).squeeze(-1))
+        layer.scale_A[s : s + 256].copy_(a)
+    layer.scale_g.copy_(layer.scale_A.detach().norm(dim=0))
+    after = output_error(layer, weight, hessian)
+    if not after < before:
+        layer.scale_A.copy_(saved[0])
+        layer.scale_g.copy_(saved[1])
+        return before
+    return after
 
 
 def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:

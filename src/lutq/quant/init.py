@@ -123,7 +123,7 @@ def tighten_(layer: LUTLinear, target: torch.Tensor, rounds: int) -> list[float]
     return errors
 
 
-def _solve(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+def solve_batched(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """Batched ridge-regularized solve of gram @ x = rhs (gram [..., r, r], rhs [..., r])."""
     diag = gram.diagonal(dim1=-2, dim2=-1)
     ridge = 1e-10 * diag.mean(dim=-1, keepdim=True).clamp_min(1e-30)
@@ -136,7 +136,7 @@ def _pair_products(m: torch.Tensor) -> torch.Tensor:
     return (m[:, None, :] * m[None, :, :]).reshape(-1, m.shape[1])
 
 
-def _unit_factors(layer: LUTLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def unit_factors(layer: LUTLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(Â, g, B̂) in float64, without FP16 rounding."""
     a, b = layer.scale_A.double(), layer.scale_B.double()
     return (a / a.norm(dim=0).clamp_min(layer.eps), layer.scale_g.double(),
@@ -146,10 +146,10 @@ def _unit_factors(layer: LUTLinear) -> tuple[torch.Tensor, torch.Tensor, torch.T
 def _refit_a_(layer: LUTLinear, t: torch.Tensor) -> None:
     """Exact LS for a = Â·diag(g) given B̂ and Q (one r×r system per output row); g takes the column norms."""
     q = layer.q().double()
-    _, _, b = _unit_factors(layer)
+    _, _, b = unit_factors(layer)
     r = b.shape[0]
     gram = ((q * q) @ _pair_products(b).t()).view(-1, r, r)
-    a = _solve(gram, (t.double() * q) @ b.t())
+    a = solve_batched(gram, (t.double() * q) @ b.t())
     layer.scale_A.copy_(a)
     layer.scale_g.copy_(a.norm(dim=0))
 
@@ -157,11 +157,11 @@ def _refit_a_(layer: LUTLinear, t: torch.Tensor) -> None:
 def _refit_b_(layer: LUTLinear, t: torch.Tensor) -> None:
     """Exact LS for diag(g)·B̂ given Â·g and Q (one r×r system per input column); g takes the row norms."""
     q = layer.q().double()
-    ahat, g, _ = _unit_factors(layer)
+    ahat, g, _ = unit_factors(layer)
     a = ahat * g
     r = a.shape[1]
     gram = ((q * q).t() @ _pair_products(a.t()).t()).view(-1, r, r)
-    gb = _solve(gram, (t.double() * q).t() @ a).t()  # [r, in]: rows of B scaled so that Â·B = Â·g·B̂
+    gb = solve_batched(gram, (t.double() * q).t() @ a).t()  # [r, in]: rows of B scaled so that Â·B = Â·g·B̂
     norms = gb.norm(dim=1)
     layer.scale_B.copy_(gb)
     layer.scale_g.copy_(g * norms)

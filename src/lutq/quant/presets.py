@@ -54,6 +54,7 @@ class QuantConfig(ConfigBase):
     group_size: int = 32
     tighten_rounds: int = 0
     gptq_damp: float = 0.01  # GPTQ damping (fraction of mean diag H), used when quantize() gets Hessians
+    gptq_refit_rounds: int = 1  # with Hessians: rounds of (output-metric refit of Â·g, GPTQ idx again)
     mode: str = "frozen"  # "latent": keep a trainable FP weight, idx re-picked each step (STE)
     ste_fp16: bool = False
     quantize_lm_head: bool = False

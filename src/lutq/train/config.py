@@ -27,6 +27,7 @@ class TrainConfig(ConfigBase):
     preset: str = "q2a4"
     init: Path | None = None
     mode: str = "all"
+    train_lut: bool = False  # also train every layer's LUT entries (kept sorted, FP16-exact)
     # optimization (steps are optimizer steps; one step = batch_size * grad_accum sequences)
     steps: int = 1000
     batch_size: int = 8

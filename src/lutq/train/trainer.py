@@ -115,7 +115,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
     else:
         model, tokenizer = build_student(cfg, cache, verbose=ctx.is_main)
     cache.check_tokenizer(tokenizer)
-    trainable = set_trainable(model, cfg.mode)
+    trainable = set_trainable(model, cfg.mode, lut=cfg.train_lut)
     if not trainable:
         raise LutqError(f"train: mode {cfg.mode!r} leaves no trainable parameters in this model")
     model.to(ctx.device).train()
