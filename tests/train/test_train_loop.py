@@ -208,3 +208,26 @@ def test_trainer_feeds_the_requested_tracker(kd, tmp_path, monkeypatch):
     train(kd.config(tmp_path / "run", steps=2, eval_every=2, eval_batches=1, loggers=["wandb"]))
     assert [s for s, _ in logged] == [0, 1, 2, "finished"]
     assert "eval/loss" in logged[0][1] and "train/loss" in logged[1][1] and "eval/kd" in logged[2][1]
+
+
+def test_latent_training_starts_at_w_eff_and_moves_the_indices(kd, tmp_path):
+    from lutq.quant import convert_q4_to_q2, lut_layers, unfreeze_latent
+
+    cfg = kd.config(tmp_path / "latent", latent=True, steps=3, lr=3e-2, warmup=0, preset="q4a4")
+    frozen, _ = build_student(cfg, KDCache(kd.cache), verbose=False)
+    latent, _ = build_student(cfg, KDCache(kd.cache), verbose=False)
+    unfreeze_latent(latent)
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the latent copy computes exactly what the frozen one does
+        assert torch.equal(frozen(input_ids=ids).logits, latent(input_ids=ids).logits)
+    train(cfg)
+    after, _, _ = load_checkpoint(cfg.out / "last", load_tokenizer=False)
+    with torch.no_grad():
+        after(input_ids=ids)  # a latent forward re-picks idx from the trained weights
+    layers = dict(lut_layers(after))
+    assert {layer.mode for layer in layers.values()} == {"latent"}
+    moved = sum(int((layers[n].idx != layer.idx).sum()) for n, layer in lut_layers(frozen))
+    assert moved > 0
+    assert all(torch.equal(layers[n].scale_A, layer.scale_A) for n, layer in lut_layers(frozen))  # scales fixed
+    convert_q4_to_q2(after)  # conversion freezes latent layers first
+    assert {layer.mode for _, layer in lut_layers(after)} == {"frozen"}

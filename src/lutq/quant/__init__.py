@@ -16,7 +16,7 @@ from lutq.quant.api import (
     quantize,
     set_trainable,
 )
-from lutq.quant.convert import convert_q4_to_q2, freeze_latent
+from lutq.quant.convert import convert_q4_to_q2, freeze_latent, unfreeze_latent
 from lutq.quant.layer import LUTEmbedding, LUTLinear
 from lutq.quant.presets import PRESETS, LayerSpec, QuantConfig, get_preset
 from lutq.quant.snap import SnapReport, snap_model
@@ -40,4 +40,5 @@ __all__ = [
     "quantize",
     "set_trainable",
     "snap_model",
+    "unfreeze_latent",
 ]

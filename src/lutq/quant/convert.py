@@ -42,8 +42,9 @@ def convert_layer(layer: LUTLinear, lut_size: int, rank: int, *, tighten_rounds:
                   ) -> tuple[LUTLinear, float, float | None]:
     """A new frozen layer with `lut_size` entries (when smaller) and rank >= `rank`, fitted to layer's W_eff;
     returns (layer, weight error, output error or None without a Hessian)."""
-    if layer.mode != "frozen" or layer.snapped:
-        raise LutqError("convert: layers must be frozen and unsnapped (convert before `lutq snap`)")
+    if layer.snapped:
+        raise LutqError("convert: layers must be unsnapped (convert before `lutq snap`)")
+    layer.freeze()  # a latent layer's target is what its forward computes: idx = nearest(weight / S)
     target = (layer.q() * layer.scale_map()).detach()
     lut = layer.lut.detach()
     if lut_size < layer.lut_size:
@@ -107,6 +108,18 @@ def convert_q4_to_q2(model: nn.Module, mlp: tuple[int, int] = (4, 32), attn: tup
         cfg.mlp, cfg.attn = LayerSpec(*mlp, cfg.mlp.lut_kind), LayerSpec(*attn, cfg.attn.lut_kind)
         cfg.preset = "q2a4" if (mlp, attn) == ((4, 32), (16, 8)) else None
     return report
+
+
+def unfreeze_latent(model: nn.Module) -> int:
+    """Frozen → latent for every frozen, unsnapped LUT layer (FP weight = W_eff, idx unchanged); returns how many."""
+    n = 0
+    for _, layer in lut_layers(model):
+        if layer.mode == "frozen" and not layer.snapped:
+            layer.unfreeze()
+            n += 1
+    if n and (cfg := quant_config_of(model)) is not None:
+        cfg.mode = "latent"
+    return n
 
 
 def freeze_latent(model: nn.Module) -> int:

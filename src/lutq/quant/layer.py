@@ -189,6 +189,18 @@ class LUTLinear(nn.Module):
         self.mode = "frozen"
         self.set_trainable("all")
 
+    @torch.no_grad()
+    def unfreeze(self) -> None:
+        """Frozen → latent: a trainable FP weight initialized to W_eff, so that idx = nearest(weight / S)
+        starts exactly at the current indices (e.g. a GPTQ pick) and moves only as training moves it."""
+        if self.mode == "latent":
+            return
+        if self.snapped:
+            raise LutqError("LUTLinear.unfreeze: the layer is snapped to FP16; unfreeze before `lutq snap`")
+        self.weight = nn.Parameter((self.q() * self.scale_map()).detach().clone())
+        self.mode = "latent"
+        self.set_trainable("all")
+
     # ------------------------------------------------------------------------------------- layout
     def layout(self) -> dict[str, Any]:
         """What a checkpoint needs to rebuild this module before loading its tensors."""

@@ -157,9 +157,10 @@ class SnapParams(ConfigBase):
 
 def _run_snap(ctx: StageContext, p: SnapParams) -> dict[str, Any]:
     from lutq.models import load_checkpoint, save_checkpoint
-    from lutq.quant import snap_model
+    from lutq.quant import freeze_latent, snap_model
 
     model, tok, _ = load_checkpoint(p.input)
+    freeze_latent(model)  # a latent-trained model: fix idx = nearest(weight / S), what its forward used
     report = snap_model(model)
     save_checkpoint(ctx.out, model, tok, extra={"speedrun_stage": ctx.name, "source": str(p.input)})
     return {"max_abs_logit_error": report.max_abs_error, "rel_logit_error": report.rel_error,

@@ -20,6 +20,8 @@ def train_command(
     config: Path = typer.Option(None, "--config", help="TrainConfig as .toml/.json (flags override it)."),
     mode: str = typer.Option(None, "--mode", help="What trains: all, mlp-only, attn-only, g-only, freeze-g, lut."),
     train_lut: bool = typer.Option(None, "--train-lut/--no-train-lut", help="Also train the LUT entries."),
+    latent: bool = typer.Option(None, "--latent/--no-latent", help="Train the weights (straight-through), "
+                                "starting from W_eff; scales and LUT stay fixed."),
     steps: int = typer.Option(None, "--steps", help="Optimizer steps (default 1000)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Sequences per micro-batch, over all ranks (8)."),
     grad_accum: int = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step (1)."),
@@ -57,8 +59,8 @@ def train_command(
 
     flags = {
         "cache": cache, "out": out, "model": model, "preset": preset, "init": init, "mode": mode,
-        "train_lut": train_lut, "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
-        "warmup": warmup,
+        "train_lut": train_lut, "latent": latent, "steps": steps, "batch_size": batch_size,
+        "grad_accum": grad_accum, "lr": lr, "warmup": warmup,
         "min_lr_ratio": min_lr_ratio, "weight_decay": weight_decay, "clip": clip, "log_every": log_every,
         "eval_every": eval_every, "eval_batches": eval_batches, "save_every": save_every,
         "ppl_texts": ppl_text, "seed": seed, "device": device, "precision": precision,

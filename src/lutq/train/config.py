@@ -28,6 +28,7 @@ class TrainConfig(ConfigBase):
     init: Path | None = None
     mode: str = "all"
     train_lut: bool = False  # also train every layer's LUT entries (kept sorted, FP16-exact)
+    latent: bool = False  # train the weights themselves: FP weight from W_eff, idx re-picked each step (STE)
     # optimization (steps are optimizer steps; one step = batch_size * grad_accum sequences)
     steps: int = 1000
     batch_size: int = 8

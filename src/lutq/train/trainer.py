@@ -28,7 +28,7 @@ from lutq.core.errors import LutqError
 from lutq.kd import KDCache, KDLossConfig, evaluate_kd, kd_loss, student_hidden
 from lutq.models import load_checkpoint, load_model, load_trainer_state, save_checkpoint
 from lutq.models.runtime import set_grad_checkpointing
-from lutq.quant import project_luts_, quantize, set_trainable
+from lutq.quant import project_luts_, quantize, set_trainable, unfreeze_latent
 from lutq.train.config import TrainConfig
 from lutq.train.loggers import Trackers
 from lutq.train.run_dir import TRAIN_COLUMNS, RunDir, csv_columns, ppl_name
@@ -114,6 +114,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
         state = load_trainer_state(ckpt)
     else:
         model, tokenizer = build_student(cfg, cache, verbose=ctx.is_main)
+        if cfg.latent:
+            unfreeze_latent(model)  # starts at W_eff: the same indices, now free to move
     cache.check_tokenizer(tokenizer)
     trainable = set_trainable(model, cfg.mode, lut=cfg.train_lut)
     if not trainable:
