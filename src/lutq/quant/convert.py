@@ -7,7 +7,7 @@ Q4 → Q2 needs no FP weight: the target of every converted layer is its current
   rank  expanded with random directions orthogonal to the current ones and small g (1e-3 · min g);
   idx   re-picked as nearest(W_target / S) in the new LUT; optional tighten rounds refit the scales;
         with calibration Hessians (`lutq.quant.calibrate`, collected on the q4 model) idx is then
-        re-picked by GPTQ against the layer's real inputs.
+        re-picked by GPTQ against the layer's real inputs (with one output-metric refit of the scales).
 The report's rel_error is ‖W_eff(q2) − W_eff(q4)‖ / ‖W_eff(q4)‖ (out_error: the same on the outputs).
 """
 
@@ -20,7 +20,7 @@ from torch import nn
 
 from lutq.core.errors import LutqError
 from lutq.quant.api import QuantReport, QuantRow, lut_layers, quant_config_of, replace_module
-from lutq.quant.calibrate import DEFAULT_DAMP, gptq_indices_
+from lutq.quant.calibrate import DEFAULT_DAMP, calibrate_layer_
 from lutq.quant.init import _orthonormal_extension, relative_error, repick_indices_, tighten_
 from lutq.quant.layer import LUTEmbedding, LUTLinear
 from lutq.quant.lut import kmeans_lut
@@ -77,7 +77,7 @@ def convert_layer(layer: LUTLinear, lut_size: int, rank: int, *, tighten_rounds:
     tighten_(new, target, tighten_rounds)
     out_err = None
     if hessian is not None and not isinstance(new, LUTEmbedding):
-        out_err = gptq_indices_(new, target, hessian, damp=damp)
+        out_err = calibrate_layer_(new, target, hessian, damp=damp)
     return new, relative_error(new, target), out_err
 
 
