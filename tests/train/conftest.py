@@ -25,12 +25,13 @@ class KDFixture:
     cache: Path
 
     def config(self, out: Path, **changes: Any) -> Any:
-        """A TrainConfig for a short run on the tiny cache (no eval unless asked, log every step)."""
+        """A TrainConfig for a short run on the tiny cache (no eval unless asked, log every step). The init is
+        the plain one (uniform LUTs, nearest rounding) so that short runs have a clear gap to close."""
         from lutq.train.config import TrainConfig
 
         base = dict(cache=self.cache, out=out, model=str(self.teacher), preset="q2a4", steps=6, batch_size=4,
                     lr=1e-2, warmup=1, log_every=1, eval_every=1000, eval_batches=0, save_every=1000,
-                    device="cpu")
+                    device="cpu", init_lut="uniform", init_tighten=0, init_calib_sequences=0)
         return TrainConfig.from_dict({**base, **changes})
 
 

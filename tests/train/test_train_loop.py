@@ -231,3 +231,23 @@ def test_latent_training_starts_at_w_eff_and_moves_the_indices(kd, tmp_path):
     assert all(torch.equal(layers[n].scale_A, layer.scale_A) for n, layer in lut_layers(frozen))  # scales fixed
     convert_q4_to_q2(after)  # conversion freezes latent layers first
     assert {layer.mode for _, layer in lut_layers(after)} == {"frozen"}
+
+
+def test_default_init_is_calibrated_and_beats_the_plain_one(kd, tmp_path):
+    from lutq.train.config import TrainConfig
+
+    cache = KDCache(kd.cache)
+    plain = kd.config(tmp_path / "plain", eval_batches=2)
+    default = plain.replace(init_lut=TrainConfig.init_lut, init_tighten=TrainConfig.init_tighten,
+                            init_calib_sequences=TrainConfig.init_calib_sequences)
+    assert (default.init_lut, default.init_tighten, default.init_calib_sequences) == ("kmeans", 4, 256)
+    from lutq.kd import evaluate_kd
+
+    losses = {}
+    for name, cfg in (("plain", plain), ("default", default)):
+        model, _ = build_student(cfg, cache, verbose=False)
+        with torch.no_grad():
+            losses[name] = evaluate_kd(model, cache, split="val", batch_size=4, max_batches=2, cfg=cfg.kd)["kd"]
+    assert losses["default"] < 0.5 * losses["plain"]
+    with pytest.raises(LutqError, match="init_lut"):
+        plain.replace(init_lut="nope").validate()

@@ -19,6 +19,10 @@ def train_command(
     resume: Path = typer.Option(None, "--resume", help="Continue this run directory exactly from its last/."),
     config: Path = typer.Option(None, "--config", help="TrainConfig as .toml/.json (flags override it)."),
     mode: str = typer.Option(None, "--mode", help="What trains: all, mlp-only, attn-only, g-only, freeze-g, lut."),
+    init_lut: str = typer.Option(None, "--init-lut", help="--model init: uniform or kmeans LUTs (kmeans)."),
+    init_tighten: int = typer.Option(None, "--init-tighten", help="--model init: scale tighten rounds (4)."),
+    init_calib_sequences: int = typer.Option(None, "--init-calib-sequences",
+                                             help="--model init: GPTQ on this many cache sequences, 0 = off (256)."),
     train_lut: bool = typer.Option(None, "--train-lut/--no-train-lut", help="Also train the LUT entries."),
     latent: bool = typer.Option(None, "--latent/--no-latent", help="Train the weights (straight-through), "
                                 "starting from W_eff; scales and LUT stay fixed."),
@@ -59,6 +63,7 @@ def train_command(
 
     flags = {
         "cache": cache, "out": out, "model": model, "preset": preset, "init": init, "mode": mode,
+        "init_lut": init_lut, "init_tighten": init_tighten, "init_calib_sequences": init_calib_sequences,
         "train_lut": train_lut, "latent": latent, "steps": steps, "batch_size": batch_size,
         "grad_accum": grad_accum, "lr": lr, "warmup": warmup,
         "min_lr_ratio": min_lr_ratio, "weight_decay": weight_decay, "clip": clip, "log_every": log_every,

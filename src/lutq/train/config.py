@@ -26,6 +26,11 @@ class TrainConfig(ConfigBase):
     model: str | None = None
     preset: str = "q2a4"
     init: Path | None = None
+    # PTQ init of a fresh student (--model): k-means LUTs, tightened scales, GPTQ indices calibrated on
+    # init_calib_sequences of the cache's train split (0: nearest rounding)
+    init_lut: str = "kmeans"
+    init_tighten: int = 4
+    init_calib_sequences: int = 256
     mode: str = "all"
     train_lut: bool = False  # also train every layer's LUT entries (kept sorted, FP16-exact)
     latent: bool = False  # train the weights themselves: FP weight from W_eff, idx re-picked each step (STE)
@@ -71,7 +76,9 @@ class TrainConfig(ConfigBase):
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "save_every"):
             if getattr(self, name) < 1:
                 raise LutqError(f"train: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup", "eval_batches"):
+        if self.init_lut not in ("uniform", "kmeans"):
+            raise LutqError(f"train: init_lut must be 'uniform' or 'kmeans', got {self.init_lut!r}")
+        for name in ("warmup", "eval_batches", "init_tighten", "init_calib_sequences"):
             if getattr(self, name) < 0:
                 raise LutqError(f"train: {name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:

@@ -37,7 +37,8 @@ class ProgressiveConfig(ConfigBase):
     q2_mlp_lr: float = 1e-4
     q2_all_steps: int = 500
     q2_all_lr: float = 5e-5
-    convert_tighten_rounds: int = 0
+    convert_tighten_rounds: int = 2
+    convert_calib_sequences: int = 256  # GPTQ for the q2 indices on the cache's train tokens; 0: nearest
 
 
 @dataclass
@@ -65,7 +66,9 @@ def progressive(cfg: ProgressiveConfig) -> ProgressiveResult:
         return result.stages[name]
 
     q4 = stage("q4a4", preset=cfg.q4_preset, mode="all", steps=cfg.q4_steps, lr=cfg.q4_lr)
-    q2_init = convert_checkpoint(q4.checkpoint, out / "q2a4_init", tighten_rounds=cfg.convert_tighten_rounds)
+    q2_init = convert_checkpoint(q4.checkpoint, out / "q2a4_init", tighten_rounds=cfg.convert_tighten_rounds,
+                                 calib=str(cfg.base.cache) if cfg.convert_calib_sequences else None,
+                                 calib_sequences=cfg.convert_calib_sequences)
     result.stages["convert"] = q2_init
     mlp = stage("q2a4_mlp", init=q2_init, model=None, mode="mlp-only", steps=cfg.q2_mlp_steps, lr=cfg.q2_mlp_lr)
     stage("q2a4_all", init=mlp.checkpoint, model=None, mode="all", steps=cfg.q2_all_steps, lr=cfg.q2_all_lr)

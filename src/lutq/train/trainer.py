@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lutq import __version__
@@ -28,7 +29,8 @@ from lutq.core.errors import LutqError
 from lutq.kd import KDCache, KDLossConfig, evaluate_kd, kd_loss, student_hidden
 from lutq.models import load_checkpoint, load_model, load_trainer_state, save_checkpoint
 from lutq.models.runtime import set_grad_checkpointing
-from lutq.quant import project_luts_, quantize, set_trainable, unfreeze_latent
+from lutq.quant import get_preset, project_luts_, quantize, set_trainable, unfreeze_latent
+from lutq.quant.calibrate import collect_hessians
 from lutq.train.config import TrainConfig
 from lutq.train.loggers import Trackers
 from lutq.train.run_dir import TRAIN_COLUMNS, RunDir, csv_columns, ppl_name
@@ -281,7 +283,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
 
 def build_student(cfg: TrainConfig, cache: KDCache, *, verbose: bool = True) -> tuple[torch.nn.Module, Any]:
     """The initial student: `cfg.init` (a quantized lutq checkpoint) or `cfg.model` (default: the cache's
-    teacher) quantized in place with `cfg.preset`."""
+    teacher) quantized in place with `cfg.preset` (LUT kind, tighten rounds and GPTQ calibration on the
+    cache's train tokens from cfg.init_*)."""
     if cfg.init is not None:
         model, tokenizer, info = load_checkpoint(cfg.init)
         if not info.quant:
@@ -292,9 +295,18 @@ def build_student(cfg: TrainConfig, cache: KDCache, *, verbose: bool = True) -> 
     if not spec:
         raise LutqError(f"{cfg.cache}/meta.json names no teacher; pass --model")
     model, tokenizer = load_model(spec)
-    report = quantize(model, cfg.preset, progress=verbose)
+    qcfg = get_preset(cfg.preset).with_lut_kind(cfg.init_lut).replace(tighten_rounds=cfg.init_tighten)
+    hessians = None
+    if cfg.init_calib_sequences:
+        cache.check_tokenizer(tokenizer)
+        blocks = cache.read("train", np.arange(min(cfg.init_calib_sequences, cache.num_sequences("train"))))
+        names = [n for n, _ in model.named_modules() if qcfg.spec_for(n) is not None]
+        hessians = collect_hessians(model, blocks["input_ids"], names, show_progress=verbose)
+    report = quantize(model, qcfg, hessians=hessians, progress=verbose)
     if verbose:
-        console.print(f"quantized {spec} with preset {cfg.preset}")
+        how = f"GPTQ on {cfg.init_calib_sequences} cache sequences" if hessians else "nearest rounding"
+        console.print(f"quantized {spec} with preset {cfg.preset} ({cfg.init_lut} LUTs, {cfg.init_tighten} "
+                      f"tighten rounds, {how})")
         console.print(report.table(per_layer=False))
     return model, tokenizer
 
