@@ -99,7 +99,7 @@ def gptq_indices_(layer: LUTLinear, weight: torch.Tensor, hessian: torch.Tensor,
                   block_size: int = 128, act_order: bool = True) -> float:
     """Re-pick layer.idx by GPTQ against `hessian` with the layer's scales and LUT fixed.
 
-    Returns the relative output error tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) after the pick (H undamped).
+    Returns the relative output error √(tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)) after the pick (H undamped).
     """
     if layer.snapped:
         raise LutqError("gptq: the layer is snapped to FP16; calibrate before `lutq snap`")
@@ -196,7 +196,7 @@ def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def output_error(layer: LUTLinear, weight: torch.Tensor, hessian: torch.Tensor) -> float:
-    """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ): the layer's relative output error on the calibration inputs."""
+    """√(tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)) = ‖ΔW X‖ / ‖W X‖: the layer's relative output error on the calibration inputs."""
     h = hessian.to(layer.scale_A.device, torch.float64)
     w = weight.detach().to(h)
     d = (layer.q() * layer.scale_map()).detach().to(h) - w

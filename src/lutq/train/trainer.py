@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from lutq import __version__
@@ -30,7 +29,7 @@ from lutq.kd import KDCache, KDLossConfig, evaluate_kd, kd_loss, student_hidden
 from lutq.models import load_checkpoint, load_model, load_trainer_state, save_checkpoint
 from lutq.models.runtime import set_grad_checkpointing
 from lutq.quant import get_preset, project_luts_, quantize, set_trainable, unfreeze_latent
-from lutq.quant.calibrate import collect_hessians
+from lutq.quant.calibrate import hessians_for
 from lutq.train.config import TrainConfig
 from lutq.train.loggers import Trackers
 from lutq.train.run_dir import TRAIN_COLUMNS, RunDir, csv_columns, ppl_name
@@ -298,10 +297,8 @@ def build_student(cfg: TrainConfig, cache: KDCache, *, verbose: bool = True) -> 
     qcfg = get_preset(cfg.preset).with_lut_kind(cfg.init_lut).replace(tighten_rounds=cfg.init_tighten)
     hessians = None
     if cfg.init_calib_sequences:
-        cache.check_tokenizer(tokenizer)
-        blocks = cache.read("train", np.arange(min(cfg.init_calib_sequences, cache.num_sequences("train"))))
-        names = [n for n, _ in model.named_modules() if qcfg.spec_for(n) is not None]
-        hessians = collect_hessians(model, blocks["input_ids"], names, show_progress=verbose)
+        hessians = hessians_for(model, qcfg, str(cache.path), tokenizer, num_sequences=cfg.init_calib_sequences,
+                                show_progress=verbose)
     report = quantize(model, qcfg, hessians=hessians, progress=verbose)
     if verbose:
         how = f"GPTQ on {cfg.init_calib_sequences} cache sequences" if hessians else "nearest rounding"
