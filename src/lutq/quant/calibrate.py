@@ -45,7 +45,7 @@ def collect_hessians(model: nn.Module, blocks: torch.Tensor, names: Iterable[str
     targets = {n: m for n, m in model.named_modules()
                if _is_linear(m) and (wanted is None or n in wanted)}
     if not targets:
-        raise LutqError("calibration: no nn.Linear layers to calibrate (quantize after collecting Hessians)")
+        raise LutqError("calibration: none of the named layers is a linear (nn.Linear or LUT) layer of this model")
     sums: dict[str, torch.Tensor] = {}
     alias: dict[str, str] = {}
     counts: dict[str, int] = {}
