@@ -207,3 +207,27 @@ def test_refit_scales_in_the_output_metric_never_hurts() -> None:
     assert float(layer.scale_g.detach().min()) > 0
     fresh = _layer(w, lut_size=4, rank=4)
     assert calibrate_layer_(fresh, w, h, refit_rounds=2) <= gptq + 1e-9
+
+
+def test_calibration_error_paths() -> None:
+    from lutq.quant.calibrate import _upper_cholesky_of_inverse
+
+    model = tiny_model("llama")
+    hs = collect_hessians(model, torch.randint(0, 320, (2, 8)), show_progress=False)
+    with pytest.raises(LutqError, match="latent"):
+        quantize(model, get_preset("q4a4").replace(mode="latent"), hessians=hs, progress=False)
+    with pytest.raises(LutqError, match="not positive definite"):
+        _upper_cholesky_of_inverse(-torch.eye(4))
+    with pytest.raises(LutqError, match="none of the named layers"):
+        collect_hessians(model, torch.zeros(1, 4, dtype=torch.long), ["model.norm"])
+
+
+def test_hessians_without_the_head_skip_the_logits() -> None:
+    model = tiny_model("qwen3")
+    calls: list[int] = []
+    model.lm_head.register_forward_hook(lambda *_: calls.append(1))
+    ids = torch.randint(0, 320, (2, 8), generator=torch.Generator().manual_seed(0))
+    body_only = collect_hessians(model, ids, ["model.layers.0.mlp.down_proj"], show_progress=False)
+    assert calls == []  # the vocabulary-sized projection never ran
+    full = collect_hessians(model, ids, ["model.layers.0.mlp.down_proj", "lm_head"], show_progress=False)
+    assert calls and torch.allclose(body_only["model.layers.0.mlp.down_proj"], full["model.layers.0.mlp.down_proj"])

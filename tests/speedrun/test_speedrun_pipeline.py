@@ -38,6 +38,10 @@ kind = "quantize"
 [stages.params]
 model = "{model}"
 preset = "q4a4"
+lut_kind = "kmeans"
+config = {{ tighten_rounds = 1 }}
+calib = "@cache"
+calib_sequences = 8
 
 [[stages]]
 name = "q4a4"
@@ -52,6 +56,8 @@ name = "q2a4_init"
 kind = "convert"
 [stages.params]
 input = "@q4a4"
+calib = "@cache"
+calib_sequences = 8
 
 [[stages]]
 name = "q2a4"
@@ -116,6 +122,9 @@ def test_mini_recipe_runs_skips_and_resumes(mini_recipe: Path, tmp_path: Path) -
     assert by["q4a4"].summary["step"] == 2 and by["q2a4"].summary["step"] == 2
     assert by["q4a4"].out.name in ("best", "last") and (by["q4a4"].out / "config.json").is_file()
     assert (run_dir / "export" / "out").is_dir() and by["snap"].summary["max_abs_logit_error"] >= 0
+    # the quantize and convert stages calibrated on the cache (GPTQ): their reports carry output errors
+    assert "mean_out_error" in by["q4a4_init"].summary["rel_error"]["mlp"]
+    assert "mean_out_error" in by["q2a4_init"].summary["rel_error"]["mlp"]
     assert [r["model"] for r in res.rows] == ["fp", "q4a4", "q2a4"] and "| q2a4 |" in res.table
     entry = json.loads((tmp_path / "runs" / "log.jsonl").read_text().splitlines()[-1])
     assert entry["status"] == "complete" and entry["figures"] == res.rows

@@ -139,6 +139,9 @@ def quantize(model: nn.Module, config: str | QuantConfig | dict[str, Any] = "q2a
     cfg = resolve_config(config)
     if any(True for _ in lut_layers(model)):
         raise LutqError("quantize: the model already has LUT layers (load it unquantized, or convert it)")
+    if hessians is not None and cfg.mode == "latent":
+        raise LutqError("quantize: calibration picks fixed indices and a latent layer re-picks them every step; "
+                        "quantize frozen with the Hessians, then train with --latent (it starts from W_eff)")
     _untie_if_needed(model, cfg)
     targets = []
     for name, module in model.named_modules():
@@ -157,7 +160,7 @@ def quantize(model: nn.Module, config: str | QuantConfig | dict[str, Any] = "q2a
             if init:
                 err = init_from_weight_(layer, module.weight, group_size=cfg.group_size, lut_kind=spec.lut_kind,
                                         tighten_rounds=cfg.tighten_rounds)
-                if hessians is not None and name in hessians and layer.mode == "frozen":
+                if hessians is not None and name in hessians:
                     out_err = calibrate_layer_(layer, module.weight, hessians[name], damp=cfg.gptq_damp,
                                                refit_rounds=cfg.gptq_refit_rounds)
                     err = relative_error(layer, module.weight)

@@ -27,8 +27,9 @@ from lutq.core.errors import LutqError
 from lutq.quant.init import solve_batched, unit_factors
 from lutq.quant.layer import LUTLinear
 from lutq.quant.lut import nearest_index
+from lutq.quant.presets import CALIB_LEN, CALIB_SEQUENCES, GPTQ_DAMP
 
-DEFAULT_DAMP = 0.01
+DEFAULT_DAMP = GPTQ_DAMP
 
 
 @torch.no_grad()
@@ -38,6 +39,7 @@ def collect_hessians(model: nn.Module, blocks: torch.Tensor, names: Iterable[str
     (nn.Linear, or a LUT layer: a q4 model calibrates its own q2 conversion).
 
     `blocks` are token ids [N, L]. Linears that read the same input tensor (q/k/v, gate/up) share one H.
+    When the output head is not among them, only the decoder body runs (no vocabulary-sized logits).
     """
     if blocks.dim() != 2 or blocks.numel() == 0:
         raise LutqError(f"calibration: expected token blocks [N, L], got shape {tuple(blocks.shape)}")
@@ -65,6 +67,8 @@ def collect_hessians(model: nn.Module, blocks: torch.Tensor, names: Iterable[str
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    run = model if head is None or any(m is head for m in targets.values()) else _body(model)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -73,7 +77,7 @@ def collect_hessians(model: nn.Module, blocks: torch.Tensor, names: Iterable[str
             task = bar.add_task("calibrating", total=blocks.shape[0], visible=show_progress)
             for s in range(0, blocks.shape[0], batch_size):
                 chunk = blocks[s : s + batch_size].to(device)
-                model(input_ids=chunk, use_cache=False)
+                run(input_ids=chunk, use_cache=False)
                 bar.advance(task, chunk.shape[0])
     finally:
         for h in handles:
@@ -88,6 +92,12 @@ def collect_hessians(model: nn.Module, blocks: torch.Tensor, names: Iterable[str
     if missing:
         raise LutqError(f"calibration: no inputs reached {missing[:3]}{'...' if len(missing) > 3 else ''}")
     return out
+
+
+def _body(model: nn.Module) -> nn.Module:
+    """The decoder stack without the output head (Qwen3, Llama and Gemma 3 keep it in `.model`)."""
+    body = getattr(model, "model", None)
+    return body if isinstance(body, nn.Module) else model
 
 
 def _is_linear(m: nn.Module) -> bool:
@@ -203,8 +213,9 @@ def output_error(layer: LUTLinear, weight: torch.Tensor, hessian: torch.Tensor) 
     return float(((d @ h) * d).sum() / ((w @ h) * w).sum().clamp_min(1e-300)) ** 0.5
 
 
-def calibration_blocks(source: str | Sequence[str], tokenizer: Any, *, num_sequences: int = 128,
-                       seq_len: int = 256, thinking: str = "off") -> torch.Tensor:
+def calibration_blocks(source: str | Sequence[str], tokenizer: Any, *,
+                       num_sequences: int = CALIB_SEQUENCES, seq_len: int = CALIB_LEN,
+                       thinking: str = "off") -> torch.Tensor:
     """Token blocks [N, L] for calibration: a KD cache directory (its train input_ids) or a data source."""
     from pathlib import Path
 
@@ -230,7 +241,8 @@ def calibration_blocks(source: str | Sequence[str], tokenizer: Any, *, num_seque
 
 
 def hessians_for(model: nn.Module, config: Any, source: str | Sequence[str], tokenizer: Any, *,
-                 num_sequences: int = 128, seq_len: int = 256, show_progress: bool = True
+                 num_sequences: int = CALIB_SEQUENCES, seq_len: int = CALIB_LEN,
+                 show_progress: bool = True
                  ) -> dict[str, torch.Tensor]:
     """Hessians of exactly the linears `config` (a preset name or QuantConfig) will quantize, on `source`."""
     from lutq.quant.presets import resolve_config

@@ -8,6 +8,7 @@ import typer
 
 from lutq.core.console import console
 from lutq.core.errors import LutqError
+from lutq.quant.presets import CALIB_LEN, CALIB_SEQUENCES
 
 
 def _pair(text: str, flag: str) -> tuple[int, int]:
@@ -39,8 +40,8 @@ def quantize_cmd(
     latent: bool = typer.Option(False, "--latent", help="Keep a trainable FP weight (latent mode, STE)."),
     calib: str | None = typer.Option(None, "--calib", help="GPTQ index picking on this data: a KD cache "
                                      "directory or a data source (sharegpt, file.jsonl, ...)."),
-    calib_sequences: int = typer.Option(128, "--calib-sequences", help="Calibration sequences."),
-    calib_len: int = typer.Option(256, "--calib-len", help="Tokens per calibration sequence (data sources)."),
+    calib_sequences: int = typer.Option(CALIB_SEQUENCES, "--calib-sequences", help="Calibration sequences."),
+    calib_len: int = typer.Option(CALIB_LEN, "--calib-len", help="Tokens per calibration sequence (data sources)."),
     damp: float | None = typer.Option(None, "--damp", help="GPTQ damping, a fraction of the mean diag(H)."),
     per_layer: bool = typer.Option(True, "--per-layer/--summary", help="Print every layer or group means."),
 ) -> None:
@@ -75,8 +76,8 @@ def convert_q4_to_q2_cmd(
     attn: str = typer.Option("16,8", "--attn", help="Attention target LUT_SIZE,RANK."),
     tighten: int = typer.Option(0, "--tighten", help="Least-squares tighten rounds per layer."),
     calib: str | None = typer.Option(None, "--calib", help="GPTQ index picking on this data (KD cache or source)."),
-    calib_sequences: int = typer.Option(128, "--calib-sequences", help="Calibration sequences."),
-    calib_len: int = typer.Option(256, "--calib-len", help="Tokens per calibration sequence (data sources)."),
+    calib_sequences: int = typer.Option(CALIB_SEQUENCES, "--calib-sequences", help="Calibration sequences."),
+    calib_len: int = typer.Option(CALIB_LEN, "--calib-len", help="Tokens per calibration sequence (data sources)."),
 ) -> None:
     """Q4 → Q2: k-means the LUTs down (usage × S² weighted), expand ranks, re-pick indices; print errors."""
     from lutq.models import save_checkpoint

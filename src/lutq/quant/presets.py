@@ -19,6 +19,11 @@ from typing import Any
 from lutq.core.configs import ConfigBase
 from lutq.core.errors import LutqError
 
+# calibrated init defaults (lutq.quant.calibrate), one home for the library, the CLI and the speedrun stages
+GPTQ_DAMP = 0.01  # GPTQ damping, a fraction of the mean diag(H)
+CALIB_SEQUENCES = 128  # calibration blocks
+CALIB_LEN = 256  # tokens per block for data sources (a KD cache has its own L)
+
 GROUP_PATTERNS = {
     "mlp": re.compile(r"(^|\.)mlp\.(gate_proj|up_proj|down_proj)$"),
     "attn": re.compile(r"(^|\.)self_attn\.(q_proj|k_proj|v_proj|o_proj)$"),
@@ -53,7 +58,7 @@ class QuantConfig(ConfigBase):
     overrides: dict[str, LayerSpec | None] = dataclasses.field(default_factory=dict)
     group_size: int = 32
     tighten_rounds: int = 0
-    gptq_damp: float = 0.01  # GPTQ damping (fraction of mean diag H), used when quantize() gets Hessians
+    gptq_damp: float = GPTQ_DAMP  # GPTQ damping (fraction of mean diag H), used when quantize() gets Hessians
     gptq_refit_rounds: int = 1  # with Hessians: rounds of (output-metric refit of Â·g, GPTQ idx again)
     mode: str = "frozen"  # "latent": keep a trainable FP weight, idx re-picked each step (STE)
     ste_fp16: bool = False

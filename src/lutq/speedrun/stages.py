@@ -27,6 +27,7 @@ from lutq.core.atomic import atomic_write_json, atomic_write_text
 from lutq.core.configs import ConfigBase
 from lutq.core.errors import LutqError
 from lutq.kd import CacheConfig
+from lutq.quant.presets import CALIB_LEN, CALIB_SEQUENCES
 from lutq.speedrun.runner import StageContext, StageKind, register_kind
 from lutq.train import TrainConfig
 
@@ -88,8 +89,8 @@ class QuantizeParams(ConfigBase):
     config: dict[str, Any] = field(default_factory=dict)  # QuantConfig fields overriding the preset
     lut_kind: str | None = None  # "uniform" | "kmeans" for every layer; None: the preset's
     calib: str | None = None  # GPTQ index picking on a KD cache ("@cache") or a data source; None: nearest
-    calib_sequences: int = 128
-    calib_len: int = 256
+    calib_sequences: int = CALIB_SEQUENCES
+    calib_len: int = CALIB_LEN
 
 
 def _run_quantize(ctx: StageContext, p: QuantizeParams) -> dict[str, Any]:
@@ -134,8 +135,8 @@ class ConvertParams(ConfigBase):
     input: Path = Path("model")
     tighten_rounds: int = 0
     calib: str | None = None  # GPTQ index picking on a KD cache ("@cache") or a data source
-    calib_sequences: int = 128
-    calib_len: int = 256
+    calib_sequences: int = CALIB_SEQUENCES
+    calib_len: int = CALIB_LEN
 
 
 def _run_convert(ctx: StageContext, p: ConvertParams) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any
 from lutq.core.configs import ConfigBase
 from lutq.core.console import console
 from lutq.core.errors import LutqError
+from lutq.quant.presets import CALIB_LEN, CALIB_SEQUENCES
 from lutq.train.config import TrainConfig
 
 
@@ -95,7 +96,7 @@ def run_stage(cfg: TrainConfig) -> Any:
 
 
 def convert_checkpoint(src: Path, dst: Path, *, tighten_rounds: int = 0, calib: str | None = None,
-                       calib_sequences: int = 128, calib_len: int = 256) -> Path:
+                       calib_sequences: int = CALIB_SEQUENCES, calib_len: int = CALIB_LEN) -> Path:
     """Load the q4 checkpoint `src`, convert it with `lutq.quant.convert_q4_to_q2` (GPTQ on `calib`, a KD
     cache or data source, when given), save it as `dst` (skipped when `dst` is already complete)."""
     from lutq.models import load_checkpoint, save_checkpoint
