@@ -60,7 +60,7 @@ def test_progressive_recipe_q4_to_q2(kd, tmp_path):
     q2, _, info = load_checkpoint(res.stages["convert"], load_tokenizer=False)
     sizes = {name.rsplit(".", 1)[1]: (layer.lut_size, layer.rank) for name, layer in lut_layers(q2)}
     assert sizes["gate_proj"] == (4, 32) and sizes["q_proj"] == (16, 8)
-    assert info.extra["conversion"] == "q4-to-q2"
+    assert info.extra["converted"]["kind"] == "q4-to-q2"
     mlp_run = RunDir(res.stages["q2a4_mlp"].run_dir).read_config()["config"]
     all_run = RunDir(res.stages["q2a4_all"].run_dir).read_config()["config"]
     assert mlp_run["mode"] == "mlp-only" and mlp_run["init"] == str(res.stages["convert"])

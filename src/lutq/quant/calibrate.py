@@ -244,10 +244,14 @@ def hessians_for(model: nn.Module, config: Any, source: str | Sequence[str], tok
                  num_sequences: int = CALIB_SEQUENCES, seq_len: int = CALIB_LEN,
                  show_progress: bool = True
                  ) -> dict[str, torch.Tensor]:
-    """Hessians of exactly the linears `config` (a preset name or QuantConfig) will quantize, on `source`."""
+    """Hessians on `source` of exactly the linears `config` (a preset name or QuantConfig) will quantize, or
+    of the layer names given as a set."""
     from lutq.quant.presets import resolve_config
 
-    cfg = resolve_config(config)
-    names = [n for n, m in model.named_modules() if _is_linear(m) and cfg.spec_for(n) is not None]
+    if isinstance(config, set | frozenset):
+        names = sorted(config)
+    else:
+        cfg = resolve_config(config)
+        names = [n for n, m in model.named_modules() if _is_linear(m) and cfg.spec_for(n) is not None]
     blocks = calibration_blocks(source, tokenizer, num_sequences=num_sequences, seq_len=seq_len)
     return collect_hessians(model, blocks, names, show_progress=show_progress)

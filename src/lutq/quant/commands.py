@@ -80,18 +80,10 @@ def convert_q4_to_q2_cmd(
     calib_len: int = typer.Option(CALIB_LEN, "--calib-len", help="Tokens per calibration sequence (data sources)."),
 ) -> None:
     """Q4 → Q2: k-means the LUTs down (usage × S² weighted), expand ranks, re-pick indices; print errors."""
-    from lutq.models import save_checkpoint
-    from lutq.quant import convert_q4_to_q2
-    from lutq.quant.calibrate import hessians_for
+    from lutq.quant.convert import convert_checkpoint
 
-    model, tok, info = _load_quantized(ckpt)
-    hessians = None if calib is None else hessians_for(model, "q2a4", calib, tok, num_sequences=calib_sequences,
-                                                       seq_len=calib_len)
-    report = convert_q4_to_q2(model, _pair(mlp, "--mlp"), _pair(attn, "--attn"), tighten_rounds=tighten,
-                              hessians=hessians)
-    console.print(report.table(per_layer=False))
-    save_checkpoint(out, model, tok, extra={**info.extra, "converted": {"from": str(ckpt), "kind": "q4-to-q2",
-                                                                         **report.to_dict()["summary"]}})
+    convert_checkpoint(ckpt, out, _pair(mlp, "--mlp"), _pair(attn, "--attn"), tighten_rounds=tighten, calib=calib,
+                       calib_sequences=calib_sequences, calib_len=calib_len)
     console.print(f"saved {out}")
 
 

@@ -14,6 +14,8 @@ The report's rel_error is ‖W_eff(q2) − W_eff(q4)‖ / ‖W_eff(q4)‖ (out_e
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +26,7 @@ from lutq.quant.calibrate import DEFAULT_DAMP, calibrate_layer_
 from lutq.quant.init import _orthonormal_extension, relative_error, repick_indices_, tighten_
 from lutq.quant.layer import LUTEmbedding, LUTLinear
 from lutq.quant.lut import kmeans_lut
-from lutq.quant.presets import LayerSpec, group_of
+from lutq.quant.presets import CALIB_LEN, CALIB_SEQUENCES, LayerSpec, group_of
 
 NEW_G = 1e-3  # new directions start at NEW_G · min(g) so the converted W_eff barely moves
 
@@ -132,3 +134,33 @@ def freeze_latent(model: nn.Module) -> int:
     if n and (cfg := quant_config_of(model)) is not None:
         cfg.mode = "frozen"
     return n
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, mlp: tuple[int, int] = (4, 32),
+                       attn: tuple[int, int] = (16, 8), *, tighten_rounds: int = 0, calib: str | None = None,
+                       calib_sequences: int = CALIB_SEQUENCES, calib_len: int = CALIB_LEN,
+                       show: bool = True) -> QuantReport:
+    """Load the q4 LUT checkpoint `src`, `convert_q4_to_q2` it (GPTQ on `calib`, a KD cache or a data source,
+    with Hessians of the q4 model itself), save it as `dst`; returns the report (also in dst's config)."""
+    import json
+
+    from lutq.core.console import console
+    from lutq.models import load_checkpoint, save_checkpoint
+    from lutq.quant.calibrate import hessians_for
+
+    model, tokenizer, info = load_checkpoint(src)
+    if not any(True for _ in lut_layers(model)):
+        raise LutqError(f"{src}: not a LUT checkpoint (no quantized layers); run `lutq quantize` first")
+    hessians = None
+    if calib is not None:
+        names = {n for n, layer in lut_layers(model) if group_of(n) in ("mlp", "attn") and layer.kind == "linear"}
+        hessians = hessians_for(model, names, calib, tokenizer, num_sequences=calib_sequences, seq_len=calib_len)
+    report = convert_q4_to_q2(model, mlp, attn, tighten_rounds=tighten_rounds, hessians=hessians)
+    if show:
+        console.print(report.table(per_layer=False))
+    converted: dict[str, Any] = {"from": str(src), "kind": "q4-to-q2", "summary": report.to_dict()["summary"]}
+    if calib is not None:
+        converted["calibration"] = {"source": calib, "sequences": calib_sequences, "seq_len": calib_len}
+    extra = {**info.extra, "converted": json.loads(json.dumps(converted))}
+    save_checkpoint(dst, model, tokenizer, extra=extra)
+    return report

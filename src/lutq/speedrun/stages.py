@@ -9,7 +9,7 @@ Where a stage already has a config dataclass (CacheConfig, TrainConfig, ExportCo
 | cache     | lutq.kd.build_cache(CacheConfig)               | the cache directory       |
 | quantize  | lutq.quant.quantize + save_checkpoint          | a checkpoint (naive PTQ)  |
 | train     | lutq.train.recipes.run_stage(TrainConfig)      | the run's best/ (or last/)|
-| convert   | lutq.train.recipes.convert_checkpoint (q4→q2)  | a checkpoint              |
+| convert   | lutq.quant.convert.convert_checkpoint (q4→q2)  | a checkpoint              |
 | snap      | lutq.quant.snap_model + save_checkpoint        | a checkpoint              |
 | export    | lutq.export.export(ExportConfig)               | the exported artefact     |
 | eval      | lutq.evaluate.compare                          | compare.md / compare.json |
@@ -145,8 +145,8 @@ def _run_convert(ctx: StageContext, p: ConvertParams) -> dict[str, Any]:
 
     convert_checkpoint(p.input, ctx.out, tighten_rounds=p.tighten_rounds, calib=p.calib,
                        calib_sequences=p.calib_sequences, calib_len=p.calib_len)
-    report = read_checkpoint_info(ctx.out).extra.get("report", {})
-    return {"rel_error": report.get("summary", {})}
+    converted = read_checkpoint_info(ctx.out).extra.get("converted", {})
+    return {"rel_error": converted.get("summary", {})}
 
 
 @dataclass

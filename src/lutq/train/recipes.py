@@ -13,7 +13,6 @@ up where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,19 +96,11 @@ def run_stage(cfg: TrainConfig) -> Any:
 
 def convert_checkpoint(src: Path, dst: Path, *, tighten_rounds: int = 0, calib: str | None = None,
                        calib_sequences: int = CALIB_SEQUENCES, calib_len: int = CALIB_LEN) -> Path:
-    """Load the q4 checkpoint `src`, convert it with `lutq.quant.convert_q4_to_q2` (GPTQ on `calib`, a KD
-    cache or data source, when given), save it as `dst` (skipped when `dst` is already complete)."""
-    from lutq.models import load_checkpoint, save_checkpoint
-    from lutq.quant import convert_q4_to_q2
-    from lutq.quant.calibrate import hessians_for
+    """`lutq.quant.convert.convert_checkpoint` to the q2a4 targets, skipped when `dst` is already complete."""
+    from lutq.quant.convert import convert_checkpoint as convert
 
     if (dst / "config.json").is_file():
         return dst
-    model, tokenizer, _ = load_checkpoint(src)
-    hessians = None if calib is None else hessians_for(model, "q2a4", calib, tokenizer,
-                                                       num_sequences=calib_sequences, seq_len=calib_len)
-    report = convert_q4_to_q2(model, tighten_rounds=tighten_rounds, hessians=hessians)
-    console.print(report.table(per_layer=False))
-    save_checkpoint(dst, model, tokenizer, extra={"converted_from": str(src), "conversion": "q4-to-q2",
-                                                  "report": json.loads(json.dumps(report.to_dict()))})
+    convert(src, dst, tighten_rounds=tighten_rounds, calib=calib, calib_sequences=calib_sequences,
+            calib_len=calib_len)
     return dst
