@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from lutq.cli import app
 from lutq.core import LutqError
 from lutq.models import load_checkpoint, save_checkpoint
-from lutq.quant import LUTLinear, get_preset, lut_layers, quantize
+from lutq.quant import LUTLinear, get_preset, lut_layers, quant_config_of, quantize
 from lutq.quant.calibrate import (
     calibration_blocks,
     collect_hessians,
@@ -156,10 +156,11 @@ def test_quantize_cli_with_calibration(tmp_path: Path, calib_source: str) -> Non
     save_checkpoint(tmp_path / "fp", tiny_model("qwen3"), tiny_tokenizer())
     result = CliRunner().invoke(app, ["quantize", "--model", str(tmp_path / "fp"), "--preset", "q4a4", "--out",
                                       str(tmp_path / "q4"), "--calib", calib_source, "--calib-sequences", "4",
-                                      "--calib-len", "24", "--summary"], catch_exceptions=False)
+                                      "--calib-len", "24", "--damp", "0.05", "--summary"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "output error" in result.output
-    _, _, info = load_checkpoint(tmp_path / "q4")
+    q4, _, info = load_checkpoint(tmp_path / "q4")
+    assert quant_config_of(q4).gptq_damp == 0.05  # --damp reached the config the layers were picked with
     assert info.extra["calibration"]["sequences"] == 4 and "mean_out_error" in info.extra["quantize"]["mlp"]
     assert get_preset("q4a4").gptq_damp == 0.01
 
