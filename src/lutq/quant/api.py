@@ -40,6 +40,7 @@ class QuantReport:
 
     rows: list[QuantRow] = dataclasses.field(default_factory=list)
     title: str = "quantization"
+    blocks: list[dict[str, float]] = dataclasses.field(default_factory=list)  # block-wise calibration losses
 
     def mean_error(self, group: str | None = None) -> float | None:
         errs = [r.rel_error for r in self.rows if r.rel_error is not None and group in (None, r.group)]
@@ -61,7 +62,10 @@ class QuantReport:
                           "max_rel_error": self.max_error(g)}
             if self.mean_out_error(g) is not None:
                 summary[g]["mean_out_error"] = self.mean_out_error(g)
-        return {"title": self.title, "layers": [dataclasses.asdict(r) for r in self.rows], "summary": summary}
+        out = {"title": self.title, "layers": [dataclasses.asdict(r) for r in self.rows], "summary": summary}
+        if self.blocks:
+            out["blocks"] = self.blocks
+        return out
 
     def table(self, *, per_layer: bool = True) -> Any:
         """A rich Table: one row per layer (or per group with per_layer=False) with relative errors."""

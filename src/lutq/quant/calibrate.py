@@ -32,6 +32,59 @@ from lutq.quant.presets import CALIB_LEN, CALIB_SEQUENCES, GPTQ_DAMP
 DEFAULT_DAMP = GPTQ_DAMP
 
 
+class HessianCollector:
+    """Forward pre-hooks that accumulate H = mean over tokens of x xᵀ (float32 [in, in], on the CPU) for the
+    inputs of the given modules, while the caller runs forwards. Modules that read the same input tensor
+    (q/k/v, gate/up) share one H.
+
+        with HessianCollector({"q": layer_q, "k": layer_k}) as hc:
+            model(...)
+        hessians = hc.result()
+    """
+
+    def __init__(self, targets: dict[str, nn.Module]) -> None:
+        self.targets = targets
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.alias: dict[str, str] = {}
+        self._last: tuple[Any, str | None] = (None, None)  # holding x keeps its identity unambiguous
+        self._handles: list[Any] = []
+
+    def _hook(self, name: str):
+        def fn(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0]
+            if x is self._last[0]:  # the same tensor as the previous linear's (q/k/v, gate/up): share its H
+                self.alias.setdefault(name, self._last[1])
+                return
+            self._last = (x, name)
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            h = (flat.t() @ flat).cpu()
+            self.sums[name] = self.sums[name] + h if name in self.sums else h
+            self.counts[name] = self.counts.get(name, 0) + flat.shape[0]
+        return fn
+
+    def __enter__(self) -> HessianCollector:
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.targets.items()]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._last = (None, None)
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """{module name: H}; fails naming the modules that no input reached."""
+        out = {n: self.sums[n] / self.counts[n] for n in self.sums}
+        for name, owner in self.alias.items():
+            if name not in out:
+                out[name] = out[owner]
+        missing = sorted(set(self.targets) - set(out))
+        if missing:
+            raise LutqError(f"calibration: no inputs reached {missing[:3]}{'...' if len(missing) > 3 else ''}")
+        return out
+
+
 @torch.no_grad()
 def collect_hessians(model: nn.Module, blocks: torch.Tensor, names: Iterable[str] | None = None, *,
                      batch_size: int = 8, show_progress: bool = True) -> dict[str, torch.Tensor]:
@@ -48,50 +101,21 @@ def collect_hessians(model: nn.Module, blocks: torch.Tensor, names: Iterable[str
                if _is_linear(m) and (wanted is None or n in wanted)}
     if not targets:
         raise LutqError("calibration: none of the named layers is a linear (nn.Linear or LUT) layer of this model")
-    sums: dict[str, torch.Tensor] = {}
-    alias: dict[str, str] = {}
-    counts: dict[str, int] = {}
-    last: dict[str, Any] = {"x": None, "owner": None}  # holding x keeps its identity unambiguous
-
-    def hook(name: str):
-        def fn(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0]
-            if x is last["x"]:  # the same tensor as the previous linear's (q/k/v, gate/up): share its H
-                alias.setdefault(name, last["owner"])
-                return
-            last["x"], last["owner"] = x, name
-            flat = x.detach().reshape(-1, x.shape[-1]).float()
-            h = flat.t() @ flat
-            sums[name] = sums[name] + h.cpu() if name in sums else h.cpu()
-            counts[name] = counts.get(name, 0) + flat.shape[0]
-        return fn
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     run = model if head is None or any(m is head for m in targets.values()) else _body(model)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        with progress(transient=True) as bar:
+        with HessianCollector(targets) as hc, progress(transient=True) as bar:
             task = bar.add_task("calibrating", total=blocks.shape[0], visible=show_progress)
             for s in range(0, blocks.shape[0], batch_size):
                 chunk = blocks[s : s + batch_size].to(device)
                 run(input_ids=chunk, use_cache=False)
                 bar.advance(task, chunk.shape[0])
     finally:
-        for h in handles:
-            h.remove()
-        last["x"] = None
         model.train(was_training)
-    out = {n: sums[n] / counts[n] for n in sums}
-    for name, owner in alias.items():
-        if name not in out:
-            out[name] = out[owner]
-    missing = sorted(set(targets) - set(out))
-    if missing:
-        raise LutqError(f"calibration: no inputs reached {missing[:3]}{'...' if len(missing) > 3 else ''}")
-    return out
+    return hc.result()
 
 
 def _body(model: nn.Module) -> nn.Module:
@@ -210,7 +234,8 @@ def output_error(layer: LUTLinear, weight: torch.Tensor, hessian: torch.Tensor) 
     h = hessian.to(layer.scale_A.device, torch.float64)
     w = weight.detach().to(h)
     d = (layer.q() * layer.scale_map()).detach().to(h) - w
-    return float(((d @ h) * d).sum() / ((w @ h) * w).sum().clamp_min(1e-300)) ** 0.5
+    ratio = float(((d @ h) * d).sum() / ((w @ h) * w).sum().clamp_min(1e-300))
+    return max(ratio, 0.0) ** 0.5  # rounding can leave a tiny negative trace when ΔW H ΔWᵀ is ~0
 
 
 def calibration_blocks(source: str | Sequence[str], tokenizer: Any, *,

@@ -43,6 +43,11 @@ def quantize_cmd(
     calib_sequences: int = typer.Option(CALIB_SEQUENCES, "--calib-sequences", help="Calibration sequences."),
     calib_len: int = typer.Option(CALIB_LEN, "--calib-len", help="Tokens per calibration sequence (data sources)."),
     damp: float | None = typer.Option(None, "--damp", help="GPTQ damping, a fraction of the mean diag(H)."),
+    blockwise: bool = typer.Option(False, "--blockwise/--one-shot", help="With --calib: calibrate block by block "
+                                   "on the quantized prefix's inputs (sequential GPTQ + output reconstruction)."),
+    recon_steps: int = typer.Option(0, "--recon-steps", help="--blockwise: Adam steps per block on the scales to "
+                                    "reproduce the FP block outputs (0: sequential GPTQ only)."),
+    recon_lr: float = typer.Option(1e-3, "--recon-lr", help="--blockwise: learning rate of the reconstruction."),
     per_layer: bool = typer.Option(True, "--per-layer/--summary", help="Print every layer or group means."),
 ) -> None:
     """Quantize a model to LUT layers, print the per-layer init error table, save a checkpoint."""
@@ -54,17 +59,31 @@ def quantize_cmd(
         cfg = cfg.with_lut_kind(lut)
     cfg = cfg.replace(tighten_rounds=tighten, group_size=group_size, mode="latent" if latent else None,
                       gptq_damp=damp)
+    if blockwise and not calib:
+        raise LutqError("quantize: --blockwise needs --calib (the data the blocks are calibrated on)")
     m, tok = load_model(model)
-    hessians = None
-    if calib:
-        from lutq.quant.calibrate import hessians_for
+    if blockwise:
+        from lutq.quant.calibrate import calibration_blocks
+        from lutq.quant.reconstruct import ReconstructConfig, quantize_blockwise
 
-        hessians = hessians_for(m, cfg, calib, tok, num_sequences=calib_sequences, seq_len=calib_len)
-    report = quantize(m, cfg, hessians=hessians)
+        recon = ReconstructConfig(steps=recon_steps, lr=recon_lr, damp=cfg.gptq_damp,
+                                  refit_rounds=cfg.gptq_refit_rounds)
+        blocks = calibration_blocks(calib, tok, num_sequences=calib_sequences, seq_len=calib_len)
+        report = quantize_blockwise(m, cfg, blocks, recon)
+    else:
+        hessians = None
+        if calib:
+            from lutq.quant.calibrate import hessians_for
+
+            hessians = hessians_for(m, cfg, calib, tok, num_sequences=calib_sequences, seq_len=calib_len)
+        report = quantize(m, cfg, hessians=hessians)
     console.print(report.table(per_layer=per_layer))
     extra = {"source_model": model, "quantize": report.to_dict()["summary"]}
     if calib:
-        extra["calibration"] = {"source": calib, "sequences": calib_sequences, "seq_len": calib_len}
+        extra["calibration"] = {"source": calib, "sequences": calib_sequences, "seq_len": calib_len,
+                                "method": "blockwise" if blockwise else "one-shot"}
+        if blockwise:
+            extra["calibration"].update(recon=recon.to_dict(), blocks=report.blocks)
     save_checkpoint(out, m, tok, extra=extra)
     console.print(f"saved {out}")
 

@@ -91,6 +91,20 @@ class QuantizeParams(ConfigBase):
     calib: str | None = None  # GPTQ index picking on a KD cache ("@cache") or a data source; None: nearest
     calib_sequences: int = CALIB_SEQUENCES
     calib_len: int = CALIB_LEN
+    # with calib: block-wise calibration (lutq.quant.reconstruct.ReconstructConfig fields, e.g. {steps = 100});
+    # None: one-shot GPTQ with Hessians of the FP model
+    blockwise: dict[str, Any] | None = None
+
+    def validate(self) -> None:
+        if self.blockwise is not None:
+            if self.calib is None:
+                raise LutqError("quantize stage: `blockwise` needs `calib`")
+            self.recon_config().validate()
+
+    def recon_config(self) -> Any:
+        from lutq.quant.reconstruct import ReconstructConfig
+
+        return ReconstructConfig.from_dict(self.blockwise or {}, source="quantize stage blockwise")
 
 
 def _run_quantize(ctx: StageContext, p: QuantizeParams) -> dict[str, Any]:
@@ -103,12 +117,22 @@ def _run_quantize(ctx: StageContext, p: QuantizeParams) -> dict[str, Any]:
     config: Any = p.preset if not p.config else {**get_preset(p.preset).to_dict(), **p.config}
     if p.lut_kind is not None:
         config = resolve_config(config).with_lut_kind(p.lut_kind)
-    hessians = None if p.calib is None else hessians_for(model, config, p.calib, tok,
-                                                         num_sequences=p.calib_sequences, seq_len=p.calib_len)
-    report = quantize(model, config, hessians=hessians)
+    if p.blockwise is not None:
+        from lutq.quant.calibrate import calibration_blocks
+        from lutq.quant.reconstruct import quantize_blockwise
+
+        blocks = calibration_blocks(p.calib, tok, num_sequences=p.calib_sequences, seq_len=p.calib_len)
+        report = quantize_blockwise(model, config, blocks, p.recon_config())
+    else:
+        hessians = None if p.calib is None else hessians_for(model, config, p.calib, tok,
+                                                             num_sequences=p.calib_sequences, seq_len=p.calib_len)
+        report = quantize(model, config, hessians=hessians)
     save_checkpoint(ctx.out, model, tok, extra={"speedrun_stage": ctx.name, "source": p.model,
-                                                "calibration": p.calib})
-    return {"rel_error": report.to_dict()["summary"]}
+                                                "calibration": p.calib, "blockwise": p.blockwise})
+    out: dict[str, Any] = {"rel_error": report.to_dict()["summary"]}
+    if report.blocks:
+        out["block_losses"] = [[b["loss_before"], b["loss_after"]] for b in report.blocks]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ train

@@ -1,0 +1,162 @@
+"""Block-wise calibration: captured block inputs, sequential GPTQ stages, output reconstruction, the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lutq.cli import app
+from lutq.core import LutqError
+from lutq.models import load_checkpoint, save_checkpoint
+from lutq.quant import lut_layers, quantize
+from lutq.quant.reconstruct import (
+    ReconstructConfig,
+    _block_inputs,
+    _run_block,
+    _sublayer_stages,
+    decoder_layers,
+    quantize_blockwise,
+    reconstruct_,
+)
+from lutq.testing import tiny_model, tiny_tokenizer
+
+
+def _ids(n: int = 16, length: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 300, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _kl(reference: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor) -> float:
+    p = reference(ids).logits.log_softmax(-1)
+    q = model(ids).logits.log_softmax(-1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+@torch.no_grad()
+def test_captured_block_inputs_reproduce_the_model(tiny_arch: str) -> None:
+    """Running the blocks one by one on the captured inputs and kwargs gives the model's own hidden states."""
+    model = tiny_model(tiny_arch, layers=3)
+    ids = _ids(8)
+    xs, kwargs = _block_inputs(model, ids, batch_size=4)
+    assert len(xs) == 2 and xs[0].shape == (4, 24, 64)
+    hidden = model.model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    x = torch.cat(xs)
+    assert torch.allclose(x, hidden[0], atol=1e-6)
+    for i, block in enumerate(decoder_layers(model)[:-1]):  # the last hidden state has the final norm applied
+        x = torch.cat([_run_block(block, c, kwargs[i]) for c in x.split(4)])
+        assert torch.allclose(x, hidden[i + 1], atol=1e-5), f"block {i}"
+
+
+def test_sublayer_stages_follow_the_forward() -> None:
+    model = tiny_model("qwen3", layers=1)
+    quantize(model, "q4a4", progress=False)
+    block = decoder_layers(model)[0]
+    layers = {n: m for n, m in lut_layers(model)}
+    xs, kwargs = _block_inputs(model, _ids(2), batch_size=2)
+    stages = _sublayer_stages(block, layers, xs[0], kwargs[0])
+    short = [[n.rsplit(".", 1)[1] for n in s] for s in stages]
+    assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+
+
+def test_reconstruct_beats_nearest_and_never_hurts_a_block(tiny_arch: str) -> None:
+    model = tiny_model(tiny_arch, layers=2)
+    reference = copy.deepcopy(model)
+    quantize(model, "q2a4", progress=False)
+    ids, held_out = _ids(16), _ids(8, seed=1)
+    nearest = _kl(reference, model, held_out)
+
+    gptq_only = copy.deepcopy(model)
+    report = reconstruct_(gptq_only, reference, ids, ReconstructConfig(steps=0), show_progress=False)
+    assert all(r.out_error is not None for r in report.rows) and len(report.rows) == 14
+    assert all(b["loss_after"] == b["loss_before"] for b in report.blocks)
+    assert _kl(reference, gptq_only, held_out) < nearest
+
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    report = reconstruct_(model, reference, ids, ReconstructConfig(steps=20, lr=3e-3), show_progress=False)
+    assert [b["block"] for b in report.blocks] == [0, 1]
+    assert all(b["loss_after"] <= b["loss_before"] for b in report.blocks)
+    assert any(b["loss_after"] < b["loss_before"] for b in report.blocks)
+    assert _kl(reference, model, held_out) < nearest
+    # the trainable flags are as they were, and the reference is untouched (still full precision)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert not list(lut_layers(reference))
+
+
+def test_reconstruct_local_target_and_lut_training() -> None:
+    model = tiny_model("llama", layers=2)
+    reference = copy.deepcopy(model)
+    quantize(model, "q4a4", progress=False)
+    luts_before = [la.lut.clone() for _, la in lut_layers(model)]
+    cfg = ReconstructConfig(gptq=False, steps=10, lr=3e-3, train_lut=True, target="local")
+    report = reconstruct_(model, reference, _ids(8), cfg, show_progress=False)
+    assert all(r.out_error is None for r in report.rows)
+    luts = [la.lut for _, la in lut_layers(model)]
+    assert any(not torch.equal(a, b) for a, b in zip(luts_before, luts, strict=True))
+    for lut in luts:  # still a valid LUT: a buffer again, sorted, FP16-exact
+        assert not isinstance(lut, torch.nn.Parameter)
+        assert torch.all(lut[1:] > lut[:-1]) and torch.equal(lut, lut.half().float())
+
+
+def test_quantize_blockwise_is_deterministic() -> None:
+    ids = _ids(8)
+    states = []
+    for _ in range(2):
+        model = tiny_model("qwen3", layers=1)
+        quantize_blockwise(model, "q4a4", ids, ReconstructConfig(steps=5), show_progress=False)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_reconstruct_errors() -> None:
+    model = tiny_model("qwen3", layers=2)
+    fp = copy.deepcopy(model)
+    with pytest.raises(LutqError, match="no LUT layers"):
+        reconstruct_(model, fp, _ids(4), show_progress=False)
+    quantize(model, "q4a4", progress=False)
+    with pytest.raises(LutqError, match="not a full-precision nn.Linear"):
+        reconstruct_(model, copy.deepcopy(model), _ids(4), show_progress=False)
+    with pytest.raises(LutqError, match="decoder layers"):
+        reconstruct_(model, tiny_model("qwen3", layers=3), _ids(4), show_progress=False)
+    with pytest.raises(LutqError, match="token blocks"):
+        reconstruct_(model, fp, torch.zeros(4, dtype=torch.long), show_progress=False)
+    with pytest.raises(LutqError, match="target"):
+        reconstruct_(model, fp, _ids(4), ReconstructConfig(target="teacher"), show_progress=False)
+
+
+def test_quantize_cli_blockwise(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path / "fp", tiny_model("llama", layers=2), tiny_tokenizer())
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"text": f"line {i} " * 20}) + "\n" for i in range(20)))
+    args = ["quantize", "-m", str(tmp_path / "fp"), "-p", "q2a4", "-o", str(tmp_path / "q2"), "--summary",
+            "--calib", str(calib), "--calib-sequences", "8", "--calib-len", "32", "--blockwise", "--recon-steps", "3"]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    _, _, info = load_checkpoint(tmp_path / "q2")
+    cal = info.extra["calibration"]
+    assert cal["method"] == "blockwise" and cal["recon"]["steps"] == 3 and len(cal["blocks"]) == 2
+    with pytest.raises(LutqError, match="--blockwise needs --calib"):
+        CliRunner().invoke(app, ["quantize", "-m", str(tmp_path / "fp"), "-o", str(tmp_path / "x"), "--blockwise"],
+                           catch_exceptions=False)
+
+
+def test_reconstruct_latent_phase_moves_indices_and_ends_frozen() -> None:
+    model = tiny_model("qwen3", layers=2)
+    reference = copy.deepcopy(model)
+    quantize(model, "q4a4", progress=False)
+    ids = _ids(16)
+    idx_before = {n: la.idx.clone() for n, la in lut_layers(model)}
+    cfg = ReconstructConfig(gptq=False, latent_steps=30, latent_lr=3e-4, steps=10, lr=3e-3)
+    report = reconstruct_(model, reference, ids, cfg, show_progress=False)
+    assert all(b["loss_after"] < b["loss_before"] for b in report.blocks)
+    layers = dict(lut_layers(model))
+    assert {la.mode for la in layers.values()} == {"frozen"}
+    assert not any(hasattr(la, "weight") and isinstance(la.weight, torch.nn.Parameter) for la in layers.values())
+    moved = sum(int((la.idx != idx_before[n]).sum()) for n, la in layers.items())
+    assert moved > 0
+    with pytest.raises(LutqError, match="lr > 0"):
+        ReconstructConfig(latent_lr=0.0).validate()
