@@ -79,8 +79,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-class _Stop(Exception):  # noqa: N818 - control flow, not an error
-    pass
+class _Stop(Exception):
+    """Raised by a capture hook to end a forward early (control flow, not an error)."""
 
 
 @torch.no_grad()
