@@ -160,3 +160,25 @@ def test_reconstruct_latent_phase_moves_indices_and_ends_frozen() -> None:
     assert moved > 0
     with pytest.raises(LutqError, match="lr > 0"):
         ReconstructConfig(latent_lr=0.0).validate()
+
+
+def test_convert_cli_blockwise_against_the_fp_reference(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path / "fp", tiny_model("qwen3", layers=2), tiny_tokenizer())
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"text": f"row {i} of the calibration text, {i * 7}"}) + "\n"
+                             for i in range(40)))
+    run = CliRunner()
+    result = run.invoke(app, ["quantize", "-m", str(tmp_path / "fp"), "-p", "q4a4", "-o", str(tmp_path / "q4"),
+                              "--summary"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    common = ["--calib", str(calib), "--calib-sequences", "8", "--calib-len", "32"]
+    result = run.invoke(app, ["convert", "q4-to-q2", str(tmp_path / "q4"), str(tmp_path / "q2"), *common,
+                              "--reference", str(tmp_path / "fp"), "--recon-steps", "4"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    q2, _, info = load_checkpoint(tmp_path / "q2")
+    assert {(la.lut_size, la.rank) for n, la in lut_layers(q2) if ".mlp." in n} == {(4, 32)}
+    cal = info.extra["converted"]["calibration"]
+    assert cal["reference"] == str(tmp_path / "fp") and cal["recon"]["steps"] == 4 and len(cal["blocks"]) == 2
+    with pytest.raises(LutqError, match="pass calib too"):
+        run.invoke(app, ["convert", "q4-to-q2", str(tmp_path / "q4"), str(tmp_path / "x"), "--reference",
+                         str(tmp_path / "fp")], catch_exceptions=False)

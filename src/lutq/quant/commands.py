@@ -48,6 +48,9 @@ def quantize_cmd(
     recon_steps: int = typer.Option(0, "--recon-steps", help="--blockwise: Adam steps per block on the scales to "
                                     "reproduce the FP block outputs (0: sequential GPTQ only)."),
     recon_lr: float = typer.Option(1e-3, "--recon-lr", help="--blockwise: learning rate of the reconstruction."),
+    recon_latent_steps: int = typer.Option(0, "--recon-latent-steps", help="--blockwise: first, Adam steps per "
+                                           "block on latent weights (indices move), before the scale steps."),
+    recon_latent_lr: float = typer.Option(1e-4, "--recon-latent-lr", help="--blockwise: latent learning rate."),
     per_layer: bool = typer.Option(True, "--per-layer/--summary", help="Print every layer or group means."),
 ) -> None:
     """Quantize a model to LUT layers, print the per-layer init error table, save a checkpoint."""
@@ -66,8 +69,8 @@ def quantize_cmd(
         from lutq.quant.calibrate import calibration_blocks
         from lutq.quant.reconstruct import ReconstructConfig, quantize_blockwise
 
-        recon = ReconstructConfig(steps=recon_steps, lr=recon_lr, damp=cfg.gptq_damp,
-                                  refit_rounds=cfg.gptq_refit_rounds)
+        recon = ReconstructConfig(steps=recon_steps, lr=recon_lr, latent_steps=recon_latent_steps,
+                                  latent_lr=recon_latent_lr, damp=cfg.gptq_damp, refit_rounds=cfg.gptq_refit_rounds)
         blocks = calibration_blocks(calib, tok, num_sequences=calib_sequences, seq_len=calib_len)
         report = quantize_blockwise(m, cfg, blocks, recon)
     else:
@@ -97,12 +100,18 @@ def convert_q4_to_q2_cmd(
     calib: str | None = typer.Option(None, "--calib", help="GPTQ index picking on this data (KD cache or source)."),
     calib_sequences: int = typer.Option(CALIB_SEQUENCES, "--calib-sequences", help="Calibration sequences."),
     calib_len: int = typer.Option(CALIB_LEN, "--calib-len", help="Tokens per calibration sequence (data sources)."),
+    reference: str | None = typer.Option(None, "--reference", help="With --calib: the FP model to calibrate "
+                                         "against block by block (sequential GPTQ on FP weights + reconstruction)."),
+    recon_steps: int = typer.Option(0, "--recon-steps", help="--reference: Adam steps per block on the scales."),
+    recon_lr: float = typer.Option(1e-3, "--recon-lr", help="--reference: learning rate of the reconstruction."),
 ) -> None:
     """Q4 → Q2: k-means the LUTs down (usage × S² weighted), expand ranks, re-pick indices; print errors."""
     from lutq.quant.convert import convert_checkpoint
 
+    blockwise = {"steps": recon_steps, "lr": recon_lr} if reference else None
     convert_checkpoint(ckpt, out, _pair(mlp, "--mlp"), _pair(attn, "--attn"), tighten_rounds=tighten, calib=calib,
-                       calib_sequences=calib_sequences, calib_len=calib_len)
+                       calib_sequences=calib_sequences, calib_len=calib_len, reference=reference,
+                       blockwise=blockwise)
     console.print(f"saved {out}")
 
 

@@ -139,28 +139,45 @@ def freeze_latent(model: nn.Module) -> int:
 def convert_checkpoint(src: str | Path, dst: str | Path, mlp: tuple[int, int] = (4, 32),
                        attn: tuple[int, int] = (16, 8), *, tighten_rounds: int = 0, calib: str | None = None,
                        calib_sequences: int = CALIB_SEQUENCES, calib_len: int = CALIB_LEN,
-                       show: bool = True) -> QuantReport:
-    """Load the q4 LUT checkpoint `src`, `convert_q4_to_q2` it (GPTQ on `calib`, a KD cache or a data source,
-    with Hessians of the q4 model itself), save it as `dst`; returns the report (also in dst's config)."""
+                       reference: str | None = None, blockwise: Any = None, show: bool = True) -> QuantReport:
+    """Load the q4 LUT checkpoint `src`, `convert_q4_to_q2` it, save it as `dst`; returns the report (also in
+    dst's config). With `calib` (a KD cache or a data source): GPTQ indices from Hessians of the q4 model
+    itself or, given the FP `reference` model (a spec for `load_model`), block-wise calibration against it
+    (`lutq.quant.reconstruct`; `blockwise` is a ReconstructConfig)."""
     import json
 
     from lutq.core.console import console
-    from lutq.models import load_checkpoint, save_checkpoint
-    from lutq.quant.calibrate import hessians_for
+    from lutq.models import load_checkpoint, load_model, save_checkpoint
+    from lutq.quant.calibrate import calibration_blocks, hessians_for
+    from lutq.quant.reconstruct import ReconstructConfig, reconstruct_
 
+    if reference is not None and calib is None:
+        raise LutqError("convert: a reference model calibrates on data; pass calib too")
     model, tokenizer, info = load_checkpoint(src)
     if not any(True for _ in lut_layers(model)):
         raise LutqError(f"{src}: not a LUT checkpoint (no quantized layers); run `lutq quantize` first")
     hessians = None
-    if calib is not None:
+    if calib is not None and reference is None:
         names = {n for n, layer in lut_layers(model) if group_of(n) in ("mlp", "attn") and layer.kind == "linear"}
         hessians = hessians_for(model, names, calib, tokenizer, num_sequences=calib_sequences, seq_len=calib_len)
     report = convert_q4_to_q2(model, mlp, attn, tighten_rounds=tighten_rounds, hessians=hessians)
+    recon = None
+    if reference is not None:
+        recon = blockwise if isinstance(blockwise, ReconstructConfig) else ReconstructConfig.from_dict(
+            blockwise or {}, source="convert blockwise")
+        ref_model, ref_tok = load_model(reference)
+        if ref_tok.get_vocab() != tokenizer.get_vocab():
+            raise LutqError(f"convert: the reference {reference} has another tokenizer than {src}")
+        blocks = calibration_blocks(calib, tokenizer, num_sequences=calib_sequences, seq_len=calib_len)
+        report = reconstruct_(model, ref_model, blocks, recon)
+        report.title = "convert q4 → q2, block-wise calibration against the FP reference; error vs. the FP weight"
     if show:
         console.print(report.table(per_layer=False))
     converted: dict[str, Any] = {"from": str(src), "kind": "q4-to-q2", "summary": report.to_dict()["summary"]}
     if calib is not None:
         converted["calibration"] = {"source": calib, "sequences": calib_sequences, "seq_len": calib_len}
+        if recon is not None:
+            converted["calibration"].update(reference=reference, recon=recon.to_dict(), blocks=report.blocks)
     extra = {**info.extra, "converted": json.loads(json.dumps(converted))}
     save_checkpoint(dst, model, tokenizer, extra=extra)
     return report

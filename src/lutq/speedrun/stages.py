@@ -161,6 +161,14 @@ class ConvertParams(ConfigBase):
     calib: str | None = None  # GPTQ index picking on a KD cache ("@cache") or a data source
     calib_sequences: int = CALIB_SEQUENCES
     calib_len: int = CALIB_LEN
+    reference: str | None = None  # with calib: the FP model to calibrate against block by block
+    blockwise: dict[str, Any] | None = None  # ReconstructConfig fields for the block-wise calibration
+
+    def validate(self) -> None:
+        if self.reference is not None and self.calib is None:
+            raise LutqError("convert stage: `reference` needs `calib`")
+        if self.blockwise is not None and self.reference is None:
+            raise LutqError("convert stage: `blockwise` needs `reference` (the FP model to calibrate against)")
 
 
 def _run_convert(ctx: StageContext, p: ConvertParams) -> dict[str, Any]:
@@ -168,7 +176,8 @@ def _run_convert(ctx: StageContext, p: ConvertParams) -> dict[str, Any]:
     from lutq.train.recipes import convert_checkpoint
 
     convert_checkpoint(p.input, ctx.out, tighten_rounds=p.tighten_rounds, calib=p.calib,
-                       calib_sequences=p.calib_sequences, calib_len=p.calib_len)
+                       calib_sequences=p.calib_sequences, calib_len=p.calib_len, reference=p.reference,
+                       blockwise=p.blockwise)
     converted = read_checkpoint_info(ctx.out).extra.get("converted", {})
     return {"rel_error": converted.get("summary", {})}
 
