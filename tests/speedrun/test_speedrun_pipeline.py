@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from lutq.core import LutqError
 from lutq.speedrun.recipe import load_recipe
+from lutq.speedrun.stages import ConvertParams, QuantizeParams
 from lutq.speedrun.speedrun import SpeedrunConfig, speedrun
 from lutq.testing import tiny_model, tiny_tokenizer
 
@@ -58,6 +60,18 @@ kind = "convert"
 input = "@q4a4"
 calib = "@cache"
 calib_sequences = 8
+reference = "{model}"
+blockwise = {{ steps = 2 }}
+
+[[stages]]
+name = "q2a4_direct"
+kind = "quantize"
+[stages.params]
+model = "{model}"
+preset = "q2a4"
+calib = "@cache"
+calib_sequences = 8
+blockwise = {{ steps = 2 }}
 
 [[stages]]
 name = "q2a4"
@@ -125,6 +139,9 @@ def test_mini_recipe_runs_skips_and_resumes(mini_recipe: Path, tmp_path: Path) -
     # the quantize and convert stages calibrated on the cache (GPTQ): their reports carry output errors
     assert "mean_out_error" in by["q4a4_init"].summary["rel_error"]["mlp"]
     assert "mean_out_error" in by["q2a4_init"].summary["rel_error"]["mlp"]
+    # block-wise calibration: the convert against the FP reference and a direct quantize, one loss pair per block
+    assert len(by["q2a4_direct"].summary["block_losses"]) == 2
+    assert all(after <= before for before, after in by["q2a4_direct"].summary["block_losses"])
     assert [r["model"] for r in res.rows] == ["fp", "q4a4", "q2a4"] and "| q2a4 |" in res.table
     entry = json.loads((tmp_path / "runs" / "log.jsonl").read_text().splitlines()[-1])
     assert entry["status"] == "complete" and entry["figures"] == res.rows
@@ -141,3 +158,14 @@ def test_mini_recipe_runs_skips_and_resumes(mini_recipe: Path, tmp_path: Path) -
     assert status["snap"] == status["export"] == status["eval"] == "ran"  # made from a re-made checkpoint
     rows = [json.loads(x) for x in (run_dir / "q2a4" / "out" / "train.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows) == 2 and sum(r["step"] == 0 for r in rows) == 1  # not re-trained
+
+
+def test_blockwise_params_are_checked() -> None:
+    with pytest.raises(LutqError, match="needs `calib`"):
+        QuantizeParams(blockwise={"steps": 1}).validate()
+    with pytest.raises(LutqError, match="unknown key"):
+        QuantizeParams(calib="@cache", blockwise={"stepz": 1}).validate()
+    with pytest.raises(LutqError, match="needs `reference`"):
+        ConvertParams(calib="@cache", blockwise={"steps": 1}).validate()
+    with pytest.raises(LutqError, match="needs `calib`"):
+        ConvertParams(reference="m").validate()
