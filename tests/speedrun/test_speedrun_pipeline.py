@@ -10,8 +10,8 @@ import pytest
 
 from lutq.core import LutqError
 from lutq.speedrun.recipe import load_recipe
-from lutq.speedrun.stages import ConvertParams, QuantizeParams
 from lutq.speedrun.speedrun import SpeedrunConfig, speedrun
+from lutq.speedrun.stages import ConvertParams, QuantizeParams
 from lutq.testing import tiny_model, tiny_tokenizer
 
 TRAIN = 'batch_size = 4\nwarmup = 1\nlog_every = 1\neval_every = 2\neval_batches = 1\nsave_every = 2\nlr = 1e-3\n'
