@@ -179,6 +179,26 @@ def test_convert_cli_blockwise_against_the_fp_reference(tmp_path: Path) -> None:
     assert {(la.lut_size, la.rank) for n, la in lut_layers(q2) if ".mlp." in n} == {(4, 32)}
     cal = info.extra["converted"]["calibration"]
     assert cal["reference"] == str(tmp_path / "fp") and cal["recon"]["steps"] == 4 and len(cal["blocks"]) == 2
+    other = tiny_tokenizer()
+    other.add_tokens(["<not-in-the-student>"])
+    save_checkpoint(tmp_path / "fp-other-tok", tiny_model("qwen3", layers=2), other)
+    with pytest.raises(LutqError, match="another tokenizer"):
+        run.invoke(app, ["convert", "q4-to-q2", str(tmp_path / "q4"), str(tmp_path / "y"), *common,
+                         "--reference", str(tmp_path / "fp-other-tok")], catch_exceptions=False)
+    assert not (tmp_path / "y").exists()  # nothing half-written
     with pytest.raises(LutqError, match="pass calib too"):
         run.invoke(app, ["convert", "q4-to-q2", str(tmp_path / "q4"), str(tmp_path / "x"), "--reference",
                          str(tmp_path / "fp")], catch_exceptions=False)
+
+
+def test_reconstruct_takes_gptq_damping_from_the_quant_config() -> None:
+    ids = _ids(8)
+    outs = []
+    for damp in (0.01, 10.0):
+        model = tiny_model("llama", layers=1)
+        reference = copy.deepcopy(model)
+        quantize(model, {"preset": "q4a4", "mlp": {"lut_size": 16, "rank": 4}, "attn": {"lut_size": 16, "rank": 4},
+                         "gptq_damp": damp}, progress=False)
+        report = reconstruct_(model, reference, ids, ReconstructConfig(steps=0), show_progress=False)
+        outs.append([r.out_error for r in report.rows])
+    assert outs[0] != outs[1]

@@ -70,7 +70,7 @@ def quantize_cmd(
         from lutq.quant.reconstruct import ReconstructConfig, quantize_blockwise
 
         recon = ReconstructConfig(steps=recon_steps, lr=recon_lr, latent_steps=recon_latent_steps,
-                                  latent_lr=recon_latent_lr, damp=cfg.gptq_damp, refit_rounds=cfg.gptq_refit_rounds)
+                                  latent_lr=recon_latent_lr)
         blocks = calibration_blocks(calib, tok, num_sequences=calib_sequences, seq_len=calib_len)
         report = quantize_blockwise(m, cfg, blocks, recon)
     else:

@@ -37,7 +37,7 @@ from torch import nn
 from lutq.core.configs import ConfigBase
 from lutq.core.console import progress
 from lutq.core.errors import LutqError
-from lutq.quant.api import QuantReport, QuantRow, lut_layers
+from lutq.quant.api import QuantReport, QuantRow, lut_layers, quant_config_of
 from lutq.quant.calibrate import DEFAULT_DAMP, HessianCollector, calibrate_layer_
 from lutq.quant.init import relative_error
 from lutq.quant.layer import LUTLinear
@@ -51,8 +51,6 @@ class ReconstructConfig(ConfigBase):
     """What `reconstruct_` does per block (see the module doc)."""
 
     gptq: bool = True  # sequential GPTQ index picking before the scales train
-    damp: float = DEFAULT_DAMP
-    refit_rounds: int = 1  # output-metric refits of Â·g between GPTQ passes
     latent_steps: int = 0  # first, Adam steps on latent FP weights (indices move, straight-through), then frozen
     latent_lr: float = 1e-4
     steps: int = 0  # Adam steps on the scales A, B, g per block (0: none)
@@ -164,12 +162,11 @@ def _sublayer_stages(block: nn.Module, layers: dict[str, LUTLinear], x: torch.Te
 
 
 def _train_block(block: nn.Module, layers: dict[str, LUTLinear], xs: list[torch.Tensor], ys: list[torch.Tensor],
-                 kwargs: dict[str, Any], *, steps: int, lr: float, latent: bool, train_lut: bool, seed: int
-                 ) -> tuple[float, float]:
+                 kwargs: dict[str, Any], *, before: float, steps: int, lr: float, latent: bool, train_lut: bool,
+                 seed: int) -> float:
     """Adam on the block's scales (and LUTs), or with `latent` on FP weights started at W_eff whose indices
-    are re-picked every step (straight-through, then frozen again), to reconstruct ys. Returns (loss before,
-    loss after) over all chunks; the trained state is kept only if the loss fell."""
-    before = _mean_loss(block, xs, ys, kwargs)
+    are re-picked every step (straight-through, then frozen again), to reconstruct ys. Returns the loss over
+    all chunks afterwards; the trained state is kept only if it fell below `before`."""
     saved = {k: v.detach().clone() for k, v in block.state_dict().items()}
     flags = {n: p.requires_grad for n, p in block.named_parameters()}
     for p in block.parameters():
@@ -209,8 +206,8 @@ def _train_block(block: nn.Module, layers: dict[str, LUTLinear], xs: list[torch.
     after = _mean_loss(block, xs, ys, kwargs)
     if not after < before:
         block.load_state_dict(saved)
-        return before, before
-    return before, after
+        return before
+    return after
 
 
 def reconstruct_(model: nn.Module, reference: nn.Module, blocks: torch.Tensor,
@@ -228,6 +225,9 @@ def reconstruct_(model: nn.Module, reference: nn.Module, blocks: torch.Tensor,
     named = dict(lut_layers(model))
     if not named:
         raise LutqError("reconstruct: the model has no LUT layers (quantize it first)")
+    qcfg = quant_config_of(model)  # GPTQ damping and refit rounds: the model's QuantConfig, one home
+    damp = qcfg.gptq_damp if qcfg is not None else DEFAULT_DAMP
+    refit_rounds = qcfg.gptq_refit_rounds if qcfg is not None else 1
     bs = min(cfg.batch_size, blocks.shape[0])
     blocks = blocks[: blocks.shape[0] // bs * bs]
     model_was_training, ref_was_training = model.training, reference.training
@@ -255,17 +255,14 @@ def reconstruct_(model: nn.Module, reference: nn.Module, blocks: torch.Tensor,
                                 _run_block(q_block, x, kwargs[i])
                         hessians = hc.result()
                         for n in stage:
-                            out_errs[n] = calibrate_layer_(layers[n], weights[n], hessians[n], damp=cfg.damp,
-                                                           refit_rounds=cfg.refit_rounds)
-                before = after = None
+                            out_errs[n] = calibrate_layer_(layers[n], weights[n], hessians[n], damp=damp,
+                                                           refit_rounds=refit_rounds)
+                before = after = _mean_loss(q_block, xs_q, ys, kwargs[i])
                 for latent, steps, lr in ((True, cfg.latent_steps, cfg.latent_lr), (False, cfg.steps, cfg.lr)):
                     if steps and layers:
-                        b, after = _train_block(q_block, layers, xs_q, ys, kwargs[i], steps=steps, lr=lr,
-                                                latent=latent, train_lut=cfg.train_lut and not latent,
-                                                seed=cfg.seed * 100_003 + 2 * i + latent)
-                        before = b if before is None else before
-                if before is None:
-                    before = after = _mean_loss(q_block, xs_q, ys, kwargs[i])
+                        after = _train_block(q_block, layers, xs_q, ys, kwargs[i], before=after, steps=steps, lr=lr,
+                                             latent=latent, train_lut=cfg.train_lut and not latent,
+                                             seed=cfg.seed * 100_003 + 2 * i + latent)
                 report.blocks.append({"block": i, "loss_before": before, "loss_after": after})
                 for n, layer in layers.items():
                     report.rows.append(QuantRow(n, group_of(n) or "other", (layer.out_features, layer.in_features),
