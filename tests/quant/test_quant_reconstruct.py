@@ -58,9 +58,10 @@ def test_sublayer_stages_follow_the_forward() -> None:
     block = decoder_layers(model)[0]
     layers = {n: m for n, m in lut_layers(model)}
     xs, kwargs = _block_inputs(model, _ids(2), batch_size=2)
-    stages = _sublayer_stages(block, layers, xs[0], kwargs[0])
-    short = [[n.rsplit(".", 1)[1] for n in s] for s in stages]
-    assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    expected = [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    for _ in range(30):  # stable run after run (a freed input's reused id() once merged o_proj into gate/up)
+        stages = _sublayer_stages(block, layers, xs[0], kwargs[0])
+        assert [[n.rsplit(".", 1)[1] for n in s] for s in stages] == expected
 
 
 def test_reconstruct_beats_nearest_and_never_hurts_a_block(tiny_arch: str) -> None:

@@ -136,11 +136,13 @@ def _mean_loss(block: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor],
 def _sublayer_stages(block: nn.Module, layers: dict[str, LUTLinear], x: torch.Tensor,
                      kwargs: dict[str, Any]) -> list[list[str]]:
     """The block's LUT layers grouped by the input tensor they read, in forward order."""
-    order: list[tuple[str, int]] = []
+    # The input tensors themselves are kept (not their id()): a freed tensor's id can be reused by the next
+    # one, which would merge e.g. o_proj into the gate/up stage on some runs and not others.
+    order: list[tuple[str, torch.Tensor]] = []
 
     def hook(name: str):
         def fn(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            order.append((name, id(args[0])))
+            order.append((name, args[0]))
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
@@ -151,13 +153,13 @@ def _sublayer_stages(block: nn.Module, layers: dict[str, LUTLinear], x: torch.Te
         for h in handles:
             h.remove()
     stages: list[list[str]] = []
-    last = None
-    for name, ident in order:
-        if stages and ident == last:
+    last: torch.Tensor | None = None
+    for name, x in order:
+        if stages and x is last:
             stages[-1].append(name)
         else:
             stages.append([name])
-        last = ident
+        last = x
     return stages
 
 
