@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lutq.core import LutqError
-from lutq.speedrun.recipe import load_recipe
+from lutq.speedrun.recipe import builtin_recipes, load_recipe
 from lutq.speedrun.speedrun import SpeedrunConfig, speedrun
 from lutq.speedrun.stages import ConvertParams, QuantizeParams
 from lutq.testing import tiny_model, tiny_tokenizer
@@ -169,3 +169,14 @@ def test_blockwise_params_are_checked() -> None:
         ConvertParams(calib="@cache", blockwise={"steps": 1}).validate()
     with pytest.raises(LutqError, match="needs `calib`"):
         ConvertParams(reference="m").validate()
+
+
+def test_builtin_recipes_parse_and_chain_from_the_cache() -> None:
+    names = builtin_recipes()
+    assert {"default", "q4a4", "q2a4-progressive"} <= set(names)
+    for name in names:  # every built-in passes the validation a user's TOML gets (kinds, refs, typed params)
+        recipe = load_recipe(name)
+        kinds = [s.kind for s in recipe.stages]
+        assert kinds[:2] == ["assets", "cache"] and "train" in kinds
+        assert recipe.report in {s.name for s in recipe.stages}
+    assert load_recipe("default").budget_minutes <= 60  # the CPU budget that issue 5 states
