@@ -129,6 +129,20 @@ def test_reconstruct_errors() -> None:
         reconstruct_(model, fp, _ids(4), ReconstructConfig(target="teacher"), show_progress=False)
 
 
+def test_reconstruct_stops_on_a_nan_block_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lutq.quant.reconstruct as rec
+
+    model = tiny_model("qwen3", layers=1)
+    fp = copy.deepcopy(model)
+    quantize(model, "q4a4", progress=False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    monkeypatch.setattr(rec, "_recon_loss", lambda y, target: y.float().sum() * float("nan"))
+    with pytest.raises(LutqError, match="block loss is nan; lower the lr"):
+        reconstruct_(model, fp, _ids(4), ReconstructConfig(gptq=False, steps=3), show_progress=False)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags  # trainable flags restored
+    assert all(la.mode == "frozen" for _, la in lut_layers(model))
+
+
 def test_quantize_cli_blockwise(tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "fp", tiny_model("llama", layers=2), tiny_tokenizer())
     calib = tmp_path / "calib.jsonl"

@@ -38,10 +38,10 @@ from lutq.core.configs import ConfigBase
 from lutq.core.console import progress
 from lutq.core.errors import LutqError
 from lutq.quant.api import QuantReport, QuantRow, lut_layers, quant_config_of
-from lutq.quant.calibrate import DEFAULT_DAMP, HessianCollector, calibrate_layer_
+from lutq.quant.calibrate import HessianCollector, calibrate_layer_
 from lutq.quant.init import relative_error
 from lutq.quant.layer import LUTLinear
-from lutq.quant.presets import group_of
+from lutq.quant.presets import QuantConfig, group_of
 
 TARGETS = ("fp", "local")
 
@@ -190,7 +190,7 @@ def _train_block(block: nn.Module, layers: dict[str, LUTLinear], xs: list[torch.
             i = int(torch.randint(len(xs), (1,), generator=gen))
             loss = _recon_loss(_run_block(block, xs[i], kwargs), ys[i])
             if not torch.isfinite(loss):
-                raise LutqError(f"reconstruct: block loss is {float(loss)}; lower the lr")
+                raise LutqError(f"reconstruct: block loss is {loss.item()}; lower the lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -227,9 +227,7 @@ def reconstruct_(model: nn.Module, reference: nn.Module, blocks: torch.Tensor,
     named = dict(lut_layers(model))
     if not named:
         raise LutqError("reconstruct: the model has no LUT layers (quantize it first)")
-    qcfg = quant_config_of(model)  # GPTQ damping and refit rounds: the model's QuantConfig, one home
-    damp = qcfg.gptq_damp if qcfg is not None else DEFAULT_DAMP
-    refit_rounds = qcfg.gptq_refit_rounds if qcfg is not None else 1
+    qcfg = quant_config_of(model) or QuantConfig()  # GPTQ damping and refit rounds: one home, the QuantConfig
     bs = min(cfg.batch_size, blocks.shape[0])
     blocks = blocks[: blocks.shape[0] // bs * bs]
     model_was_training, ref_was_training = model.training, reference.training
@@ -257,8 +255,8 @@ def reconstruct_(model: nn.Module, reference: nn.Module, blocks: torch.Tensor,
                                 _run_block(q_block, x, kwargs[i])
                         hessians = hc.result()
                         for n in stage:
-                            out_errs[n] = calibrate_layer_(layers[n], weights[n], hessians[n], damp=damp,
-                                                           refit_rounds=refit_rounds)
+                            out_errs[n] = calibrate_layer_(layers[n], weights[n], hessians[n], damp=qcfg.gptq_damp,
+                                                           refit_rounds=qcfg.gptq_refit_rounds)
                 before = after = _mean_loss(q_block, xs_q, ys, kwargs[i])
                 for latent, steps, lr in ((True, cfg.latent_steps, cfg.latent_lr), (False, cfg.steps, cfg.lr)):
                     if steps and layers:

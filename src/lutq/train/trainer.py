@@ -444,8 +444,7 @@ def write_summary(run: RunDir, cfg: TrainConfig, result: TrainResult, *, status:
     """summary.md: status, the numbers before/after, where the checkpoints are, the config."""
     from lutq.core.atomic import atomic_write_text
 
-    title = run.path.name if run.path.name != "out" else f"{run.path.parent.name}/out"  # speedrun stages: q2a4/out
-    lines = [f"# lutq train: {title}", "", f"- status: {status}",
+    lines = [f"# lutq train: {run.path}", "", f"- status: {status}",
              f"- steps: {result.step}/{cfg.steps}, tokens: {result.tokens:,}, time: {result.elapsed_s:.1f} s "
              f"({result.tokens / max(result.elapsed_s, 1e-9):,.0f} tok/s)",
              f"- student: {cfg.init or cfg.model or 'cache teacher'} ({cfg.preset}), mode {cfg.mode}",
