@@ -167,6 +167,12 @@ def test_runtime_options_keep_the_numbers(kd, tmp_path, monkeypatch):
     assert compiled == ["KDStudent"]
     bf16 = losses("bf16", precision="bf16")  # autocast on CPU when forced; 'auto' is fp32 on CPU
     assert bf16 != ref and bf16 == pytest.approx(ref, rel=5e-2)
+    # 'fast' is bf16 exactly when the device has native bf16 matmuls, else fp32
+    import lutq.train.trainer as trainer_mod
+
+    for native, expected in ((True, bf16), (False, ref)):
+        monkeypatch.setattr(trainer_mod, "native_bf16", lambda device, native=native: native)
+        assert losses(f"fast-{native}", precision="fast") == expected
 
 
 def test_heldout_perplexity_at_eval(kd, tmp_path):
@@ -251,3 +257,17 @@ def test_default_init_is_calibrated_and_beats_the_plain_one(kd, tmp_path):
     assert losses["default"] < 0.5 * losses["plain"]
     with pytest.raises(LutqError, match="init_lut"):
         plain.replace(init_lut="nope").validate()
+
+
+def test_native_bf16_probe(monkeypatch):
+    from lutq.models.runtime import native_bf16
+
+    assert native_bf16("meta") is False
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert native_bf16("cpu") is True
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert native_bf16(torch.device("cpu")) is False
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the private probes
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert native_bf16("cpu") is False

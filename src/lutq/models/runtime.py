@@ -20,3 +20,18 @@ def set_grad_checkpointing(model: Any, on: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_disable()
+
+
+def native_bf16(device: Any) -> bool:
+    """Whether `device` multiplies bf16 matrices natively (faster than fp32): CUDA GPUs with bf16 support,
+    CPUs with AVX512-BF16 or AMX tiles. Elsewhere (AVX2 CPUs, MPS) bf16 autocast is emulated and slower."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        # torch.cpu's private probes are the only ISA check torch offers; absent in a future version = no.
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+    return False

@@ -45,7 +45,9 @@ def train_command(
                                        "e.g. shakespeare:val (repeatable)."),
     seed: int = typer.Option(None, "--seed", help="Seed for data order and RNG (0)."),
     device: str = typer.Option(None, "--device", help="auto (cuda if present), cpu, cuda, cuda:1, mps."),
-    precision: str = typer.Option(None, "--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16."),
+    precision: str = typer.Option(None, "--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU), fast "
+                                  "(bf16 autocast where the device has native bf16: CUDA, AVX512-BF16/AMX CPUs), "
+                                  "fp32, bf16."),
     grad_checkpointing: bool = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing",
                                             help="Recompute activations in backward (less memory)."),
     compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the student + loss."),

@@ -9,7 +9,7 @@ from lutq.core.configs import ConfigBase
 from lutq.core.errors import LutqError
 from lutq.kd.loss import KDLossConfig
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fast", "fp32", "bf16")
 LOGGERS = ("wandb", "trackio", "tensorboard")
 
 

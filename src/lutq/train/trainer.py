@@ -27,7 +27,7 @@ from lutq.core.console import console, progress
 from lutq.core.errors import LutqError
 from lutq.kd import KDCache, KDLossConfig, evaluate_kd, kd_loss, student_hidden
 from lutq.models import load_checkpoint, load_model, load_trainer_state, save_checkpoint
-from lutq.models.runtime import set_grad_checkpointing
+from lutq.models.runtime import native_bf16, set_grad_checkpointing
 from lutq.quant import get_preset, project_luts_, quantize, set_trainable, unfreeze_latent
 from lutq.quant.calibrate import hessians_for
 from lutq.train.config import TrainConfig
@@ -336,8 +336,10 @@ def _load_ppl_texts(specs: tuple[str, ...]) -> dict[str, list[Any]]:
 
 def _autocast_factory(precision: str, device: torch.device) -> Any:
     """A factory of autocast contexts: bf16 (fp32 master weights) on CUDA for 'auto', plain fp32 on CPU
-    unless 'bf16' is forced."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    unless 'bf16' is forced; 'fast' is bf16 wherever the device has native bf16 matmuls (CUDA, CPUs with
+    AVX512-BF16 or AMX), else fp32."""
+    use_bf16 = (precision == "bf16" or (precision == "auto" and device.type == "cuda")
+                or (precision == "fast" and native_bf16(device)))
     if not use_bf16:
         return contextlib.nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
