@@ -157,3 +157,14 @@ def test_cli_dry_run_resume_and_errors(token_file: Path, tmp_path: Path) -> None
     assert res.exit_code == 0, res.output
     saved = load_run_config(tmp_path / "c")
     assert (saved.steps, saved.optimizer, saved.n_layers, saved.lr) == (2, "lion", 1, 1e-4)
+
+
+def test_fast_precision_follows_native_bf16(monkeypatch):
+    import lutq.pretrain.train as pretrain_train
+
+    cpu = torch.device("cpu")
+    for native, expected in ((True, "bf16-mixed"), (False, "fp32")):
+        monkeypatch.setattr(pretrain_train, "native_bf16", lambda device, native=native: native)
+        assert pretrain_train.resolve_precision("fast", cpu) == expected
+    assert pretrain_train.resolve_precision("auto", cpu) == "fp32"
+    assert pretrain_train.resolve_precision("bf16", cpu) == "bf16"

@@ -54,7 +54,8 @@ def pretrain_command(
     warmup: int = _O(None, "--warmup", help="Linear warmup steps (100)."),
     weight_decay: float = _O(None, "--weight-decay", help="Decoupled weight decay on matrices (0.1)."),
     grad_clip: float = _O(None, "--grad-clip", help="Gradient norm clip (1.0; 0 disables)."),
-    precision: str = _O(None, "--precision", help="auto, fp32, bf16-mixed (fp32 master + autocast), bf16."),
+    precision: str = _O(None, "--precision", help="auto, fast (bf16-mixed where bf16 is native), fp32, "
+                         "bf16-mixed (fp32 master + autocast), bf16."),
     grad_checkpoint: bool = _O(None, "--grad-checkpoint/--no-grad-checkpoint", help="Recompute activations."),
     compile: bool = _O(None, "--compile/--no-compile", help="torch.compile the model."),
     val_fraction: float = _O(None, "--val-fraction", help="Held-out tail of the token file (0.05)."),

@@ -39,7 +39,7 @@ DEFAULTS: dict[str, Any] = {"seq_len": 1024, "seq_schedule": "", "micro_batch": 
                             "grad_checkpoint": False, "precision": "auto", "optimizer": "adamw"}
 DEFAULT_LR = {"adamw": 3e-4, "lion": 1e-4}
 OPTIMIZERS = ("adamw", "lion")
-PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
+PRECISIONS = ("auto", "fast", "fp32", "bf16-mixed", "bf16")
 # Options that only steer this invocation; a resume may change them.
 RUNTIME_FIELDS = ("stop_after", "time_limit", "device", "compile", "log_every")
 
