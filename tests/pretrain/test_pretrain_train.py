@@ -160,11 +160,14 @@ def test_cli_dry_run_resume_and_errors(token_file: Path, tmp_path: Path) -> None
 
 
 def test_fast_precision_follows_native_bf16(monkeypatch):
+    import lutq.models.runtime as runtime
     import lutq.pretrain.train as pretrain_train
 
     cpu = torch.device("cpu")
     for native, expected in ((True, "bf16-mixed"), (False, "fp32")):
-        monkeypatch.setattr(pretrain_train, "native_bf16", lambda device, native=native: native)
+        monkeypatch.setattr(runtime, "native_bf16", lambda device, native=native: native)
         assert pretrain_train.resolve_precision("fast", cpu) == expected
     assert pretrain_train.resolve_precision("auto", cpu) == "fp32"
     assert pretrain_train.resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(ValueError, match="not an automatic precision"):
+        runtime.auto_picks_bf16("bf16", cpu)

@@ -167,12 +167,14 @@ def test_runtime_options_keep_the_numbers(kd, tmp_path, monkeypatch):
     assert compiled == ["KDStudent"]
     bf16 = losses("bf16", precision="bf16")  # autocast on CPU when forced; 'auto' is fp32 on CPU
     assert bf16 != ref and bf16 == pytest.approx(ref, rel=5e-2)
-    # 'fast' is bf16 exactly when the device has native bf16 matmuls, else fp32
-    import lutq.train.trainer as trainer_mod
+    # 'fast' is bf16 exactly when the device has native bf16 matmuls, else fp32; run.json says which it was
+    import lutq.models.runtime as runtime
 
-    for native, expected in ((True, bf16), (False, ref)):
-        monkeypatch.setattr(trainer_mod, "native_bf16", lambda device, native=native: native)
+    for native, expected, resolved in ((True, bf16, "bf16"), (False, ref, "fp32")):
+        monkeypatch.setattr(runtime, "native_bf16", lambda device, native=native: native)
         assert losses(f"fast-{native}", precision="fast") == expected
+        assert RunDir(tmp_path / f"fast-{native}").read_config()["precision"] == resolved
+    assert RunDir(tmp_path / "fp32").read_config()["precision"] == "fp32"  # 'auto' on CPU
 
 
 def test_heldout_perplexity_at_eval(kd, tmp_path):

@@ -35,3 +35,18 @@ def native_bf16(device: Any) -> bool:
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
     return False
+
+
+AUTO_PRECISIONS = ("auto", "fast")
+
+
+def auto_picks_bf16(choice: str, device: Any) -> bool:
+    """The one rule behind the automatic precision choices of `lutq train` and `lutq pretrain`: 'auto' is bf16
+    (autocast, fp32 master weights) on CUDA and fp32 elsewhere; 'fast' is bf16 wherever `native_bf16(device)`."""
+    import torch
+
+    if choice == "auto":
+        return torch.device(device).type == "cuda"
+    if choice == "fast":
+        return native_bf16(device)
+    raise ValueError(f"not an automatic precision choice: {choice!r} (one of {AUTO_PRECISIONS})")

@@ -33,7 +33,7 @@ from lutq.core.console import console, progress
 from lutq.core.errors import LutqError
 from lutq.data.tokens import TokenData
 from lutq.models import load_trainer_state
-from lutq.models.runtime import native_bf16
+from lutq.models.runtime import AUTO_PRECISIONS, auto_picks_bf16
 from lutq.pretrain.checkpoint import load_weights_into, save_pretrain_checkpoint
 from lutq.pretrain.config import RUNTIME_FIELDS, Plan, PretrainConfig, make_plan
 from lutq.pretrain.flops import device_name, mfu, peak_flops
@@ -96,10 +96,8 @@ def eval_batches(data: TokenData, plan: Plan, cfg: PretrainConfig, device: torch
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The concrete precision: 'auto' is bf16-mixed on CUDA and fp32 elsewhere; 'fast' is bf16-mixed wherever the
     device has native bf16 matmuls (CUDA, AVX512-BF16 / AMX CPUs) and fp32 elsewhere."""
-    if precision == "auto":
-        return "bf16-mixed" if device.type == "cuda" else "fp32"
-    if precision == "fast":
-        return "bf16-mixed" if native_bf16(device) else "fp32"
+    if precision in AUTO_PRECISIONS:
+        return "bf16-mixed" if auto_picks_bf16(precision, device) else "fp32"
     return precision
 
 

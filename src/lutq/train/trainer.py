@@ -27,7 +27,7 @@ from lutq.core.console import console, progress
 from lutq.core.errors import LutqError
 from lutq.kd import KDCache, KDLossConfig, evaluate_kd, kd_loss, student_hidden
 from lutq.models import load_checkpoint, load_model, load_trainer_state, save_checkpoint
-from lutq.models.runtime import native_bf16, set_grad_checkpointing
+from lutq.models.runtime import AUTO_PRECISIONS, auto_picks_bf16, set_grad_checkpointing
 from lutq.quant import get_preset, project_luts_, quantize, set_trainable, unfreeze_latent
 from lutq.quant.calibrate import hessians_for
 from lutq.train.config import TrainConfig
@@ -145,7 +145,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
         student = torch.nn.parallel.DistributedDataParallel(student, device_ids=device_ids)
     if cfg.compile:
         student = torch.compile(student)
-    amp = _autocast_factory(cfg.precision, ctx.device)
+    precision = resolve_precision(cfg.precision, ctx.device)
+    amp = _autocast_factory(precision, ctx.device)
 
     # logs (rank 0): a fresh run writes run.json + headers; a resume drops rows after its checkpoint
     ppl_docs = _load_ppl_texts(cfg.ppl_texts) if ctx.is_main else {}
@@ -158,7 +159,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
             initial_eval, final_eval = _evals_from_log(run)
         else:
             run.clear()  # an overwritten run must not leave a stale best/ or last/ behind
-            run.write_config(_run_record(cfg, cache, ctx))
+            run.write_config(_run_record(cfg, cache, ctx, precision))
             run.start_logs(csv_columns([ppl_name(s) for s in cfg.ppl_texts]))
         trackers = Trackers(cfg.loggers, run_dir=run.path, project=cfg.project, config=cfg.to_dict(),
                             resume=resume)
@@ -170,7 +171,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
         where = f"resuming {run.path} at step {step}" if resume else f"training {run.path}"
         console.print(f"{where}: mode {cfg.mode}, {sum(p.numel() for p in params):,} trainable parameters, "
                       f"{cfg.steps} steps × {cfg.sequences_per_step} sequences × {cache.L} tokens, "
-                      f"{ctx.device} × {ctx.world_size}")
+                      f"{ctx.device} × {ctx.world_size}, {precision}")
 
     def evaluate() -> dict[str, float]:
         """Validation KD metrics (+ held-out perplexity), rank 0 only; others wait at the barrier."""
@@ -334,13 +335,17 @@ def _load_ppl_texts(specs: tuple[str, ...]) -> dict[str, list[Any]]:
     return {ppl_name(s): load_documents(s) for s in specs}
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'bf16' (autocast, fp32 master weights) or 'fp32': the choice itself, or what 'auto' / 'fast' pick on
+    `device` (lutq.models.runtime.auto_picks_bf16)."""
+    if precision in AUTO_PRECISIONS:
+        return "bf16" if auto_picks_bf16(precision, device) else "fp32"
+    return precision
+
+
 def _autocast_factory(precision: str, device: torch.device) -> Any:
-    """A factory of autocast contexts: bf16 (fp32 master weights) on CUDA for 'auto', plain fp32 on CPU
-    unless 'bf16' is forced; 'fast' is bf16 wherever the device has native bf16 matmuls (CUDA, CPUs with
-    AVX512-BF16 or AMX), else fp32."""
-    use_bf16 = (precision == "bf16" or (precision == "auto" and device.type == "cuda")
-                or (precision == "fast" and native_bf16(device)))
-    if not use_bf16:
+    """A factory of the forward's autocast context for a resolved precision ('bf16' or 'fp32')."""
+    if precision != "bf16":
         return contextlib.nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -410,10 +415,10 @@ def _ckpt_extra(cfg: TrainConfig, step: int, metrics: dict[str, float] | None = 
                       "cache": str(cfg.cache), "metrics": metrics or {}}}
 
 
-def _run_record(cfg: TrainConfig, cache: KDCache, ctx: DistContext) -> dict[str, Any]:
+def _run_record(cfg: TrainConfig, cache: KDCache, ctx: DistContext, precision: str) -> dict[str, Any]:
     meta = {k: cache.meta.get(k) for k in ("teacher", "L", "K", "R", "source") if k in cache.meta}
     return {"config": cfg.to_dict(), "lutq_version": __version__, "torch_version": torch.__version__,
-            "world_size": ctx.world_size, "device": str(ctx.device), "cache_meta": meta,
+            "world_size": ctx.world_size, "device": str(ctx.device), "precision": precision, "cache_meta": meta,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
