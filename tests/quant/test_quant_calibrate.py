@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -17,11 +18,12 @@ from lutq.quant import LUTLinear, get_preset, lut_layers, quant_config_of, quant
 from lutq.quant.calibrate import (
     calibration_blocks,
     collect_hessians,
+    column_weights,
     gptq_indices_,
     hessians_for,
     output_error,
 )
-from lutq.quant.init import init_from_weight_, repick_indices_
+from lutq.quant.init import init_from_weight_, relative_error, repick_indices_, tighten_
 from lutq.testing import tiny_model, tiny_tokenizer
 
 
@@ -232,3 +234,53 @@ def test_hessians_without_the_head_skip_the_logits() -> None:
     assert calls == []  # the vocabulary-sized projection never ran
     full = collect_hessians(model, ids, ["model.layers.0.mlp.down_proj", "lm_head"], show_progress=False)
     assert calls and torch.allclose(body_only["model.layers.0.mlp.down_proj"], full["model.layers.0.mlp.down_proj"])
+
+
+def test_column_weights_normalize_diag_h_and_power_zero_is_plain() -> None:
+    h = torch.diag(torch.tensor([4.0, 1.0, 0.0, 3.0]))
+    assert torch.allclose(column_weights(h, 1.0), torch.tensor([2.0, 0.5, 0.0, 1.5]))
+    assert torch.allclose(column_weights(h, 0.5), torch.tensor([2.0, 0.5, 0.0, 1.5]).sqrt())
+    assert torch.equal(column_weights(h, 0.0)[:2], torch.ones(2))
+
+
+def test_activation_weighted_init_fits_the_heavy_columns_better() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(32, 64)
+    heavy = torch.ones(64)
+    heavy[:8] = 100.0  # the first 8 inputs carry nearly all the activation energy
+
+    def heavy_error(col_weight: torch.Tensor | None) -> float:
+        layer = LUTLinear(64, 32, 4, 2)
+        init_from_weight_(layer, w, group_size=8, lut_kind="kmeans", tighten_rounds=2, col_weight=col_weight)
+        with torch.no_grad():
+            return float((layer.q() * layer.scale_map() - w)[:, :8].norm() / w[:, :8].norm())
+
+    assert heavy_error(heavy) < 0.9 * heavy_error(None)
+    # uniform column weights are the plain init, bit for bit
+    a, b = LUTLinear(64, 32, 4, 2), LUTLinear(64, 32, 4, 2)
+    init_from_weight_(a, w, group_size=8, lut_kind="kmeans", tighten_rounds=2)
+    init_from_weight_(b, w, group_size=8, lut_kind="kmeans", tighten_rounds=2, col_weight=torch.ones(64))
+    assert torch.equal(a.idx, b.idx) and torch.allclose(a.lut, b.lut)
+    assert torch.allclose(a.scale_map(), b.scale_map(), rtol=1e-5, atol=1e-6)
+
+
+def test_weighted_tighten_never_raises_the_weighted_error() -> None:
+    torch.manual_seed(1)
+    w = torch.randn(24, 40)
+    cw = torch.rand(40) * 5
+    layer = LUTLinear(40, 24, 4, 3)
+    init_from_weight_(layer, w, group_size=8, lut_kind="kmeans")
+    errors = tighten_(layer, w, 4, cw)
+    assert all(b <= a for a, b in itertools.pairwise(errors))
+    assert errors[-1] == pytest.approx(relative_error(layer, w, cw))
+
+
+def test_quantize_with_act_power_records_it_and_rejects_negative(calib_source: str) -> None:
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    cfg = get_preset("q4a4").with_lut_kind("kmeans").replace(init_act_power=0.5, tighten_rounds=1)
+    h = hessians_for(model, cfg, calib_source, tok, num_sequences=8, seq_len=16, show_progress=False)
+    report = quantize(model, cfg, hessians=h, progress=False)
+    assert all(r.out_error is not None for r in report.rows)
+    assert quant_config_of(model).init_act_power == 0.5
+    with pytest.raises(LutqError, match="init_act_power"):
+        get_preset("q4a4").replace(init_act_power=-1.0)

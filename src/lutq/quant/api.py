@@ -12,7 +12,7 @@ from torch import nn
 
 from lutq.core.console import progress as progress_bar
 from lutq.core.errors import LutqError
-from lutq.quant.calibrate import calibrate_layer_
+from lutq.quant.calibrate import calibrate_layer_, column_weights
 from lutq.quant.init import init_from_weight_, relative_error
 from lutq.quant.layer import LUTEmbedding, LUTLinear
 from lutq.quant.presets import LayerSpec, QuantConfig, group_of, resolve_config
@@ -162,8 +162,10 @@ def quantize(model: nn.Module, config: str | QuantConfig | dict[str, Any] = "q2a
             layer = _make_layer(module, spec, cfg)
             err = out_err = None
             if init:
+                h = hessians.get(name) if hessians is not None else None
+                cw = column_weights(h, cfg.init_act_power) if h is not None and cfg.init_act_power else None
                 err = init_from_weight_(layer, module.weight, group_size=cfg.group_size, lut_kind=spec.lut_kind,
-                                        tighten_rounds=cfg.tighten_rounds)
+                                        tighten_rounds=cfg.tighten_rounds, col_weight=cw)
                 if hessians is not None and name in hessians:
                     out_err = calibrate_layer_(layer, module.weight, hessians[name], damp=cfg.gptq_damp,
                                                refit_rounds=cfg.gptq_refit_rounds)

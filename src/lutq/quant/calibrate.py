@@ -128,6 +128,13 @@ def _is_linear(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or (isinstance(m, LUTLinear) and m.kind == "linear")
 
 
+def column_weights(hessian: torch.Tensor, power: float) -> torch.Tensor:
+    """Per-input-column weights (H_jj / mean H_jj)^power [in] for an activation-aware init: columns whose
+    inputs carry more energy count more in the k-means LUT and the scale refits (dead inputs weigh 0)."""
+    d = torch.diagonal(hessian).float().clamp_min(0)
+    return (d / d.mean().clamp_min(1e-30)) ** power
+
+
 @torch.no_grad()
 def gptq_indices_(layer: LUTLinear, weight: torch.Tensor, hessian: torch.Tensor, *, damp: float = DEFAULT_DAMP,
                   block_size: int = 128, act_order: bool = True) -> float:

@@ -43,6 +43,8 @@ def quantize_cmd(
     calib_sequences: int = typer.Option(CALIB_SEQUENCES, "--calib-sequences", help="Calibration sequences."),
     calib_len: int = typer.Option(CALIB_LEN, "--calib-len", help="Tokens per calibration sequence (data sources)."),
     damp: float | None = typer.Option(None, "--damp", help="GPTQ damping, a fraction of the mean diag(H)."),
+    act_power: float | None = typer.Option(None, "--act-power", help="With --calib (one-shot): weight each input "
+                                           "column of the LUT / scale init by (H_jj / mean)^P; 0: weight error."),
     blockwise: bool = typer.Option(False, "--blockwise/--one-shot", help="With --calib: calibrate block by block "
                                    "on the quantized prefix's inputs (sequential GPTQ + output reconstruction)."),
     recon_steps: int = typer.Option(0, "--recon-steps", help="--blockwise: Adam steps per block on the scales to "
@@ -61,7 +63,7 @@ def quantize_cmd(
     if lut:
         cfg = cfg.with_lut_kind(lut)
     cfg = cfg.replace(tighten_rounds=tighten, group_size=group_size, mode="latent" if latent else None,
-                      gptq_damp=damp)
+                      gptq_damp=damp, init_act_power=act_power)
     if blockwise and not calib:
         raise LutqError("quantize: --blockwise needs --calib (the data the blocks are calibrated on)")
     m, tok = load_model(model)

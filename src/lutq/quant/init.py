@@ -63,11 +63,16 @@ def _weff(layer: LUTLinear) -> torch.Tensor:
     return layer.q() * layer.scale_map()
 
 
-def relative_error(layer: LUTLinear, target: torch.Tensor) -> float:
-    """‖lut[idx] ⊙ S − W‖ / ‖W‖ for the layer's current idx and scales."""
+def relative_error(layer: LUTLinear, target: torch.Tensor, col_weight: torch.Tensor | None = None) -> float:
+    """‖lut[idx] ⊙ S − W‖ / ‖W‖ for the layer's current idx and scales (columns weighted by `col_weight`)."""
     with torch.no_grad():
         t = target.to(layer.scale_A)
-        return float((_weff(layer) - t).norm() / t.norm().clamp_min(1e-30))
+        d = _err_weight(t, col_weight)
+        return float((_weff(layer) - t).mul(d).norm() / t.mul(d).norm().clamp_min(1e-30))
+
+
+def _err_weight(t: torch.Tensor, col_weight: torch.Tensor | None) -> torch.Tensor | float:
+    return 1.0 if col_weight is None else col_weight.to(t).clamp_min(0).sqrt()[None, :]
 
 
 @torch.no_grad()
@@ -78,7 +83,8 @@ def repick_indices_(layer: LUTLinear, target: torch.Tensor) -> None:
 
 @torch.no_grad()
 def init_from_weight_(layer: LUTLinear, weight: torch.Tensor, *, group_size: int = 32,
-                      lut_kind: str = "uniform", tighten_rounds: int = 0, floor: float = 0.01) -> float:
+                      lut_kind: str = "uniform", tighten_rounds: int = 0, floor: float = 0.01,
+                      col_weight: torch.Tensor | None = None) -> float:
     """Initialize scales, LUT (uniform: kept; kmeans: fitted to W/S weighted by S²) and idx; return rel. error."""
     if lut_kind not in LUT_KINDS:
         raise LutqError(f"lut_kind must be one of {LUT_KINDS}, got {lut_kind!r}")
@@ -92,15 +98,17 @@ def init_from_weight_(layer: LUTLinear, weight: torch.Tensor, *, group_size: int
     layer.scale_g.copy_(g)
     if lut_kind == "kmeans":
         s = layer.scale_map()
-        layer.lut.copy_(kmeans_lut(w / s, s * s, layer.lut_size).to(layer.lut))
+        wt = s * s if col_weight is None else s * s * col_weight.to(s)[None, :]
+        layer.lut.copy_(kmeans_lut(w / s, wt, layer.lut_size).to(layer.lut))
     repick_indices_(layer, w)
     if layer.mode == "latent":
         layer.weight.copy_(w)
-    return tighten_(layer, w, tighten_rounds)[-1]
+    return tighten_(layer, w, tighten_rounds, col_weight)[-1]
 
 
 @torch.no_grad()
-def tighten_(layer: LUTLinear, target: torch.Tensor, rounds: int) -> list[float]:
+def tighten_(layer: LUTLinear, target: torch.Tensor, rounds: int,
+             col_weight: torch.Tensor | None = None) -> list[float]:
     """Up to `rounds` of (LS refit of A·g, LS refit of B·g, idx re-pick), kept only while the error falls.
 
     Returns the error after init and after each kept round (non-increasing).
@@ -108,13 +116,13 @@ def tighten_(layer: LUTLinear, target: torch.Tensor, rounds: int) -> list[float]
     if layer.snapped:
         raise LutqError("tighten: the layer is snapped to FP16; tighten before `lutq snap`")
     t = target.to(layer.scale_A)
-    errors = [relative_error(layer, t)]
+    errors = [relative_error(layer, t, col_weight)]
     for _ in range(rounds):
         saved = [p.detach().clone() for p in (layer.scale_A, layer.scale_B, layer.scale_g, layer.idx)]
-        _refit_a_(layer, t)
+        _refit_a_(layer, t, col_weight)
         _refit_b_(layer, t)
         repick_indices_(layer, t)
-        err = relative_error(layer, t)
+        err = relative_error(layer, t, col_weight)
         if not err < errors[-1] * (1 - 1e-6):
             for p, v in zip((layer.scale_A, layer.scale_B, layer.scale_g, layer.idx), saved, strict=True):
                 p.copy_(v)
@@ -143,13 +151,14 @@ def unit_factors(layer: LUTLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Te
             b / b.norm(dim=1, keepdim=True).clamp_min(layer.eps))
 
 
-def _refit_a_(layer: LUTLinear, t: torch.Tensor) -> None:
+def _refit_a_(layer: LUTLinear, t: torch.Tensor, col_weight: torch.Tensor | None = None) -> None:
     """Exact LS for a = Â·diag(g) given B̂ and Q (one r×r system per output row); g takes the column norms."""
     q = layer.q().double()
     _, _, b = unit_factors(layer)
     r = b.shape[0]
-    gram = ((q * q) @ _pair_products(b).t()).view(-1, r, r)
-    a = solve_batched(gram, (t.double() * q) @ b.t())
+    qd = q if col_weight is None else q * col_weight.to(q)[None, :]
+    gram = ((q * qd) @ _pair_products(b).t()).view(-1, r, r)
+    a = solve_batched(gram, (t.double() * qd) @ b.t())
     layer.scale_A.copy_(a)
     layer.scale_g.copy_(a.norm(dim=0))
 

@@ -60,6 +60,9 @@ class QuantConfig(ConfigBase):
     tighten_rounds: int = 0
     gptq_damp: float = GPTQ_DAMP  # GPTQ damping (fraction of mean diag H), used when quantize() gets Hessians
     gptq_refit_rounds: int = 1  # with Hessians: rounds of (output-metric refit of Â·g, GPTQ idx again)
+    # with Hessians: the init's k-means LUT and tighten refits weight input column j by (H_jj / mean H_jj)^power
+    # (activation-aware init, SqueezeLLM-style); 0: plain weight error. See docs/quant.md for what it buys.
+    init_act_power: float = 0.0
     mode: str = "frozen"  # "latent": keep a trainable FP weight, idx re-picked each step (STE)
     ste_fp16: bool = False
     quantize_lm_head: bool = False
@@ -72,6 +75,8 @@ class QuantConfig(ConfigBase):
         self.overrides = {k: _as_spec(v, f"overrides[{k!r}]") for k, v in dict(self.overrides).items()}
         if self.mode not in ("frozen", "latent"):
             raise LutqError(f"QuantConfig.mode must be 'frozen' or 'latent', got {self.mode!r}")
+        if not self.init_act_power >= 0:
+            raise LutqError(f"QuantConfig.init_act_power must be >= 0, got {self.init_act_power}")
         if self.group_size < 1 or self.tighten_rounds < 0:
             raise LutqError(f"QuantConfig: group_size must be >= 1 and tighten_rounds >= 0 "
                             f"(got {self.group_size}, {self.tighten_rounds})")

@@ -38,8 +38,8 @@ from lutq.core.configs import ConfigBase
 from lutq.core.console import progress
 from lutq.core.errors import LutqError
 from lutq.quant.api import QuantReport, QuantRow, lut_layers, quant_config_of
-from lutq.quant.calibrate import HessianCollector, calibrate_layer_
-from lutq.quant.init import relative_error
+from lutq.quant.calibrate import HessianCollector, calibrate_layer_, column_weights
+from lutq.quant.init import init_from_weight_, relative_error
 from lutq.quant.layer import LUTLinear
 from lutq.quant.presets import QuantConfig, group_of
 
@@ -213,10 +213,13 @@ def _train_block(block: nn.Module, layers: dict[str, LUTLinear], xs: list[torch.
 
 
 def reconstruct_(model: nn.Module, reference: nn.Module, blocks: torch.Tensor,
-                 cfg: ReconstructConfig | None = None, *, show_progress: bool = True) -> QuantReport:
+                 cfg: ReconstructConfig | None = None, *, reinit: bool = False,
+                 show_progress: bool = True) -> QuantReport:
     """Calibrate the LUT layers of `model` block by block against the FP `reference` (same architecture and
     layer names) on token blocks [N, L]; in place. Returns the per-layer report (weight error vs. the FP
-    weight, GPTQ output error) with each block's reconstruction loss before / after in `report.blocks`."""
+    weight, GPTQ output error) with each block's reconstruction loss before / after in `report.blocks`.
+    With `reinit` and the model's QuantConfig.init_act_power > 0, each layer is first re-initialized from its
+    FP weight with the activation-aware init on the Hessian of its block's quantized-prefix inputs."""
     cfg = cfg or ReconstructConfig()
     cfg.validate()
     if blocks.dim() != 2 or blocks.shape[0] == 0:
@@ -255,6 +258,12 @@ def reconstruct_(model: nn.Module, reference: nn.Module, blocks: torch.Tensor,
                                 _run_block(q_block, x, kwargs[i])
                         hessians = hc.result()
                         for n in stage:
+                            if qcfg.init_act_power and reinit:  # activation-aware init on this block's real inputs
+                                spec = qcfg.spec_for(n)
+                                init_from_weight_(layers[n], weights[n], group_size=qcfg.group_size,
+                                                  lut_kind=spec[1].lut_kind if spec else "kmeans",
+                                                  tighten_rounds=qcfg.tighten_rounds,
+                                                  col_weight=column_weights(hessians[n], qcfg.init_act_power))
                             out_errs[n] = calibrate_layer_(layers[n], weights[n], hessians[n], damp=qcfg.gptq_damp,
                                                            refit_rounds=qcfg.gptq_refit_rounds)
                 before = after = _mean_loss(q_block, xs_q, ys, kwargs[i])
@@ -305,4 +314,4 @@ def quantize_blockwise(model: nn.Module, config: Any, blocks: torch.Tensor, reco
 
     reference = copy.deepcopy(model)
     quantize(model, config, progress=show_progress)
-    return reconstruct_(model, reference, blocks, recon, show_progress=show_progress)
+    return reconstruct_(model, reference, blocks, recon, reinit=True, show_progress=show_progress)
