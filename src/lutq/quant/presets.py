@@ -60,9 +60,9 @@ class QuantConfig(ConfigBase):
     tighten_rounds: int = 0
     gptq_damp: float = GPTQ_DAMP  # GPTQ damping (fraction of mean diag H), used when quantize() gets Hessians
     gptq_refit_rounds: int = 1  # with Hessians: rounds of (output-metric refit of Â·g, GPTQ idx again)
-    # with Hessians: the init's k-means LUT and tighten refits weight input column j by (H_jj / mean H_jj)^power
+    # with Hessians: the init's k-means LUT and Â·g refits weight input column j by (H_jj / mean H_jj)^power
     # (activation-aware init, SqueezeLLM-style); 0: plain weight error. See docs/quant.md for what it buys.
-    init_act_power: float = 0.0
+    init_act_power: float = 0.5
     mode: str = "frozen"  # "latent": keep a trainable FP weight, idx re-picked each step (STE)
     ste_fp16: bool = False
     quantize_lm_head: bool = False
