@@ -43,8 +43,8 @@ def quantize_cmd(
     calib_sequences: int = typer.Option(CALIB_SEQUENCES, "--calib-sequences", help="Calibration sequences."),
     calib_len: int = typer.Option(CALIB_LEN, "--calib-len", help="Tokens per calibration sequence (data sources)."),
     damp: float | None = typer.Option(None, "--damp", help="GPTQ damping, a fraction of the mean diag(H)."),
-    act_power: float | None = typer.Option(None, "--act-power", help="With --calib (one-shot): weight each input "
-                                           "column of the LUT / scale init by (H_jj / mean)^P; 0: weight error."),
+    act_power: float | None = typer.Option(None, "--act-power", help="With --calib: weight each input column "
+                                           "of the LUT / scale init by (H_jj / mean)^P (default 0.5; 0: off)."),
     blockwise: bool = typer.Option(False, "--blockwise/--one-shot", help="With --calib: calibrate block by block "
                                    "on the quantized prefix's inputs (sequential GPTQ + output reconstruction)."),
     recon_steps: int = typer.Option(0, "--recon-steps", help="--blockwise: Adam steps per block on the scales to "
