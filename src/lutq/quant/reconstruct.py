@@ -218,8 +218,9 @@ def reconstruct_(model: nn.Module, reference: nn.Module, blocks: torch.Tensor,
     """Calibrate the LUT layers of `model` block by block against the FP `reference` (same architecture and
     layer names) on token blocks [N, L]; in place. Returns the per-layer report (weight error vs. the FP
     weight, GPTQ output error) with each block's reconstruction loss before / after in `report.blocks`.
-    With `reinit` and the model's QuantConfig.init_act_power > 0, each layer is first re-initialized from its
-    FP weight with the activation-aware init on the Hessian of its block's quantized-prefix inputs."""
+    With `reinit`, GPTQ on and the model's QuantConfig.init_act_power > 0, each layer is first re-initialized from
+    its FP weight with the activation-aware init on the Hessian of its block's quantized-prefix inputs (what
+    `quantize_blockwise` does; a converted q4 model keeps its starting point)."""
     cfg = cfg or ReconstructConfig()
     cfg.validate()
     if blocks.dim() != 2 or blocks.shape[0] == 0:
