@@ -158,11 +158,13 @@ def test_quantize_cli_with_calibration(tmp_path: Path, calib_source: str) -> Non
     save_checkpoint(tmp_path / "fp", tiny_model("qwen3"), tiny_tokenizer())
     result = CliRunner().invoke(app, ["quantize", "--model", str(tmp_path / "fp"), "--preset", "q4a4", "--out",
                                       str(tmp_path / "q4"), "--calib", calib_source, "--calib-sequences", "4",
-                                      "--calib-len", "24", "--damp", "0.05", "--summary"], catch_exceptions=False)
+                                      "--calib-len", "24", "--damp", "0.05", "--act-power", "0.25", "--summary"],
+                            catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "output error" in result.output
     q4, _, info = load_checkpoint(tmp_path / "q4")
     assert quant_config_of(q4).gptq_damp == 0.05  # --damp reached the config the layers were picked with
+    assert quant_config_of(q4).init_act_power == 0.25  # and so did --act-power
     assert info.extra["calibration"]["sequences"] == 4 and "mean_out_error" in info.extra["quantize"]["mlp"]
     assert get_preset("q4a4").gptq_damp == 0.01
 
