@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from lutq.cli import app
@@ -23,7 +24,7 @@ from lutq.quant.reconstruct import (
     quantize_blockwise,
     reconstruct_,
 )
-from lutq.testing import tiny_model, tiny_tokenizer
+from lutq.testing import tiny_config, tiny_model, tiny_tokenizer
 
 
 def _ids(n: int = 16, length: int = 24, seed: int = 0) -> torch.Tensor:
@@ -232,3 +233,35 @@ def test_quantize_blockwise_activation_aware_reinit() -> None:
         assert all(b["loss_after"] <= b["loss_before"] for b in report.blocks)
         luts[power] = {n: m.lut.clone() for n, m in lut_layers(model)}
     assert any(not torch.equal(luts[0.0][n], luts[1.0][n]) for n in luts[0.0])
+
+
+def test_blockwise_reinit_skips_the_thrown_away_plain_init_without_changing_the_result() -> None:
+    """With the activation-aware re-init, quantize_blockwise no longer runs the plain init first for the block
+    layers: the model is bit-identical to plain init + re-init, biases included, and a quantized lm_head (outside
+    the blocks) still gets its plain init."""
+    ids = _ids(8)
+    cfg = {"mlp": {"lut_size": 4, "rank": 4, "lut_kind": "kmeans"}, "attn": {"lut_size": 16, "rank": 2,
+           "lut_kind": "kmeans"}, "lm_head": {"lut_size": 16, "rank": 2, "lut_kind": "kmeans"},
+           "quantize_lm_head": True, "init_act_power": 0.5, "tighten_rounds": 1}
+    recon = ReconstructConfig(steps=2)
+    config = tiny_config("qwen3", layers=2)
+    config.attention_bias = True  # q/k/v/o with biases: the skipped init must not drop them
+    torch.manual_seed(0)
+    fast = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in fast.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_()  # HF initializes biases to zero, which would hide a dropped bias
+    reference = copy.deepcopy(fast)
+    quantize_blockwise(fast, cfg, ids, recon, show_progress=False)
+    slow = copy.deepcopy(reference)
+    quantize(slow, cfg, progress=False)
+    reconstruct_(slow, copy.deepcopy(reference), ids, recon, reinit=True, show_progress=False)
+    fs, ss = fast.state_dict(), slow.state_dict()
+    assert fs.keys() == ss.keys() and all(torch.equal(fs[k], ss[k]) for k in fs)
+    q_proj = dict(lut_layers(fast))["model.layers.0.self_attn.q_proj"]
+    assert q_proj.bias is not None and torch.equal(q_proj.bias, reference.model.layers[0].self_attn.q_proj.bias)
+    head = dict(lut_layers(fast))["lm_head"]
+    w = reference.lm_head.weight
+    with torch.no_grad():
+        assert float((head.q() * head.scale_map() - w).norm() / w.norm()) < 0.5

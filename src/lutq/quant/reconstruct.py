@@ -308,11 +308,36 @@ def _reference_weight(reference: nn.Module, name: str) -> torch.Tensor:
 def quantize_blockwise(model: nn.Module, config: Any, blocks: torch.Tensor, recon: ReconstructConfig | None = None,
                        *, show_progress: bool = True) -> QuantReport:
     """`quantize(model, config)` then `reconstruct_` against a copy of the FP model taken first: the
-    one-call block-wise calibrated PTQ (the copy doubles the model's memory while it runs)."""
+    one-call block-wise calibrated PTQ (the copy doubles the model's memory while it runs).
+
+    With the activation-aware init (config.init_act_power > 0, GPTQ on), `reconstruct_` initializes every
+    decoder-block layer on its block's Hessian, so the plain init is run only for LUT layers outside the
+    blocks (a quantized lm_head or embedding) instead of for all of them and then thrown away."""
     import copy
 
     from lutq.quant.api import quantize
+    from lutq.quant.presets import resolve_config
 
+    qcfg = resolve_config(config)
+    recon = recon or ReconstructConfig()
     reference = copy.deepcopy(model)
-    quantize(model, config, progress=show_progress)
+    reinit = bool(qcfg.init_act_power) and recon.gptq
+    quantize(model, qcfg, init=not reinit, progress=show_progress)
+    if reinit:
+        _init_outside_blocks_(model, reference, qcfg)
     return reconstruct_(model, reference, blocks, recon, reinit=True, show_progress=show_progress)
+
+
+@torch.no_grad()
+def _init_outside_blocks_(model: nn.Module, reference: nn.Module, qcfg: QuantConfig) -> None:
+    """After `quantize(init=False)`: copy every LUT layer's bias from the reference, and give the layers that
+    `reconstruct_` does not re-initialize (outside the decoder blocks) the plain init from their FP weight."""
+    in_blocks = {id(m) for block in decoder_layers(model) for m in block.modules()}
+    for name, layer in lut_layers(model):
+        ref = reference.get_submodule(name)
+        if layer.bias is not None:
+            layer.bias.copy_(ref.bias.detach())
+        if id(layer) not in in_blocks or layer.kind != "linear":
+            spec = qcfg.spec_for(name)
+            init_from_weight_(layer, ref.weight, group_size=qcfg.group_size,
+                              lut_kind=spec[1].lut_kind if spec else "kmeans", tighten_rounds=qcfg.tighten_rounds)
