@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from lutq.kd import KDCache, KDLossConfig, evaluate_kd, kd_loss, student_hidden
-from lutq.kd.loss import candidate_logits, chunked_top1_ce
+from lutq.core import LutqError
+from lutq.kd.loss import candidate_logits, chunked_ce
 from lutq.testing import tiny_model
 
 B, S, H, V = 2, 5, 16, 40
@@ -70,17 +71,42 @@ def test_chunked_ce_equals_unchunked(softcap):
     g = torch.Generator().manual_seed(2)
     h = torch.randn(23, H, generator=g, requires_grad=True)
     w = torch.randn(V, H, generator=g, requires_grad=True)
-    y = torch.randint(0, V, (23,), generator=g)
+    y = torch.randint(0, V, (23, 2), generator=g)
+    y[:4, 1] = y[:4, 0]  # both targets on the same token: their gradients add up
     logits = h @ w.T
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
-    ref = F.cross_entropy(logits, y, reduction="sum")
-    ref_grads = torch.autograd.grad(ref * 0.7, (h, w))
+    refs = [F.cross_entropy(logits, y[:, k], reduction="sum") for k in range(2)]
+    ref = 0.3 * refs[0] + 0.7 * refs[1]
+    ref_grads = torch.autograd.grad(ref * 0.5, (h, w))
     for chunk in (1, 5, 23, 1000):
-        loss, agree = chunked_top1_ce(h, w, y, chunk, softcap)
+        loss, sums, agree = chunked_ce(h, w, y, (0.3, 0.7), chunk, softcap)
         torch.testing.assert_close(loss, ref)
-        assert agree.item() == (logits.argmax(-1) == y).sum().item()
-        torch.testing.assert_close(torch.autograd.grad(loss * 0.7, (h, w)), ref_grads)
+        torch.testing.assert_close(sums, torch.stack(refs).detach())
+        assert agree.tolist() == [(logits.argmax(-1) == y[:, k]).sum().item() for k in range(2)]
+        torch.testing.assert_close(torch.autograd.grad(loss * 0.5, (h, w)), ref_grads)
+    with pytest.raises(ValueError, match="coefficients"):
+        chunked_ce(h, w, y, (1.0,))
+
+
+def test_label_ce_term_is_the_cross_entropy_on_the_texts_next_token():
+    hidden, weight, teacher, batch = _setup(K=6)
+    ids = torch.randint(0, V, (B, S + 1), generator=torch.Generator().manual_seed(3))
+    student = hidden @ weight.T
+    label_ce = F.cross_entropy(student.reshape(-1, V), ids[:, 1:].reshape(-1))
+    top1_ce = F.cross_entropy(student.reshape(-1, V), teacher.argmax(-1).reshape(-1))
+    base = kd_loss(hidden, weight, batch, KDLossConfig(hard_top1_weight=0.0))
+    assert "label_ce" not in base.metrics  # no input_ids in the batch: no labels
+    with pytest.raises(LutqError, match="input_ids"):
+        kd_loss(hidden, weight, batch, KDLossConfig(label_ce_weight=0.2))
+    batch["input_ids"] = ids
+    cfg = KDLossConfig(hard_top1_weight=0.1, label_ce_weight=0.2)
+    out = kd_loss(hidden, weight, batch, cfg)
+    ref = base.loss + 0.1 * top1_ce + 0.2 * label_ce
+    torch.testing.assert_close(out.loss, ref)
+    assert out.metrics["label_ce"] == pytest.approx(label_ce.item(), rel=1e-5)
+    assert out.metrics["ce"] == pytest.approx(top1_ce.item(), rel=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(out.loss, hidden), torch.autograd.grad(ref, hidden))
 
 
 def test_chunk_size_does_not_change_kd_loss():

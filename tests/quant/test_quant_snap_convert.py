@@ -93,3 +93,27 @@ def test_convert_layer_kmeans_weights_and_tighten() -> None:
     _, e0, _ = convert_layer(layer, 4, 32)
     _, e2, _ = convert_layer(layer, 4, 32, tighten_rounds=3)
     assert e2 < e0
+
+
+def test_convert_activation_aware_weights_fit_the_heavy_columns_better() -> None:
+    model = tiny_model("llama")
+    quantize(model, "q4a4", progress=False)
+    layer = model.model.layers[0].mlp.up_proj
+    target = layer.effective_weight().detach().clone()
+    n_in = layer.in_features
+    energy = torch.ones(n_in)
+    energy[:4] = 400.0  # the first 4 inputs carry nearly all the activation energy
+    hessian = torch.diag(energy)
+    cw = energy / energy.mean()
+    weighted = usage_weights(layer, cw)
+    s2 = layer.scale_map().detach().pow(2) * cw[None, :]
+    j = int(layer.idx[0, 0])
+    assert weighted[j].item() == pytest.approx(float(s2[layer.idx == j].sum()), rel=1e-5)
+
+    def heavy_error(act_power: float) -> float:
+        new, _, _ = convert_layer(layer, 4, 32, tighten_rounds=2, hessian=hessian, act_power=act_power)
+        return float((new.effective_weight().detach() - target)[:, :4].norm() / target[:, :4].norm())
+
+    assert heavy_error(1.0) < 0.9 * heavy_error(0.0)
+    with pytest.raises(LutqError, match="act_power"):
+        convert_q4_to_q2(model, act_power=-0.5)

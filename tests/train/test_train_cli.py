@@ -26,11 +26,13 @@ def test_cli_train_resume_extends_and_plot(kd, tmp_path):
     args = ["train", "--cache", str(kd.cache), "--model", str(kd.teacher), "--preset", "q4a4", "--out", str(run),
             "--steps", "3", "--batch-size", "4", "--lr", "1e-2", "--warmup", "1", "--log-every", "1",
             "--eval-every", "3", "--eval-batches", "1", "--save-every", "3", "--device", "cpu",
-            "--temperature", "1.5", "--hard-top1-weight", "0"]
+            "--temperature", "1.5", "--hard-top1-weight", "0", "--label-ce-weight", "0.3"]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     cfg = RunDir(run).read_config()["config"]
     assert cfg["kd"]["temperature"] == 1.5 and cfg["kd"]["hard_top1_weight"] == 0 and cfg["preset"] == "q4a4"
+    assert cfg["kd"]["label_ce_weight"] == 0.3
+    assert all("label_ce" in r for r in RunDir(run).rows() if "loss" in r)  # logged with the other components
     # --resume with a flag overrides the saved config: train 2 more steps
     res = runner.invoke(app, ["train", "--resume", str(run), "--steps", "5"])
     assert res.exit_code == 0, res.output

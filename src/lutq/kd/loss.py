@@ -2,13 +2,15 @@
 
     loss = T² · KL(p_T ‖ q_T)  over the candidates C = top-K (+ cached negatives)
          + w_top1 · CE(student over the full vocabulary, teacher top-1)
+         + w_label · CE(student over the full vocabulary, the text's own next token)
          + w_sampled · CE(student over C, teacher top-1)
 
 p_T = softmax(teacher logits / T) and q_T = softmax(student logits / T), both over C only. Student
 logits for C are dot products with gathered lm_head rows, never the full vocabulary, and the gathered
 rows are recomputed in backward instead of being kept (memory O(N·|C|), not O(N·|C|·H)). The full-
-vocabulary CE is computed in chunks of positions, with its gradient formed chunk by chunk in the
-forward pass, so memory is bounded by `ce_chunk_size × vocab` whatever the batch.
+vocabulary CEs share one pass over the logits, computed in chunks of positions with their gradient formed
+chunk by chunk in the forward pass, so memory is bounded by `ce_chunk_size × vocab` whatever the batch and
+the second target costs nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lutq.core import ConfigBase
+from lutq.core import ConfigBase, LutqError
 
 
 @dataclass
@@ -28,6 +30,7 @@ class KDLossConfig(ConfigBase):
 
     temperature: float = 2.0
     hard_top1_weight: float = 0.2
+    label_ce_weight: float = 0.0  # CE on the cached text's next token (its `input_ids`), full vocabulary
     sampled_ce_weight: float = 0.0
     ce_chunk_size: int = 1024  # positions per chunk for the full-vocab CE and the candidate gather
     use_negatives: bool = True
@@ -36,8 +39,9 @@ class KDLossConfig(ConfigBase):
 @dataclass
 class KDLossOutput:
     """`loss` to backprop; `metrics` (floats): loss, kd (T²·KL_T), kl (KL at T=1 over the candidates), ce
-    (full-vocab CE on the teacher's top-1), top1_agree (student full-vocab argmax == teacher top-1) and
-    sampled_ce when its weight is set."""
+    (full-vocab CE on the teacher's top-1), top1_agree (student full-vocab argmax == teacher top-1),
+    label_ce (full-vocab CE on the text's next token, when the batch has input_ids) and sampled_ce when
+    its weight is set."""
 
     loss: torch.Tensor
     metrics: dict[str, float] = field(default_factory=dict)
@@ -78,13 +82,22 @@ def kd_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, batch: dict[str,
     with torch.no_grad():
         log_p1 = F.log_softmax(t, dim=-1)
         kl = (log_p1.exp() * (log_p1 - F.log_softmax(s.detach(), dim=-1))).sum(-1).mean()
-    use_grad = cfg.hard_top1_weight != 0 and torch.is_grad_enabled()
-    ce_sum, agree = chunked_top1_ce(h if use_grad else h.detach(), lm_head_weight if use_grad else
-                                    lm_head_weight.detach(), target, cfg.ce_chunk_size, logit_softcap)
-    ce = ce_sum / len(target)
-    if cfg.hard_top1_weight:
-        loss = loss + cfg.hard_top1_weight * ce
-    parts = {"kd": kd, "kl": kl, "ce": ce, "top1_agree": agree.float() / len(target)}
+    targets, coeffs = [target], [cfg.hard_top1_weight]
+    if "input_ids" in batch:  # the text's own next tokens, aligned with the student's positions 0..L-2
+        targets.append(batch["input_ids"][:, 1:].reshape(-1).to(h.device))
+        coeffs.append(cfg.label_ce_weight)
+    elif cfg.label_ce_weight:
+        raise LutqError("kd_loss: label_ce_weight > 0 needs the batch's input_ids (a KD cache batch)")
+    use_grad = any(coeffs) and torch.is_grad_enabled()
+    hard, ce_sums, agree = chunked_ce(h if use_grad else h.detach(), lm_head_weight if use_grad else
+                                      lm_head_weight.detach(), torch.stack(targets, dim=1), tuple(coeffs),
+                                      cfg.ce_chunk_size, logit_softcap)
+    n = len(target)
+    if any(coeffs):
+        loss = loss + hard / n
+    parts = {"kd": kd, "kl": kl, "ce": ce_sums[0] / n, "top1_agree": agree[0].float() / n}
+    if len(targets) > 1:
+        parts["label_ce"] = ce_sums[1] / n
     if cfg.sampled_ce_weight:
         sampled = -F.log_softmax(s, dim=-1)[:, 0].mean()
         loss = loss + cfg.sampled_ce_weight * sampled
@@ -135,42 +148,53 @@ class _CandidateLogits(torch.autograd.Function):
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
 
 
-# --- full-vocabulary CE on the teacher's top-1, in chunks -----------------------------------------
+# --- full-vocabulary CEs (teacher top-1, the text's next token), in chunks ---------------------------
 
 
-def chunked_top1_ce(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int = 1024,
-                    logit_softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of CE(hidden @ weightᵀ, target), count of argmax == target) over N positions, `chunk` at a time.
+def chunked_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, coeffs: tuple[float, ...],
+               chunk: int = 1024, logit_softcap: float | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CE of the logits hidden @ weightᵀ [N, V] against m targets per position (`targets` [N, m]), `chunk`
+    positions at a time, never holding more than [chunk, V] logits.
 
-    Differentiable in hidden and weight; never holds more than [chunk, V] logits.
+    Returns (Σ_k coeffs[k] · CE sum of target k, differentiable in hidden and weight; the m CE sums and the m
+    counts of argmax == target k, both without gradient). The targets share one logits pass.
     """
-    return _ChunkedCE.apply(hidden, weight, target, chunk, logit_softcap)
+    if targets.dim() != 2 or targets.shape[1] != len(coeffs):
+        raise ValueError(f"chunked_ce: targets {tuple(targets.shape)} do not match {len(coeffs)} coefficients")
+    return _ChunkedCE.apply(hidden, weight, targets, coeffs, chunk, logit_softcap)
 
 
 class _ChunkedCE(torch.autograd.Function):
-    """Forward computes the loss and, when a gradient is wanted, the gradient too (chunk by chunk);
-    backward only scales it. The matmuls run in the autocast dtype when autocast is on."""
+    """Forward computes the losses and, when a gradient is wanted, the gradient of the weighted sum too
+    (chunk by chunk); backward only scales it. The matmuls run in the autocast dtype when autocast is on."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int,
-                softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                coeffs: tuple[float, ...], chunk: int, softcap: float | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        agree = torch.zeros((), dtype=torch.long, device=hidden.device)
-        for a in range(0, len(target), chunk):
-            h, y = hidden[a:a + chunk], target[a:a + chunk]
+        m = targets.shape[1]
+        sums = torch.zeros(m, dtype=torch.float32, device=hidden.device)
+        agree = torch.zeros(m, dtype=torch.long, device=hidden.device)
+        total = float(sum(coeffs))
+        for a in range(0, len(targets), chunk):
+            h, y = hidden[a:a + chunk], targets[a:a + chunk]
             z = torch.matmul(h.to(weight.dtype), weight.t()).float()  # [n, V]
             if softcap:
                 tanh = torch.tanh(z / softcap)
                 z = softcap * tanh
             lse = torch.logsumexp(z, dim=-1)
-            loss += (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
-            agree += (z.argmax(-1) == y).sum()
+            sums += (lse[:, None] - z.gather(1, y)).sum(0)
+            agree += (z.argmax(-1)[:, None] == y).sum(0)
             if need_h or need_w:
-                g = torch.exp(z - lse[:, None])  # d CE / d z = softmax - onehot
-                g[torch.arange(len(y), device=g.device), y] -= 1
+                g = torch.exp(z - lse[:, None]) * total  # d/dz Σ_k c_k CE_k = Σ_k c_k (softmax − onehot_k)
+                rows = torch.arange(len(y), device=g.device)
+                for k, c in enumerate(coeffs):
+                    if c:
+                        g.index_put_((rows, y[:, k]), torch.full_like(lse, -c), accumulate=True)
                 if softcap:
                     g *= 1 - tanh * tanh
                 g = g.to(weight.dtype)
@@ -180,15 +204,17 @@ class _ChunkedCE(torch.autograd.Function):
                     grad_w += torch.matmul(g.t(), h.to(weight.dtype)).float()
         ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
         ctx.has = (grad_h is not None, grad_w is not None)
-        ctx.mark_non_differentiable(agree)
-        return loss, agree
+        ctx.mark_non_differentiable(sums, agree)
+        loss = (sums * torch.tensor(coeffs, dtype=sums.dtype, device=sums.device)).sum()
+        return loss, sums, agree
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: torch.Tensor, _grad_agree: Any) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad_loss: torch.Tensor, _grad_sums: Any, _grad_agree: Any
+                 ) -> tuple[torch.Tensor | None, ...]:
         saved = list(ctx.saved_tensors)
         grad_h = saved.pop(0) * grad_loss if ctx.has[0] else None
         grad_w = saved.pop(0) * grad_loss if ctx.has[1] else None
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
 # --- evaluation -----------------------------------------------------------------------------------

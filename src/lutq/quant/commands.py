@@ -106,6 +106,9 @@ def convert_q4_to_q2_cmd(
                                          "against block by block (sequential GPTQ on FP weights + reconstruction)."),
     recon_steps: int = typer.Option(0, "--recon-steps", help="--reference: Adam steps per block on the scales."),
     recon_lr: float = typer.Option(1e-3, "--recon-lr", help="--reference: learning rate of the reconstruction."),
+    act_power: float | None = typer.Option(None, "--act-power", help="With --calib (no --reference): weight each "
+                                           "input column of the LUT reduction and tighten refits by (H_jj / mean)^P "
+                                           "(default: the checkpoint's init_act_power, 0.5; 0: off)."),
 ) -> None:
     """Q4 → Q2: k-means the LUTs down (usage × S² weighted), expand ranks, re-pick indices; print errors."""
     from lutq.quant.convert import convert_checkpoint
@@ -113,7 +116,7 @@ def convert_q4_to_q2_cmd(
     blockwise = {"steps": recon_steps, "lr": recon_lr} if reference else None
     convert_checkpoint(ckpt, out, _pair(mlp, "--mlp"), _pair(attn, "--attn"), tighten_rounds=tighten, calib=calib,
                        calib_sequences=calib_sequences, calib_len=calib_len, reference=reference,
-                       blockwise=blockwise)
+                       blockwise=blockwise, act_power=act_power)
     console.print(f"saved {out}")
 
 

@@ -8,6 +8,8 @@ Q4 → Q2 needs no FP weight: the target of every converted layer is its current
   idx   re-picked as nearest(W_target / S) in the new LUT; optional tighten rounds refit the scales;
         with calibration Hessians (`lutq.quant.calibrate`, collected on the q4 model) idx is then
         re-picked by GPTQ against the layer's real inputs (with one output-metric refit of the scales).
+With Hessians and an activation power p > 0 (the model's QuantConfig.init_act_power unless given), input
+column j weighs (H_jj / mean H_jj)^p in the LUT reduction and the tighten refits, as in `quantize`.
 The report's rel_error is ‖W_eff(q2) − W_eff(q4)‖ / ‖W_eff(q4)‖ (out_error: the same on the outputs).
 """
 
@@ -22,7 +24,7 @@ from torch import nn
 
 from lutq.core.errors import LutqError
 from lutq.quant.api import QuantReport, QuantRow, lut_layers, quant_config_of, replace_module
-from lutq.quant.calibrate import DEFAULT_DAMP, calibrate_layer_
+from lutq.quant.calibrate import DEFAULT_DAMP, calibrate_layer_, column_weights
 from lutq.quant.init import _orthonormal_extension, relative_error, repick_indices_, tighten_
 from lutq.quant.layer import LUTEmbedding, LUTLinear
 from lutq.quant.lut import kmeans_lut
@@ -32,25 +34,31 @@ NEW_G = 1e-3  # new directions start at NEW_G · min(g) so the converted W_eff b
 
 
 @torch.no_grad()
-def usage_weights(layer: LUTLinear) -> torch.Tensor:
-    """Σ S² over the weights that use each LUT entry (= usage count × mean S² of that entry) [lut_size]."""
-    s2 = layer.scale_map().detach().float().pow(2).reshape(-1)
-    return torch.zeros(layer.lut_size, device=s2.device).index_add_(0, layer.idx.reshape(-1).long(), s2)
+def usage_weights(layer: LUTLinear, col_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ S² (× the input column's weight, if given) over the weights that use each LUT entry [lut_size]."""
+    s2 = layer.scale_map().detach().float().pow(2)
+    if col_weight is not None:
+        s2 = s2 * col_weight.to(s2)[None, :]
+    return torch.zeros(layer.lut_size, device=s2.device).index_add_(0, layer.idx.reshape(-1).long(),
+                                                                    s2.reshape(-1))
 
 
 @torch.no_grad()
 def convert_layer(layer: LUTLinear, lut_size: int, rank: int, *, tighten_rounds: int = 0,
-                  hessian: torch.Tensor | None = None, damp: float = DEFAULT_DAMP
+                  hessian: torch.Tensor | None = None, damp: float = DEFAULT_DAMP, act_power: float = 0.0
                   ) -> tuple[LUTLinear, float, float | None]:
     """A new frozen layer with `lut_size` entries (when smaller) and rank >= `rank`, fitted to layer's W_eff;
-    returns (layer, weight error, output error or None without a Hessian)."""
+    returns (layer, weight error, output error or None without a Hessian). With a Hessian and `act_power` > 0
+    the LUT reduction and the tighten refits weigh input columns by `column_weights(hessian, act_power)`."""
     if layer.snapped:
         raise LutqError("convert: layers must be unsnapped (convert before `lutq snap`)")
     layer.freeze()  # a latent layer's target is what its forward computes: idx = nearest(weight / S)
     target = (layer.q() * layer.scale_map()).detach()
     lut = layer.lut.detach()
+    use_cw = hessian is not None and act_power > 0 and not isinstance(layer, LUTEmbedding)
+    col_weight = column_weights(hessian, act_power).to(target.device) if use_cw else None
     if lut_size < layer.lut_size:
-        lut = kmeans_lut(lut, usage_weights(layer), lut_size)
+        lut = kmeans_lut(lut, usage_weights(layer, col_weight), lut_size)
     new_rank = max(rank, layer.rank)
     dev, dtype = layer.scale_A.device, layer.scale_A.dtype
     if isinstance(layer, LUTEmbedding):
@@ -76,7 +84,7 @@ def convert_layer(layer: LUTLinear, lut_size: int, rank: int, *, tighten_rounds:
     if layer.bias is not None:
         new.bias.copy_(layer.bias.detach())
     repick_indices_(new, target)
-    tighten_(new, target, tighten_rounds)
+    tighten_(new, target, tighten_rounds, col_weight)
     out_err = None
     if hessian is not None and not isinstance(new, LUTEmbedding):
         out_err = calibrate_layer_(new, target, hessian, damp=damp)
@@ -85,11 +93,17 @@ def convert_layer(layer: LUTLinear, lut_size: int, rank: int, *, tighten_rounds:
 
 def convert_q4_to_q2(model: nn.Module, mlp: tuple[int, int] = (4, 32), attn: tuple[int, int] = (16, 8), *,
                      tighten_rounds: int = 0, hessians: Mapping[str, torch.Tensor] | None = None,
-                     damp: float = DEFAULT_DAMP) -> QuantReport:
+                     damp: float = DEFAULT_DAMP, act_power: float | None = None) -> QuantReport:
     """Convert a q4 LUT model in place to (lut_size, rank) targets per group (default q2a4); returns errors.
 
     `hessians` ({layer name: H}, e.g. `collect_hessians(model, blocks)` on this q4 model) adds GPTQ
-    index picking to the layers that have one."""
+    index picking to the layers that have one, and the activation-aware LUT reduction with power `act_power`
+    (default: the model's QuantConfig.init_act_power; 0 turns it off)."""
+    if act_power is None:
+        cfg0 = quant_config_of(model)
+        act_power = cfg0.init_act_power if cfg0 is not None else 0.0
+    if not act_power >= 0:
+        raise LutqError(f"convert q4→q2: act_power must be >= 0, got {act_power}")
     targets = {"mlp": mlp, "attn": attn}
     report = QuantReport(title=f"convert q4 → q2 (mlp {mlp}, attn {attn}); error vs. the q4 W_eff")
     for name, layer in list(lut_layers(model)):
@@ -99,7 +113,7 @@ def convert_q4_to_q2(model: nn.Module, mlp: tuple[int, int] = (4, 32), attn: tup
         lut_size, rank = targets[group]
         hessian = None if hessians is None else hessians.get(name)
         new, err, out_err = convert_layer(layer, lut_size, rank, tighten_rounds=tighten_rounds, hessian=hessian,
-                                          damp=damp)
+                                          damp=damp, act_power=act_power)
         replace_module(model, name, new)
         report.rows.append(QuantRow(name, group, (new.out_features, new.in_features), new.lut_size, new.rank,
                                     "kmeans" if new.lut_size < layer.lut_size else "kept", err, out_err))
@@ -139,11 +153,12 @@ def freeze_latent(model: nn.Module) -> int:
 def convert_checkpoint(src: str | Path, dst: str | Path, mlp: tuple[int, int] = (4, 32),
                        attn: tuple[int, int] = (16, 8), *, tighten_rounds: int = 0, calib: str | None = None,
                        calib_sequences: int = CALIB_SEQUENCES, calib_len: int = CALIB_LEN,
-                       reference: str | None = None, blockwise: Any = None, show: bool = True) -> QuantReport:
+                       reference: str | None = None, blockwise: Any = None, act_power: float | None = None,
+                       show: bool = True) -> QuantReport:
     """Load the q4 LUT checkpoint `src`, `convert_q4_to_q2` it, save it as `dst`; returns the report (also in
     dst's config). With `calib` (a KD cache or a data source): GPTQ indices from Hessians of the q4 model
     itself or, given the FP `reference` model (a spec for `load_model`), block-wise calibration against it
-    (`lutq.quant.reconstruct`; `blockwise` is a ReconstructConfig)."""
+    (`lutq.quant.reconstruct`; `blockwise` is a ReconstructConfig). `act_power`: see `convert_q4_to_q2`."""
     import json
 
     from lutq.core.console import console
@@ -160,7 +175,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, mlp: tuple[int, int] = 
     if calib is not None and reference is None:
         names = {n for n, layer in lut_layers(model) if group_of(n) in ("mlp", "attn") and layer.kind == "linear"}
         hessians = hessians_for(model, names, calib, tokenizer, num_sequences=calib_sequences, seq_len=calib_len)
-    report = convert_q4_to_q2(model, mlp, attn, tighten_rounds=tighten_rounds, hessians=hessians)
+    report = convert_q4_to_q2(model, mlp, attn, tighten_rounds=tighten_rounds, hessians=hessians,
+                              act_power=act_power)
     recon = None
     if reference is not None:
         recon = blockwise if isinstance(blockwise, ReconstructConfig) else ReconstructConfig.from_dict(
@@ -176,6 +192,9 @@ def convert_checkpoint(src: str | Path, dst: str | Path, mlp: tuple[int, int] = 
     converted: dict[str, Any] = {"from": str(src), "kind": "q4-to-q2", "summary": report.to_dict()["summary"]}
     if calib is not None:
         converted["calibration"] = {"source": calib, "sequences": calib_sequences, "seq_len": calib_len}
+        if hessians is not None:
+            converted["calibration"]["act_power"] = (act_power if act_power is not None
+                                                     else getattr(quant_config_of(model), "init_act_power", 0.0))
         if recon is not None:
             converted["calibration"].update(reference=reference, recon=recon.to_dict(), blocks=report.blocks)
     extra = {**info.extra, "converted": json.loads(json.dumps(converted))}

@@ -37,6 +37,8 @@ def train_command(
     temperature: float = typer.Option(None, "--temperature", help="KD softmax temperature (KDLossConfig: 2.0)."),
     hard_top1_weight: float = typer.Option(None, "--hard-top1-weight",
                                            help="Weight of full-vocab CE on the teacher's top-1 (0.2)."),
+    label_ce_weight: float = typer.Option(None, "--label-ce-weight",
+                                          help="Weight of full-vocab CE on the text's own next token (0)."),
     log_every: int = typer.Option(None, "--log-every", help="Log train metrics every N steps (10)."),
     eval_every: int = typer.Option(None, "--eval-every", help="Evaluate on the val split every N steps (100)."),
     eval_batches: int = typer.Option(None, "--eval-batches", help="Validation batches per eval, 0 = no eval (20)."),
@@ -74,8 +76,8 @@ def train_command(
         "grad_checkpointing": grad_checkpointing, "compile": compile, "loggers": logger,
     }
     overrides = {k: v for k, v in flags.items() if v is not None and v != []}
-    kd = {k: v for k, v in {"temperature": temperature, "hard_top1_weight": hard_top1_weight}.items()
-          if v is not None}
+    kd = {k: v for k, v in {"temperature": temperature, "hard_top1_weight": hard_top1_weight,
+                            "label_ce_weight": label_ce_weight}.items() if v is not None}
     if resume is not None:
         if out is not None and Path(out) != Path(resume):
             raise LutqError(f"--resume {resume} continues in place; drop --out {out}")
