@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lutq.kd import KDCache, KDLossConfig, evaluate_kd, kd_loss, student_hidden
 from lutq.core import LutqError
+from lutq.kd import KDCache, KDLossConfig, evaluate_kd, kd_loss, student_hidden
 from lutq.kd.loss import candidate_logits, chunked_ce
 from lutq.testing import tiny_model
 
