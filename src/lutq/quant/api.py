@@ -4,7 +4,7 @@ LUT projection, and `dequantize_` (LUT layers -> dense nn.Linear with W_eff, for
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -132,13 +132,15 @@ def _make_layer(module: nn.Module, spec: LayerSpec, cfg: QuantConfig) -> LUTLine
 
 # ------------------------------------------------------------------------------------------ quantize
 def quantize(model: nn.Module, config: str | QuantConfig | dict[str, Any] = "q2a4", *, init: bool = True,
-             hessians: Mapping[str, torch.Tensor] | None = None, progress: bool = True) -> QuantReport:
+             hessians: Mapping[str, torch.Tensor] | None = None, skip_init: Collection[str] = (),
+             progress: bool = True) -> QuantReport:
     """Replace the matching linears of `model` by LUT layers in place; returns the per-layer error report.
 
     `config` is a preset name (q2a4, q4a4, q4a4_r32, q2a2), a QuantConfig or a dict of its fields.
     `hessians` (from `lutq.quant.calibrate.collect_hessians` on the FP model) turns on GPTQ index picking
     for every layer that has one. With init=False the layers are only created (shapes right, values
-    placeholder): for loading a state.
+    placeholder): for loading a state. Layers named in `skip_init` are created but not initialized, for a
+    caller that initializes them itself (the block-wise re-init). Biases are always copied from the linears.
     """
     cfg = resolve_config(config)
     if any(True for _ in lut_layers(model)):
@@ -161,7 +163,7 @@ def quantize(model: nn.Module, config: str | QuantConfig | dict[str, Any] = "q2a
         for name, module, group, spec in targets:
             layer = _make_layer(module, spec, cfg)
             err = out_err = None
-            if init:
+            if init and name not in skip_init:
                 h = hessians.get(name) if hessians is not None else None
                 cw = column_weights(h, cfg.init_act_power) if h is not None and cfg.init_act_power else None
                 err = init_from_weight_(layer, module.weight, group_size=cfg.group_size, lut_kind=spec.lut_kind,
@@ -170,8 +172,8 @@ def quantize(model: nn.Module, config: str | QuantConfig | dict[str, Any] = "q2a
                     out_err = calibrate_layer_(layer, module.weight, hessians[name], damp=cfg.gptq_damp,
                                                refit_rounds=cfg.gptq_refit_rounds)
                     err = relative_error(layer, module.weight)
-                if layer.bias is not None:
-                    layer.bias.data.copy_(module.bias.detach())
+            if layer.bias is not None:
+                layer.bias.data.copy_(module.bias.detach())
             replace_module(model, name, layer)
             report.rows.append(QuantRow(name, group, (layer.out_features, layer.in_features), spec.lut_size,
                                         spec.rank, spec.lut_kind, err, out_err))

@@ -311,8 +311,8 @@ def quantize_blockwise(model: nn.Module, config: Any, blocks: torch.Tensor, reco
     one-call block-wise calibrated PTQ (the copy doubles the model's memory while it runs).
 
     With the activation-aware init (config.init_act_power > 0, GPTQ on), `reconstruct_` initializes every
-    decoder-block layer on its block's Hessian, so the plain init is run only for LUT layers outside the
-    blocks (a quantized lm_head or embedding) instead of for all of them and then thrown away."""
+    decoder-block layer on its block's Hessian, so `quantize` skips their plain init (it would be thrown away)
+    and initializes only the LUT layers outside the blocks (a quantized lm_head or embedding)."""
     import copy
 
     from lutq.quant.api import quantize
@@ -321,23 +321,9 @@ def quantize_blockwise(model: nn.Module, config: Any, blocks: torch.Tensor, reco
     qcfg = resolve_config(config)
     recon = recon or ReconstructConfig()
     reference = copy.deepcopy(model)
-    reinit = bool(qcfg.init_act_power) and recon.gptq
-    quantize(model, qcfg, init=not reinit, progress=show_progress)
-    if reinit:
-        _init_outside_blocks_(model, reference, qcfg)
+    in_blocks: set[str] = set()
+    if qcfg.init_act_power and recon.gptq:
+        block_modules = {id(m) for block in decoder_layers(model) for m in block.modules()}
+        in_blocks = {n for n, m in model.named_modules() if id(m) in block_modules}
+    quantize(model, qcfg, skip_init=in_blocks, progress=show_progress)
     return reconstruct_(model, reference, blocks, recon, reinit=True, show_progress=show_progress)
-
-
-@torch.no_grad()
-def _init_outside_blocks_(model: nn.Module, reference: nn.Module, qcfg: QuantConfig) -> None:
-    """After `quantize(init=False)`: copy every LUT layer's bias from the reference, and give the layers that
-    `reconstruct_` does not re-initialize (outside the decoder blocks) the plain init from their FP weight."""
-    in_blocks = {id(m) for block in decoder_layers(model) for m in block.modules()}
-    for name, layer in lut_layers(model):
-        ref = reference.get_submodule(name)
-        if layer.bias is not None:
-            layer.bias.copy_(ref.bias.detach())
-        if id(layer) not in in_blocks or layer.kind != "linear":
-            spec = qcfg.spec_for(name)
-            init_from_weight_(layer, ref.weight, group_size=qcfg.group_size,
-                              lut_kind=spec[1].lut_kind if spec else "kmeans", tighten_rounds=qcfg.tighten_rounds)
