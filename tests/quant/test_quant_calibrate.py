@@ -190,10 +190,16 @@ def test_convert_cli_with_calibration(tmp_path: Path, calib_source: str) -> None
     quantize(model, "q4a4", progress=False)
     save_checkpoint(tmp_path / "q4", model, tiny_tokenizer())
     result = CliRunner().invoke(app, ["convert", "q4-to-q2", str(tmp_path / "q4"), str(tmp_path / "q2"), "--calib",
-                                      calib_source, "--calib-sequences", "4", "--calib-len", "24"],
-                                catch_exceptions=False)
+                                      calib_source, "--calib-sequences", "4", "--calib-len", "24", "--act-power",
+                                      "0.25"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "output error" in result.output
+    assert load_checkpoint(tmp_path / "q2")[2].extra["converted"]["calibration"]["act_power"] == 0.25
+    result = CliRunner().invoke(app, ["convert", "q4-to-q2", str(tmp_path / "q4"), str(tmp_path / "q2b"), "--calib",
+                                      calib_source, "--calib-sequences", "4", "--calib-len", "24"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output  # without the flag: the q4 checkpoint's init_act_power
+    assert load_checkpoint(tmp_path / "q2b")[2].extra["converted"]["calibration"]["act_power"] == 0.5
 
 
 def test_refit_scales_in_the_output_metric_never_hurts() -> None:

@@ -91,6 +91,17 @@ def convert_layer(layer: LUTLinear, lut_size: int, rank: int, *, tighten_rounds:
     return new, relative_error(new, target), out_err
 
 
+def resolve_act_power(model: nn.Module, act_power: float | None) -> float:
+    """The activation power a conversion uses: `act_power`, else the model's QuantConfig.init_act_power (0 if
+    the model has no config); rejects a negative one."""
+    if act_power is None:
+        cfg = quant_config_of(model)
+        act_power = cfg.init_act_power if cfg is not None else 0.0
+    if not act_power >= 0:
+        raise LutqError(f"convert q4→q2: act_power must be >= 0, got {act_power}")
+    return act_power
+
+
 def convert_q4_to_q2(model: nn.Module, mlp: tuple[int, int] = (4, 32), attn: tuple[int, int] = (16, 8), *,
                      tighten_rounds: int = 0, hessians: Mapping[str, torch.Tensor] | None = None,
                      damp: float = DEFAULT_DAMP, act_power: float | None = None) -> QuantReport:
@@ -99,11 +110,7 @@ def convert_q4_to_q2(model: nn.Module, mlp: tuple[int, int] = (4, 32), attn: tup
     `hessians` ({layer name: H}, e.g. `collect_hessians(model, blocks)` on this q4 model) adds GPTQ
     index picking to the layers that have one, and the activation-aware LUT reduction with power `act_power`
     (default: the model's QuantConfig.init_act_power; 0 turns it off)."""
-    if act_power is None:
-        cfg0 = quant_config_of(model)
-        act_power = cfg0.init_act_power if cfg0 is not None else 0.0
-    if not act_power >= 0:
-        raise LutqError(f"convert q4→q2: act_power must be >= 0, got {act_power}")
+    act_power = resolve_act_power(model, act_power)
     targets = {"mlp": mlp, "attn": attn}
     report = QuantReport(title=f"convert q4 → q2 (mlp {mlp}, attn {attn}); error vs. the q4 W_eff")
     for name, layer in list(lut_layers(model)):
@@ -175,6 +182,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, mlp: tuple[int, int] = 
     if calib is not None and reference is None:
         names = {n for n, layer in lut_layers(model) if group_of(n) in ("mlp", "attn") and layer.kind == "linear"}
         hessians = hessians_for(model, names, calib, tokenizer, num_sequences=calib_sequences, seq_len=calib_len)
+    act_power = resolve_act_power(model, act_power)
     report = convert_q4_to_q2(model, mlp, attn, tighten_rounds=tighten_rounds, hessians=hessians,
                               act_power=act_power)
     recon = None
@@ -193,8 +201,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, mlp: tuple[int, int] = 
     if calib is not None:
         converted["calibration"] = {"source": calib, "sequences": calib_sequences, "seq_len": calib_len}
         if hessians is not None:
-            converted["calibration"]["act_power"] = (act_power if act_power is not None
-                                                     else getattr(quant_config_of(model), "init_act_power", 0.0))
+            converted["calibration"]["act_power"] = act_power
         if recon is not None:
             converted["calibration"].update(reference=reference, recon=recon.to_dict(), blocks=report.blocks)
     extra = {**info.extra, "converted": json.loads(json.dumps(converted))}
