@@ -179,7 +179,10 @@ class _ChunkedCE(torch.autograd.Function):
         m = targets.shape[1]
         sums = torch.zeros(m, dtype=torch.float32, device=hidden.device)
         agree = torch.zeros(m, dtype=torch.long, device=hidden.device)
-        total = float(sum(coeffs))
+        # d/dz Σ_k c_k CE_k = Σ_k c_k (softmax − onehot_k) = scale · (softmax − Σ_k (c_k / scale) onehot_k) with
+        # scale = Σ_k c_k: the [chunk, V] buffer is never multiplied, and scale is applied in backward (one
+        # weight-1 target gives exactly softmax − onehot, whatever the weight)
+        scale = float(sum(coeffs))
         for a in range(0, len(targets), chunk):
             h, y = hidden[a:a + chunk], targets[a:a + chunk]
             z = torch.matmul(h.to(weight.dtype), weight.t()).float()  # [n, V]
@@ -190,11 +193,11 @@ class _ChunkedCE(torch.autograd.Function):
             sums += (lse[:, None] - z.gather(1, y)).sum(0)
             agree += (z.argmax(-1)[:, None] == y).sum(0)
             if need_h or need_w:
-                g = torch.exp(z - lse[:, None]) * total  # d/dz Σ_k c_k CE_k = Σ_k c_k (softmax − onehot_k)
+                g = (z - lse[:, None]).exp_() if scale else torch.zeros_like(z)
                 rows = torch.arange(len(y), device=g.device)
                 for k, c in enumerate(coeffs):
                     if c:
-                        g.index_put_((rows, y[:, k]), torch.full_like(lse, -c), accumulate=True)
+                        g.index_put_((rows, y[:, k]), torch.full_like(lse, -c / (scale or 1.0)), accumulate=True)
                 if softcap:
                     g *= 1 - tanh * tanh
                 g = g.to(weight.dtype)
@@ -204,6 +207,7 @@ class _ChunkedCE(torch.autograd.Function):
                     grad_w += torch.matmul(g.t(), h.to(weight.dtype)).float()
         ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
         ctx.has = (grad_h is not None, grad_w is not None)
+        ctx.scale = scale or 1.0
         ctx.mark_non_differentiable(sums, agree)
         loss = (sums * torch.tensor(coeffs, dtype=sums.dtype, device=sums.device)).sum()
         return loss, sums, agree
@@ -212,8 +216,8 @@ class _ChunkedCE(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: torch.Tensor, _grad_sums: Any, _grad_agree: Any
                  ) -> tuple[torch.Tensor | None, ...]:
         saved = list(ctx.saved_tensors)
-        grad_h = saved.pop(0) * grad_loss if ctx.has[0] else None
-        grad_w = saved.pop(0) * grad_loss if ctx.has[1] else None
+        grad_h = saved.pop(0) * (grad_loss * ctx.scale) if ctx.has[0] else None
+        grad_w = saved.pop(0) * (grad_loss * ctx.scale) if ctx.has[1] else None
         return grad_h, grad_w, None, None, None, None
 
 
