@@ -29,8 +29,8 @@ def test_layout_and_meta(kd_cache, kd_teacher):
     assert (meta["L"], meta["K"], meta["R"]) == (32, 8, 4)
     assert meta["sequences"] == {"train": 19, "val": 1}
     assert [s["sequences"] for s in meta["shards"]["train"]] == [6, 6, 6, 1]
-    assert set(meta["arrays"]) == {"input_ids", "topk_ids", "topk_logits", "neg_ids", "neg_logits"}
-    per_token = (32 * 4 + 31 * (8 + 4) * 6) / 32  # arrays only; headers add a little
+    assert set(meta["arrays"]) == {"input_ids", "topk_ids", "topk_logits", "teacher_lse", "neg_ids", "neg_logits"}
+    per_token = (32 * 4 + 31 * ((8 + 4) * 6 + 4)) / 32  # arrays only; headers add a little
     assert per_token < meta["bytes_per_token"] < per_token * 1.1
     assert meta["teacher_dtype"] == "float32" and meta["versions"]["torch"]
     assert not (kd_cache / "progress.json").exists()
@@ -48,6 +48,7 @@ def test_cache_equals_direct_teacher_forward(kd_cache, kd_teacher):
         assert torch.equal(b["topk_ids"], ids)
         torch.testing.assert_close(b["topk_logits"], vals.half().float(), rtol=2**-10, atol=1e-4)
         assert (b["topk_logits"][..., :-1] >= b["topk_logits"][..., 1:]).all()
+        torch.testing.assert_close(b["teacher_lse"], logits.logsumexp(-1))  # full vocabulary, fp32
         # negatives: inside the tokenizer's vocabulary, never a top-K id, with the teacher's logits
         neg = b["neg_ids"]
         assert neg.min() >= 0 and neg.max() < len(tok)

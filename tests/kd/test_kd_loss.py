@@ -81,7 +81,7 @@ def test_chunked_ce_equals_unchunked(softcap):
         ref = coeffs[0] * refs[0] + coeffs[1] * refs[1]
         ref_grads = torch.autograd.grad(ref * 0.5, (h, w), retain_graph=True)
         for chunk in (1, 5, 23, 1000):
-            loss, sums, agree = chunked_ce(h, w, y, coeffs, chunk, softcap)
+            loss, sums, agree, _ = chunked_ce(h, w, y, coeffs, chunk, softcap)
             # the zero-sum pair cancels two sums of ~100: compare at the sums' own precision
             torch.testing.assert_close(loss, ref, rtol=1.3e-6, atol=1e-6 * float(sum(r.detach() for r in refs)))
             torch.testing.assert_close(sums, torch.stack(refs).detach())
@@ -89,6 +89,59 @@ def test_chunked_ce_equals_unchunked(softcap):
             torch.testing.assert_close(torch.autograd.grad(loss * 0.5, (h, w)), ref_grads)
     with pytest.raises(ValueError, match="coefficients"):
         chunked_ce(h, w, y, (1.0,))
+
+
+def _ref_tail_bucket_kl(teacher_logits, student_logits, ids):
+    """Per-row KL over `ids` + one bucket for the rest, from full-vocabulary log-softmaxes (float64)."""
+    log_p, log_q = F.log_softmax(teacher_logits.double(), -1), F.log_softmax(student_logits.double(), -1)
+    lp, lq = log_p.gather(-1, ids), log_q.gather(-1, ids)
+    p_rest, q_rest = 1 - lp.exp().sum(-1), 1 - lq.exp().sum(-1)
+    return (lp.exp() * (lp - lq)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_tail_bucket_kl_equals_full_softmax_reference(softcap):
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(13, H, generator=g, requires_grad=True)
+    w = torch.randn(V, H, generator=g, requires_grad=True)
+    teacher = torch.randn(13, V, generator=g) * 3
+    vals, ids = teacher.topk(7, dim=-1)
+    logp = vals - teacher.logsumexp(-1, keepdim=True)
+    y = teacher.argmax(-1, keepdim=True)
+    logits = h @ w.T
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    kl = _ref_tail_bucket_kl(teacher, logits, ids).sum()
+    ce = F.cross_entropy(logits.double(), y[:, 0], reduction="sum")
+    for c_ce, c_kl in ((0.0, 1.0), (0.3, 0.5), (0.2, 0.0)):
+        ref = (c_ce * ce + c_kl * kl).float()
+        ref_grads = torch.autograd.grad(ref, (h, w), retain_graph=True)
+        for chunk in (1, 4, 1000):
+            loss, sums, _, kl_sum = chunked_ce(h, w, y, (c_ce,), chunk, softcap, soft=(ids, logp, c_kl))
+            torch.testing.assert_close(kl_sum, kl.float().detach())
+            torch.testing.assert_close(sums[0], ce.float().detach())
+            torch.testing.assert_close(loss, ref)
+            torch.testing.assert_close(torch.autograd.grad(loss, (h, w)), ref_grads, rtol=1e-4, atol=1e-5)
+
+
+def test_full_kl_term_in_kd_loss_and_its_cache_requirement():
+    hidden, weight, teacher, batch = _setup(K=6)
+    cfg = KDLossConfig(hard_top1_weight=0.0, full_kl_weight=0.5)
+    with pytest.raises(LutqError, match="teacher_lse"):
+        kd_loss(hidden, weight, batch, cfg)
+    base = kd_loss(hidden, weight, batch, KDLossConfig(hard_top1_weight=0.0))
+    assert "full_kl" not in base.metrics
+    batch["teacher_lse"] = teacher.logsumexp(-1)
+    out = kd_loss(hidden, weight, batch, cfg)
+    ref_kl = _ref_tail_bucket_kl(teacher, hidden @ weight.T, batch["topk_ids"]).mean().float()
+    assert out.metrics["full_kl"] == pytest.approx(ref_kl.item(), rel=1e-5)
+    ref = base.loss + 0.5 * ref_kl
+    torch.testing.assert_close(out.loss, ref)
+    torch.testing.assert_close(torch.autograd.grad(out.loss, hidden), torch.autograd.grad(ref, hidden),
+                               rtol=1e-4, atol=1e-6)
+    # a teacher that is its own student has no KL left, bucket included
+    same = kd_loss(teacher.clone().requires_grad_(), torch.eye(V), batch, cfg)
+    assert same.metrics["full_kl"] == pytest.approx(0.0, abs=1e-5)
 
 
 def test_label_ce_term_is_the_cross_entropy_on_the_texts_next_token():

@@ -67,4 +67,4 @@ def test_bench_cache_reports_both_rates(kd_teacher):
     assert r["bare_tokens_per_s"] > 0 and r["cache_tokens_per_s"] > 0
     assert r["ratio"] == pytest.approx(r["cache_tokens_per_s"] / r["bare_tokens_per_s"])
     assert r["overhead"] > 0 and r["ratio_from_overhead"] == pytest.approx(1 / (1 + r["overhead"]))
-    assert r["bytes_per_token"] == pytest.approx((32 * 4 + 31 * (8 + 2) * 6) / 32)
+    assert r["bytes_per_token"] == pytest.approx((32 * 4 + 31 * ((8 + 2) * 6 + 4)) / 32)  # + teacher_lse fp32

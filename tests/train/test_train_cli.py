@@ -51,6 +51,30 @@ def test_cli_train_resume_extends_and_plot(kd, tmp_path):
     assert isinstance(res.exception, LutqError) and "unknown mode" in str(res.exception)
 
 
+def test_cli_full_kl_weight_and_a_cache_without_teacher_lse(kd, tmp_path):
+    import json
+    import shutil
+
+    args = ["train", "--model", str(kd.teacher), "--preset", "q4a4", "--steps", "2", "--batch-size", "4",
+            "--warmup", "1", "--log-every", "1", "--eval-every", "2", "--eval-batches", "1", "--device", "cpu",
+            "--full-kl-weight", "0.5"]
+    res = runner.invoke(app, [*args, "--cache", str(kd.cache), "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert RunDir(tmp_path / "run").read_config()["config"]["kd"]["full_kl_weight"] == 0.5
+    rows = RunDir(tmp_path / "run").rows()
+    assert all(r["full_kl"] > 0 for r in rows if "loss" in r) and any("eval_full_kl" in r for r in rows)
+    # a cache built before teacher_lse was stored: a clear error naming the cache, before any run dir is made
+    old = tmp_path / "old-cache"
+    shutil.copytree(kd.cache, old)
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["arrays"]["teacher_lse"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    res = runner.invoke(app, [*args, "--cache", str(old), "--out", str(tmp_path / "run2")])
+    assert isinstance(res.exception, LutqError) and str(old) in str(res.exception)
+    assert "teacher_lse" in str(res.exception) or "log-sum-exp" in str(res.exception)
+    assert not (tmp_path / "run2").exists()
+
+
 def test_progressive_recipe_q4_to_q2(kd, tmp_path):
     base = kd.config(tmp_path / "unused", eval_every=1000, eval_batches=1)
     cfg = ProgressiveConfig(out=tmp_path / "recipe", base=base, q4_steps=3, q2_mlp_steps=4, q2_all_steps=4,

@@ -103,7 +103,8 @@ def cache_name(source: str, template: str, L: int, K: int, R: int) -> str:
 def teacher_targets(model: torch.nn.Module, input_ids: torch.Tensor, K: int, R: int = 0,
                     neg_uniform: torch.Tensor | None = None,
                     vocab_limit: int | None = None) -> dict[str, torch.Tensor]:
-    """Teacher top-K (ids int32, raw logits fp16, sorted descending) for positions 0..L-2 of [B, L] ids.
+    """Teacher top-K (ids int32, raw logits fp16, sorted descending) and the log-sum-exp of all its logits
+    (fp32) for positions 0..L-2 of [B, L] ids.
 
     With R > 0, `neg_uniform` [B, L-1, R] (floats in [0, 1)) picks R ids per position uniformly from
     the vocabulary (first `vocab_limit` ids) minus that position's top-K, with the teacher's logits there.
@@ -118,7 +119,8 @@ def targets_from_logits(logits: torch.Tensor, K: int, R: int = 0, neg_uniform: t
     """The part of `teacher_targets` after the forward, on full [B, L, V] logits."""
     logits = logits[:, :-1]
     vals, ids = logits.topk(K, dim=-1)
-    out = {"topk_ids": ids.to(torch.int32), "topk_logits": vals.to(torch.float16)}
+    out = {"topk_ids": ids.to(torch.int32), "topk_logits": vals.to(torch.float16),
+           "teacher_lse": torch.logsumexp(logits.float(), dim=-1)}
     if R:
         assert neg_uniform is not None
         neg = sample_negatives(ids, neg_uniform.to(ids.device), vocab_limit or logits.shape[-1])
@@ -202,6 +204,7 @@ def make_plan(cfg: CacheConfig, model: torch.nn.Module, tokenizer: Any, dtype: t
               for split, b in blocks.items() for i, a in enumerate(range(0, len(b), cfg.shard_size))]
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "overwrite", "dtype", "device")}
     data_hash = hashlib.sha256(b"".join(blocks[s].tobytes() for s in ("train", "val"))).hexdigest()
+    arrays = {a: ARRAY_DTYPES[a] for a in ARRAY_DTYPES if R or not a.startswith("neg")}
     info = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
         "teacher": cfg.model, "teacher_dtype": str(dtype).removeprefix("torch."), "teacher_vocab_size": vocab,
@@ -214,8 +217,8 @@ def make_plan(cfg: CacheConfig, model: torch.nn.Module, tokenizer: Any, dtype: t
                        "with replacement", "vocab_limit": vocab_limit} if R else None),
         "sequences": {s: len(b) for s, b in blocks.items()}, "requested_sequences": wanted,
         "documents_rendered": used_docs, "tokens": {s: len(b) * L for s, b in blocks.items()},
-        "arrays": {a: ARRAY_DTYPES[a] for a in ARRAY_DTYPES if R or not a.startswith("neg")},
-        "settings": settings, "plan_hash": _plan_hash(settings, dtype, vocab, data_hash),
+        "arrays": arrays,
+        "settings": settings, "plan_hash": _plan_hash(settings, dtype, vocab, data_hash, arrays),
         "versions": _versions(),
     }
     return CachePlan(Path(cfg.out) if cfg.out else lutq_home() / "caches" / name, blocks, shards, info)
@@ -233,8 +236,9 @@ class _Counter:
             yield d
 
 
-def _plan_hash(settings: dict[str, Any], dtype: torch.dtype, vocab: int, data_hash: str) -> str:
-    key = repr((sorted(settings.items()), str(dtype), vocab, data_hash, FORMAT_VERSION))
+def _plan_hash(settings: dict[str, Any], dtype: torch.dtype, vocab: int, data_hash: str,
+               arrays: dict[str, str]) -> str:
+    key = repr((sorted(settings.items()), str(dtype), vocab, data_hash, FORMAT_VERSION, sorted(arrays)))
     return hashlib.sha256(key.encode()).hexdigest()
 
 

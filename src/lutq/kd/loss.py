@@ -3,12 +3,13 @@
     loss = T² · KL(p_T ‖ q_T)  over the candidates C = top-K (+ cached negatives)
          + w_top1 · CE(student over the full vocabulary, teacher top-1)
          + w_label · CE(student over the full vocabulary, the text's own next token)
+         + w_full · KL_1(teacher ‖ student over the full vocabulary, the ids outside top-K as one bucket)
          + w_sampled · CE(student over C, teacher top-1)
 
 p_T = softmax(teacher logits / T) and q_T = softmax(student logits / T), both over C only. Student
 logits for C are dot products with gathered lm_head rows, never the full vocabulary, and the gathered
 rows are recomputed in backward instead of being kept (memory O(N·|C|), not O(N·|C|·H)). The full-
-vocabulary CEs share one pass over the logits, computed in chunks of positions with their gradient formed
+vocabulary terms share one pass over the logits, computed in chunks of positions with their gradient formed
 chunk by chunk in the forward pass, so memory is bounded by `ce_chunk_size × vocab` whatever the batch and
 the second target costs nothing.
 """
@@ -31,6 +32,7 @@ class KDLossConfig(ConfigBase):
     temperature: float = 2.0
     hard_top1_weight: float = 0.2
     label_ce_weight: float = 0.0  # CE on the cached text's next token (its `input_ids`), full vocabulary
+    full_kl_weight: float = 0.0  # tail-bucket KL at T=1 over the full vocabulary (needs the cache's teacher_lse)
     sampled_ce_weight: float = 0.0
     ce_chunk_size: int = 1024  # positions per chunk for the full-vocab CE and the candidate gather
     use_negatives: bool = True
@@ -40,8 +42,9 @@ class KDLossConfig(ConfigBase):
 class KDLossOutput:
     """`loss` to backprop; `metrics` (floats): loss, kd (T²·KL_T), kl (KL at T=1 over the candidates), ce
     (full-vocab CE on the teacher's top-1), top1_agree (student full-vocab argmax == teacher top-1),
-    label_ce (full-vocab CE on the text's next token, when the batch has input_ids) and sampled_ce when
-    its weight is set."""
+    label_ce (full-vocab CE on the text's next token, when the batch has input_ids), full_kl (the tail-bucket
+    KL at T=1 over the full vocabulary, when the batch has teacher_lse) and sampled_ce when its weight is
+    set."""
 
     loss: torch.Tensor
     metrics: dict[str, float] = field(default_factory=dict)
@@ -88,16 +91,28 @@ def kd_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, batch: dict[str,
         coeffs.append(cfg.label_ce_weight)
     elif cfg.label_ce_weight:
         raise LutqError("kd_loss: label_ce_weight > 0 needs the batch's input_ids (a KD cache batch)")
-    use_grad = any(coeffs) and torch.is_grad_enabled()
-    hard, ce_sums, agree = chunked_ce(h if use_grad else h.detach(), lm_head_weight if use_grad else
-                                      lm_head_weight.detach(), torch.stack(targets, dim=1), tuple(coeffs),
-                                      cfg.ce_chunk_size, logit_softcap)
+    soft = None
+    if "teacher_lse" in batch:  # the teacher's true log-probabilities on its top-K
+        K = batch["topk_ids"].shape[-1]
+        topk_ids = batch["topk_ids"].reshape(-1, K).to(h.device)
+        logp = batch["topk_logits"].reshape(-1, K).to(h.device, torch.float32) - batch["teacher_lse"].reshape(
+            -1, 1).to(h.device, torch.float32)
+        soft = (topk_ids, logp, cfg.full_kl_weight)
+    elif cfg.full_kl_weight:
+        raise LutqError("kd_loss: full_kl_weight > 0 needs the teacher's log-sum-exp (teacher_lse), which this "
+                        "KD cache lacks: it was built before lutq stored it; rebuild it with `lutq cache`")
+    use_grad = (any(coeffs) or bool(cfg.full_kl_weight)) and torch.is_grad_enabled()
+    full, ce_sums, agree, kl_sum = chunked_ce(h if use_grad else h.detach(), lm_head_weight if use_grad else
+                                              lm_head_weight.detach(), torch.stack(targets, dim=1),
+                                              tuple(coeffs), cfg.ce_chunk_size, logit_softcap, soft)
     n = len(target)
-    if any(coeffs):
-        loss = loss + hard / n
+    if any(coeffs) or cfg.full_kl_weight:
+        loss = loss + full / n
     parts = {"kd": kd, "kl": kl, "ce": ce_sums[0] / n, "top1_agree": agree[0].float() / n}
     if len(targets) > 1:
         parts["label_ce"] = ce_sums[1] / n
+    if soft is not None:
+        parts["full_kl"] = kl_sum / n
     if cfg.sampled_ce_weight:
         sampled = -F.log_softmax(s, dim=-1)[:, 0].mean()
         loss = loss + cfg.sampled_ce_weight * sampled
@@ -148,21 +163,46 @@ class _CandidateLogits(torch.autograd.Function):
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
 
 
-# --- full-vocabulary CEs (teacher top-1, the text's next token), in chunks ---------------------------
+# --- full-vocabulary terms (teacher top-1 CE, the text's next token, the tail-bucket KL), in chunks ------
 
 
 def chunked_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, coeffs: tuple[float, ...],
-               chunk: int = 1024, logit_softcap: float | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               chunk: int = 1024, logit_softcap: float | None = None,
+               soft: tuple[torch.Tensor, torch.Tensor, float] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """CE of the logits hidden @ weightᵀ [N, V] against m targets per position (`targets` [N, m]), `chunk`
     positions at a time, never holding more than [chunk, V] logits.
 
-    Returns (Σ_k coeffs[k] · CE sum of target k, differentiable in hidden and weight; the m CE sums and the m
-    counts of argmax == target k, both without gradient). The targets share one logits pass.
+    `soft` = (ids [N, K], teacher log-probabilities there [N, K], coefficient) adds the tail-bucket KL: the
+    KL at T = 1 between the teacher and the student over the full vocabulary with every id outside `ids`
+    merged into one bucket (exact for the head, a lower bound of the full KL, and it stops the student from
+    moving probability mass into the tail the way a KL over the candidates alone lets it).
+
+    Returns (Σ_k coeffs[k] · CE sum of target k + soft coefficient · KL sum, differentiable in hidden and
+    weight; the m CE sums, the m counts of argmax == target k and the KL sum (0 without `soft`), all without
+    gradient). Every term shares one logits pass.
     """
     if targets.dim() != 2 or targets.shape[1] != len(coeffs):
         raise ValueError(f"chunked_ce: targets {tuple(targets.shape)} do not match {len(coeffs)} coefficients")
-    return _ChunkedCE.apply(hidden, weight, targets, coeffs, chunk, logit_softcap)
+    soft_ids, soft_logp, soft_coeff = soft if soft is not None else (None, None, 0.0)
+    return _ChunkedCE.apply(hidden, weight, targets, coeffs, chunk, logit_softcap, soft_ids, soft_logp,
+                            float(soft_coeff))
+
+
+def _tail_bucket_kl(z: torch.Tensor, lse: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row KL(teacher ‖ student) over `ids` + one tail bucket, from student logits z [n, V] (left as
+    they were) and lse [n]. Returns (kl [n], the student's log-probs at ids, the log-sum-exp of its logits
+    outside ids, the teacher's tail mass p_r [n])."""
+    z_ids = z.gather(1, ids)
+    z.scatter_(1, ids, float("-inf"))
+    lse_rest = torch.logsumexp(z, dim=-1)  # exact even when the tail mass is below fp32's 1 − ε
+    z.scatter_(1, ids, z_ids)
+    log_q = z_ids - lse[:, None]
+    p = logp.exp()
+    p_rest = (1 - p.sum(-1)).clamp_(min=0)
+    kl = (p * (logp - log_q)).sum(-1) + torch.xlogy(p_rest, p_rest) - p_rest * (lse_rest - lse)
+    return kl, log_q, lse_rest, p_rest
 
 
 class _ChunkedCE(torch.autograd.Function):
@@ -171,18 +211,21 @@ class _ChunkedCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                coeffs: tuple[float, ...], chunk: int, softcap: float | None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                coeffs: tuple[float, ...], chunk: int, softcap: float | None, soft_ids: torch.Tensor | None,
+                soft_logp: torch.Tensor | None, soft_coeff: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         m = targets.shape[1]
         sums = torch.zeros(m, dtype=torch.float32, device=hidden.device)
         agree = torch.zeros(m, dtype=torch.long, device=hidden.device)
+        soft_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         # d/dz Σ_k c_k CE_k = Σ_k c_k (softmax − onehot_k) = scale · (softmax − Σ_k (c_k / scale) onehot_k) with
         # scale = Σ_k c_k: the [chunk, V] buffer is never multiplied, and scale is applied in backward (one
-        # weight-1 target gives exactly softmax − onehot, whatever the weight)
-        scale = float(sum(coeffs))
+        # weight-1 target gives exactly softmax − onehot, whatever the weight). The tail-bucket KL adds
+        # c_s · (softmax − t) with t = the teacher's p on its ids and p_r · softmax(z outside ids) elsewhere.
+        scale = float(sum(coeffs)) + (soft_coeff if soft_ids is not None else 0.0)
         for a in range(0, len(targets), chunk):
             h, y = hidden[a:a + chunk], targets[a:a + chunk]
             z = torch.matmul(h.to(weight.dtype), weight.t()).float()  # [n, V]
@@ -192,9 +235,18 @@ class _ChunkedCE(torch.autograd.Function):
             lse = torch.logsumexp(z, dim=-1)
             sums += (lse[:, None] - z.gather(1, y)).sum(0)
             agree += (z.argmax(-1)[:, None] == y).sum(0)
+            if soft_ids is not None:
+                ids, logp = soft_ids[a:a + chunk], soft_logp[a:a + chunk].float()
+                kl, log_q, lse_rest, p_rest = _tail_bucket_kl(z, lse, ids, logp)
+                soft_sum += kl.sum()
             if need_h or need_w:
                 g = (z - lse[:, None]).exp_() if scale else torch.zeros_like(z)
                 rows = torch.arange(len(y), device=g.device)
+                if soft_ids is not None and soft_coeff:
+                    alpha = soft_coeff / (scale or 1.0)
+                    # off ids: q_j − α p_r q_j / q_r = q_j · (1 − α p_r e^(lse − lse_rest)); on ids: q − α p
+                    g *= 1 - alpha * p_rest[:, None] * (lse - lse_rest).clamp(max=80)[:, None].exp()
+                    g.scatter_(1, ids, log_q.exp() - alpha * logp.exp())
                 for k, c in enumerate(coeffs):
                     if c:
                         g.index_put_((rows, y[:, k]), torch.full_like(lse, -c / (scale or 1.0)), accumulate=True)
@@ -208,17 +260,17 @@ class _ChunkedCE(torch.autograd.Function):
         ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
         ctx.has = (grad_h is not None, grad_w is not None)
         ctx.scale = scale or 1.0
-        ctx.mark_non_differentiable(sums, agree)
-        loss = (sums * torch.tensor(coeffs, dtype=sums.dtype, device=sums.device)).sum()
-        return loss, sums, agree
+        ctx.mark_non_differentiable(sums, agree, soft_sum)
+        loss = (sums * torch.tensor(coeffs, dtype=sums.dtype, device=sums.device)).sum() + soft_coeff * soft_sum
+        return loss, sums, agree, soft_sum
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: torch.Tensor, _grad_sums: Any, _grad_agree: Any
+    def backward(ctx: Any, grad_loss: torch.Tensor, _grad_sums: Any, _grad_agree: Any, _grad_soft: Any
                  ) -> tuple[torch.Tensor | None, ...]:
         saved = list(ctx.saved_tensors)
         grad_h = saved.pop(0) * (grad_loss * ctx.scale) if ctx.has[0] else None
         grad_w = saved.pop(0) * (grad_loss * ctx.scale) if ctx.has[1] else None
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 # --- evaluation -----------------------------------------------------------------------------------

@@ -71,6 +71,11 @@ class KDCache:
     def has_negatives(self) -> bool:
         return self.R > 0
 
+    @property
+    def has_teacher_lse(self) -> bool:
+        """Whether the shards hold the teacher's full-vocabulary log-sum-exp (caches built since it was added)."""
+        return "teacher_lse" in self.meta.get("arrays", {})
+
     def __repr__(self) -> str:
         return (f"KDCache({str(self.path)!r}, L={self.L}, K={self.K}, R={self.R}, "
                 f"train={self.num_sequences('train')}, val={self.num_sequences('val')})")
@@ -96,7 +101,8 @@ class KDCache:
 
     def read(self, split: str, indices: np.ndarray | list[int]) -> dict[str, torch.Tensor]:
         """The sequences `indices` of `split` as a batch: input_ids [B, L] long, topk_ids [B, L-1, K] long,
-        topk_logits [B, L-1, K] float32 and, when cached, neg_ids / neg_logits [B, L-1, R]."""
+        topk_logits [B, L-1, K] float32, teacher_lse [B, L-1] float32 and, when cached, neg_ids / neg_logits
+        [B, L-1, R]."""
         idx = np.asarray(indices, dtype=np.int64)
         n = self.num_sequences(split)
         if idx.size and (idx.min() < 0 or idx.max() >= n):

@@ -2,7 +2,9 @@
 
 A shard is one safetensors file holding, for its n sequences:
 `input_ids` int32 [n, L], `topk_ids` int32 [n, L-1, K], `topk_logits` fp16 [n, L-1, K] (raw teacher
-logits, sorted descending) and, when R > 0, `neg_ids` int32 / `neg_logits` fp16 [n, L-1, R].
+logits, sorted descending), `teacher_lse` fp32 [n, L-1] (the teacher's log-sum-exp over the whole vocabulary,
+so topk_logits - teacher_lse are its true log-probabilities; caches built before it was added lack it) and,
+when R > 0, `neg_ids` int32 / `neg_logits` fp16 [n, L-1, R].
 safetensors is a JSON header plus raw little-endian arrays, so every array maps straight from disk.
 """
 
@@ -24,7 +26,7 @@ META = "meta.json"
 PROGRESS = "progress.json"
 BUILD_LOG = "build.json"
 ARRAY_DTYPES = {"input_ids": "int32", "topk_ids": "int32", "topk_logits": "float16",
-                "neg_ids": "int32", "neg_logits": "float16"}
+                "teacher_lse": "float32", "neg_ids": "int32", "neg_logits": "float16"}
 _ST_DTYPES = {"I32": np.int32, "F16": np.float16, "F32": np.float32, "I64": np.int64, "U16": np.uint16,
               "U8": np.uint8}
 

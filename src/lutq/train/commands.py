@@ -39,6 +39,9 @@ def train_command(
                                            help="Weight of full-vocab CE on the teacher's top-1 (0.2)."),
     label_ce_weight: float = typer.Option(None, "--label-ce-weight",
                                           help="Weight of full-vocab CE on the text's own next token (0)."),
+    full_kl_weight: float = typer.Option(None, "--full-kl-weight",
+                                         help="Weight of the KL at T=1 over the full vocabulary, ids outside the "
+                                         "teacher's top-K as one bucket (0; needs a cache with teacher_lse)."),
     log_every: int = typer.Option(None, "--log-every", help="Log train metrics every N steps (10)."),
     eval_every: int = typer.Option(None, "--eval-every", help="Evaluate on the val split every N steps (100)."),
     eval_batches: int = typer.Option(None, "--eval-batches", help="Validation batches per eval, 0 = no eval (20)."),
@@ -77,7 +80,8 @@ def train_command(
     }
     overrides = {k: v for k, v in flags.items() if v is not None and v != []}
     kd = {k: v for k, v in {"temperature": temperature, "hard_top1_weight": hard_top1_weight,
-                            "label_ce_weight": label_ce_weight}.items() if v is not None}
+                            "label_ce_weight": label_ce_weight, "full_kl_weight": full_kl_weight}.items()
+          if v is not None}
     if resume is not None:
         if out is not None and Path(out) != Path(resume):
             raise LutqError(f"--resume {resume} continues in place; drop --out {out}")

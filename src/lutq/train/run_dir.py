@@ -29,8 +29,8 @@ JSONL = "train.jsonl"
 CSV = "training_log.csv"
 SUMMARY = "summary.md"
 
-TRAIN_COLUMNS = ("loss", "kd", "kl", "ce", "top1_agree", "label_ce")
-EVAL_COLUMNS = ("eval_loss", "eval_kd", "eval_kl", "eval_top1_agree", "eval_label_ce")
+TRAIN_COLUMNS = ("loss", "kd", "kl", "ce", "top1_agree", "label_ce", "full_kl")
+EVAL_COLUMNS = ("eval_loss", "eval_kd", "eval_kl", "eval_top1_agree", "eval_label_ce", "eval_full_kl")
 TAIL_COLUMNS = ("lr", "grad_norm", "tokens_per_s", "elapsed")
 
 

@@ -105,6 +105,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
     _check_run_dir(run, resume=resume, overwrite=overwrite)
     seed_everything(cfg.seed)
     cache = KDCache(cfg.cache)
+    if cfg.kd.full_kl_weight and not cache.has_teacher_lse:
+        raise LutqError(f"train: --full-kl-weight needs the teacher's log-sum-exp, which KD cache {cfg.cache} "
+                        "lacks (built before lutq stored it); rebuild it with `lutq cache`")
     _check_batch(cfg, ctx)
 
     # the student: a checkpoint (resume / --init) or a FP model quantized with the preset
