@@ -43,9 +43,12 @@ def test_compare_rows_markdown_json(eval_dir, eval_cache) -> None:
     # the teacher scored against its own cache agrees with itself; the q2a4 student less so
     assert fp_row["kd"]["top1_agree"] == pytest.approx(1.0) and fp_row["kd"]["kl"] == pytest.approx(0.0, abs=1e-4)
     assert q_row["kd"]["kl"] > fp_row["kd"]["kl"]
+    # the cache holds teacher_lse: the full-vocabulary (tail-bucket) KL is measured and gets a column
+    assert fp_row["kd"]["full_kl"] == pytest.approx(0.0, abs=1e-4) and q_row["kd"]["full_kl"] > 1e-6
     md = res.markdown()
     lines = md.splitlines()
     assert lines[0].startswith("| model | size (MB) | bits/weight | LUT bits/weight | ppl ") and "KD loss" in lines[0]
+    assert "| KL | full-vocab KL | top-1 agree |" in lines[0] and f"{q_row['kd']['full_kl']:.4f}" in lines[3]
     assert lines[2].startswith("| fp | ") and lines[3].startswith("| q2a4 | ") and "window 64/32" in md
     assert json.loads(json.dumps(res.to_dict()))["rows"][1]["label"] == "q2a4"
 

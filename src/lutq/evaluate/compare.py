@@ -51,9 +51,10 @@ class CompareResult:
     def markdown(self) -> str:
         """A GitHub markdown table (one row per model) and a line saying how it was measured."""
         has_kd = any(r["kd"] for r in self.entries)
+        has_full = any("full_kl" in (r["kd"] or {}) for r in self.entries)  # caches with teacher_lse
         head = ["model", "size (MB)", "bits/weight", "LUT bits/weight", *[f"ppl {t}" for t in self.texts]]
         if has_kd:
-            head += ["KD loss", "KL", "top-1 agree"]
+            head += ["KD loss", "KL", *(["full-vocab KL"] if has_full else []), "top-1 agree"]
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
         for r in self.entries:
             lut = r["size"]["lut"]
@@ -61,7 +62,8 @@ class CompareResult:
                      _fmt(lut and lut["bits_per_weight"], 3), *[_fmt(r["ppl"].get(t), 3) for t in self.texts]]
             if has_kd:
                 kd = r["kd"] or {}
-                cells += [_fmt(kd.get("kd"), 4), _fmt(kd.get("kl"), 4), _fmt(kd.get("top1_agree"), 4)]
+                cells += [_fmt(kd.get("kd"), 4), _fmt(kd.get("kl"), 4),
+                          *([_fmt(kd.get("full_kl"), 4)] if has_full else []), _fmt(kd.get("top1_agree"), 4)]
             lines.append("| " + " | ".join(cells) + " |")
         c = self.config
         note = (f"Perplexity: sliding window {c.max_length}/{c.stride}"
