@@ -139,6 +139,10 @@ def test_full_kl_term_in_kd_loss_and_its_cache_requirement():
     torch.testing.assert_close(out.loss, ref)
     torch.testing.assert_close(torch.autograd.grad(out.loss, hidden), torch.autograd.grad(ref, hidden),
                                rtol=1e-4, atol=1e-6)
+    # the candidates' KL can be weighted down to nothing: the tail-bucket KL alone trains
+    alone = kd_loss(hidden, weight, batch, cfg.replace(kd_weight=0.0))
+    torch.testing.assert_close(alone.loss, 0.5 * ref_kl)
+    assert alone.metrics["kd"] == pytest.approx(out.metrics["kd"])  # the metric stays the unweighted KL
     # a teacher that is its own student has no KL left, bucket included
     same = kd_loss(teacher.clone().requires_grad_(), torch.eye(V), batch, cfg)
     assert same.metrics["full_kl"] == pytest.approx(0.0, abs=1e-5)

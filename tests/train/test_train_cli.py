@@ -57,10 +57,11 @@ def test_cli_full_kl_weight_and_a_cache_without_teacher_lse(kd, tmp_path):
 
     args = ["train", "--model", str(kd.teacher), "--preset", "q4a4", "--steps", "2", "--batch-size", "4",
             "--warmup", "1", "--log-every", "1", "--eval-every", "2", "--eval-batches", "1", "--device", "cpu",
-            "--full-kl-weight", "0.5"]
+            "--full-kl-weight", "0.5", "--kd-weight", "0.5"]
     res = runner.invoke(app, [*args, "--cache", str(kd.cache), "--out", str(tmp_path / "run")])
     assert res.exit_code == 0, res.output
-    assert RunDir(tmp_path / "run").read_config()["config"]["kd"]["full_kl_weight"] == 0.5
+    kd_cfg = RunDir(tmp_path / "run").read_config()["config"]["kd"]
+    assert kd_cfg["full_kl_weight"] == 0.5 and kd_cfg["kd_weight"] == 0.5
     rows = RunDir(tmp_path / "run").rows()
     assert all(r["full_kl"] > 0 for r in rows if "loss" in r) and any("eval_full_kl" in r for r in rows)
     # a cache built before teacher_lse was stored: a clear error naming the cache, before any run dir is made

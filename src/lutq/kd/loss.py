@@ -1,6 +1,6 @@
 """The KD loss against a cached teacher, and KD evaluation.
 
-    loss = T² · KL(p_T ‖ q_T)  over the candidates C = top-K (+ cached negatives)
+    loss = w_kd · T² · KL(p_T ‖ q_T)  over the candidates C = top-K (+ cached negatives)
          + w_top1 · CE(student over the full vocabulary, teacher top-1)
          + w_label · CE(student over the full vocabulary, the text's own next token)
          + w_full · KL_1(teacher ‖ student over the full vocabulary, the ids outside top-K as one bucket)
@@ -30,6 +30,7 @@ class KDLossConfig(ConfigBase):
     """Weights of the KD loss terms (see the module doc)."""
 
     temperature: float = 2.0
+    kd_weight: float = 1.0  # weight of the T²·KL over the candidates (the `kd` metric is always unweighted)
     hard_top1_weight: float = 0.2
     label_ce_weight: float = 0.0  # CE on the cached text's next token (its `input_ids`), full vocabulary
     full_kl_weight: float = 0.0  # tail-bucket KL at T=1 over the full vocabulary (needs the cache's teacher_lse)
@@ -80,7 +81,7 @@ def kd_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, batch: dict[str,
     log_p = F.log_softmax(t / T, dim=-1)
     kl_T = (log_p.exp() * (log_p - F.log_softmax(s / T, dim=-1))).sum(-1).mean()
     kd = T * T * kl_T
-    loss = kd
+    loss = cfg.kd_weight * kd if cfg.kd_weight != 1.0 else kd
 
     with torch.no_grad():
         log_p1 = F.log_softmax(t, dim=-1)

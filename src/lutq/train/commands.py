@@ -35,6 +35,7 @@ def train_command(
     weight_decay: float = typer.Option(None, "--weight-decay", help="AdamW weight decay (0)."),
     clip: float = typer.Option(None, "--clip", help="Gradient norm clip, 0 = off (1.0)."),
     temperature: float = typer.Option(None, "--temperature", help="KD softmax temperature (KDLossConfig: 2.0)."),
+    kd_weight: float = typer.Option(None, "--kd-weight", help="Weight of T²·KL over the teacher's top-K (1)."),
     hard_top1_weight: float = typer.Option(None, "--hard-top1-weight",
                                            help="Weight of full-vocab CE on the teacher's top-1 (0.2)."),
     label_ce_weight: float = typer.Option(None, "--label-ce-weight",
@@ -79,7 +80,7 @@ def train_command(
         "grad_checkpointing": grad_checkpointing, "compile": compile, "loggers": logger,
     }
     overrides = {k: v for k, v in flags.items() if v is not None and v != []}
-    kd = {k: v for k, v in {"temperature": temperature, "hard_top1_weight": hard_top1_weight,
+    kd = {k: v for k, v in {"temperature": temperature, "kd_weight": kd_weight, "hard_top1_weight": hard_top1_weight,
                             "label_ce_weight": label_ce_weight, "full_kl_weight": full_kl_weight}.items()
           if v is not None}
     if resume is not None:
