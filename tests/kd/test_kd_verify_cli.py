@@ -15,11 +15,14 @@ from lutq.kd import bench_cache, verify_cache
 from lutq.kd.shards import open_shard, write_shard
 
 
-def _tamper(cache_dir, delta=0.5):
-    """Shift one stored top-K logit and re-sign the shard, so only the teacher check can notice."""
+def _tamper(cache_dir, delta=0.5, array="topk_logits"):
+    """Shift one stored value and re-sign the shard, so only the teacher check can notice."""
     shard = cache_dir / "train-00000.safetensors"
     arrays = {k: np.array(v) for k, v in open_shard(shard).items()}
-    arrays["topk_logits"][0, 3, 0] += np.float16(delta)
+    if array == "topk_logits":
+        arrays["topk_logits"][0, 3, 0] += np.float16(delta)
+    else:
+        arrays[array][0, 3] += np.float32(delta)
     write_shard(shard, arrays)
     meta = json.loads((cache_dir / "meta.json").read_text())
     meta["shards"]["train"][0].update(sha256=sha256_file(shard), bytes=shard.stat().st_size)
@@ -30,11 +33,17 @@ def test_verify_passes_then_catches_a_wrong_logit(kd_cache, kd_teacher, tmp_path
     report = verify_cache(kd_cache, n=4, teacher=kd_teacher)
     assert report["ok"] and report["positions"] == 4 * 31 and report["top1_match"] == 1.0
     assert report["sequences"] == {"train": [0, 9, 18], "val": [0]} and report["max_abs_diff"] < 1e-2
+    assert report["lse_max_abs_diff"] < 1e-3
     bad = tmp_path / "bad"
     shutil.copytree(kd_cache, bad)
     _tamper(bad)
     report = verify_cache(bad, n=4, teacher=kd_teacher)
     assert not report["ok"] and report["max_abs_diff"] > 0.4
+    bad_lse = tmp_path / "bad-lse"
+    shutil.copytree(kd_cache, bad_lse)
+    _tamper(bad_lse, array="teacher_lse")
+    report = verify_cache(bad_lse, n=4, teacher=kd_teacher)
+    assert not report["ok"] and report["lse_max_abs_diff"] > 0.4 and report["max_abs_diff"] < 1e-2
 
 
 def test_cli_builds_and_verifies(kd_dir, kd_cache, tmp_path):

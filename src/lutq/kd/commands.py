@@ -76,8 +76,10 @@ def verify(
     print(json.dumps(report, indent=2))
     if not report["ok"]:
         diff, atol, rtol = report["max_abs_diff"], report["atol"], report["rtol"]
-        raise LutqError(f"{path}: stored logits differ from the teacher's (max |diff| {diff:.4g}, "
-                        f"tolerance {atol} + {rtol:.3g}·|x|)")
+        lse = report.get("lse_max_abs_diff")
+        raise LutqError(f"{path}: stored logits differ from the teacher's (max |diff| {diff:.4g}"
+                        + (f", log-sum-exp {lse:.4g}" if lse is not None else "")
+                        + f"; tolerance {atol} + {rtol:.3g}·|x|)")
     console.print(f"[bold green]ok[/] {path}: {report['positions']} positions match the teacher")
 
 

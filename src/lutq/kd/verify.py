@@ -4,7 +4,8 @@ few sequences to check the stored logits.
 For each checked position the stored logits are compared with the teacher's logits *at the stored ids*
 (so ties that reorder do not matter), the stored ids must be a top-K set of the recomputed logits (every
 stored id's logit at least the K-th largest minus the tolerance), and the stored negatives' logits must
-match too. Tolerance: fp16 storage of an fp32 teacher is within |x|·2⁻¹¹; when either side ran in bf16
+match too, as must the stored log-sum-exp of all the teacher's logits (`teacher_lse`, when cached).
+Tolerance: fp16 storage of an fp32 teacher is within |x|·2⁻¹¹; when either side ran in bf16
 the default tolerance is wider (atol 0.5, rtol 2⁻⁶).
 """
 
@@ -39,7 +40,7 @@ def verify_cache(path: str | Path, n: int = 4, *, teacher: tuple[torch.nn.Module
     dev = next(model.parameters()).device
 
     stats = {"positions": 0, "max_abs_diff": 0.0, "sum_abs_diff": 0.0, "top1_match": 0, "topk_set_ok": 0,
-             "bad_positions": 0, "neg_max_abs_diff": 0.0}
+             "bad_positions": 0, "neg_max_abs_diff": 0.0, "lse_max_abs_diff": 0.0}
     picks = _pick(cache, n)
     for split, idx in picks.items():
         batch = cache.read(split, idx)
@@ -52,6 +53,11 @@ def verify_cache(path: str | Path, n: int = 4, *, teacher: tuple[torch.nn.Module
                                             (batch["neg_logits"] - ref).abs().max().item())
             stats["bad_positions"] += int(((batch["neg_logits"] - ref).abs() > atol + rtol * ref.abs())
                                           .any(-1).sum())
+        if "teacher_lse" in batch:
+            ref = logits.logsumexp(-1)
+            diff = (batch["teacher_lse"] - ref).abs()
+            stats["lse_max_abs_diff"] = max(stats["lse_max_abs_diff"], diff.max().item())
+            stats["bad_positions"] += int((diff > atol + rtol * ref.abs()).sum())
     positions = stats["positions"]
     return {
         "path": str(cache.path), "checksums": "ok",
@@ -61,6 +67,7 @@ def verify_cache(path: str | Path, n: int = 4, *, teacher: tuple[torch.nn.Module
         "top1_match": stats["top1_match"] / max(positions, 1),
         "topk_set_ok": stats["topk_set_ok"] / max(positions, 1),
         "neg_max_abs_diff": stats["neg_max_abs_diff"] if cache.R else None,
+        "lse_max_abs_diff": stats["lse_max_abs_diff"] if cache.has_teacher_lse else None,
         "atol": atol, "rtol": rtol, "teacher_dtype": str(dtype).removeprefix("torch."),
         "ok": stats["bad_positions"] == 0 and positions > 0,
     }
