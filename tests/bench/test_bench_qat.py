@@ -77,6 +77,13 @@ def test_cli_writes_json(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert data["bench"] == "qat" and data["device"].startswith("CPU") and "date" in data and "command" in data
     assert len(data["results"]["rows"]) == 1 and data["results"]["rows"][0]["seq_len"] == 8
+    # the loss's full-vocabulary terms are part of the timed step, and count the lm_head in the FLOPs
+    res = CliRunner().invoke(app, ["bench", "qat", "--shape", "tiny", "--seq-len", "8", "--batch", "2", "--topk", "4",
+                                   "--steps", "1", "--warmup", "0", "--forward", "materialized", "--grad-ckpt", "off",
+                                   "--device", "cpu", "--full-kl-weight", "1", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    row = json.loads(out.read_text())["results"]["rows"][0]
+    assert row["extra"]["flops_per_step"] > data["results"]["rows"][0]["extra"]["flops_per_step"]
 
 
 def test_cli_delegates_lut_linear_and_pretrain(tmp_path: Path) -> None:

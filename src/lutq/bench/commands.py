@@ -32,6 +32,8 @@ def qat(
     grad_ckpt: str = typer.Option("both", "--grad-ckpt", help="off | on | both."),
     hard_top1_weight: float = typer.Option(0.0, "--hard-top1-weight",
                                            help="Weight of the full-vocab hard CE term (0: pure top-K KD)."),
+    full_kl_weight: float = typer.Option(0.0, "--full-kl-weight",
+                                         help="Weight of the full-vocab tail-bucket KL term (0: off)."),
     steps: int = typer.Option(3, "--steps", help="Timed steps per configuration."),
     warmup: int = typer.Option(1, "--warmup", help="Untimed warmup steps per configuration."),
     device: str = DEVICE_OPT,
@@ -50,8 +52,8 @@ def qat(
         raise LutqError(f"--grad-ckpt must be off, on or both, got {grad_ckpt!r}")
     cfg = QATBenchConfig(shape=shape, preset=preset, mode=mode, seq_lens=tuple(seq_len), batch=batch, topk=topk,
                          dtypes=tuple(dtype), forwards=tuple(forward), grad_ckpt=ckpt, steps=steps, warmup=warmup,
-                         hard_top1_weight=hard_top1_weight, device=device, find_max_batch=find_max,
-                         max_batch_hi=max_batch)
+                         hard_top1_weight=hard_top1_weight, full_kl_weight=full_kl_weight, device=device,
+                         find_max_batch=find_max, max_batch_hi=max_batch)
 
     def on_probe(label: str, p) -> None:
         s = p.stats

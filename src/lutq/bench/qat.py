@@ -62,6 +62,7 @@ class QATBenchConfig(ConfigBase):
     grad_ckpt: tuple[bool, ...] = (False, True)
     temperature: float = 2.0
     hard_top1_weight: float = 0.0
+    full_kl_weight: float = 0.0
     warmup: int = 1
     steps: int = 3
     lr: float = 5e-5
@@ -114,14 +115,17 @@ def build_model(shape: str, device: str, seed: int = 0) -> Any:
 
 
 def synthetic_batch(batch: int, seq_len: int, vocab: int, topk: int, device: str, seed: int = 0) -> dict[str, Any]:
-    """Random input ids and a random teacher top-K (distinct-ish ids, logits sorted descending), on `device`."""
+    """Random input ids and a random teacher top-K (distinct-ish ids, logits sorted descending) with a
+    log-sum-exp that leaves the top-K ~60 % of the mass, on `device`."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq_len), generator=g)
     topk_ids = torch.randint(0, vocab, (batch, seq_len - 1, topk), generator=g)
     logits = (torch.randn(batch, seq_len - 1, topk, generator=g) * 3).sort(dim=-1, descending=True).values
-    return {"input_ids": ids.to(device), "topk_ids": topk_ids.to(device), "topk_logits": logits.to(device)}
+    lse = logits.logsumexp(-1) + 0.5
+    return {"input_ids": ids.to(device), "topk_ids": topk_ids.to(device), "topk_logits": logits.to(device),
+            "teacher_lse": lse.to(device)}
 
 
 def _set_factored(model: Any, factored: bool) -> None:
@@ -162,7 +166,8 @@ class QATStep:
         self.trainable = set_trainable(self.model, cfg.mode)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        self.loss_cfg = KDLossConfig(temperature=cfg.temperature, hard_top1_weight=cfg.hard_top1_weight)
+        self.loss_cfg = KDLossConfig(temperature=cfg.temperature, hard_top1_weight=cfg.hard_top1_weight,
+                                     full_kl_weight=cfg.full_kl_weight)
         self.device_name = device_name(cfg.device)
 
     def configure(self, factored: bool, grad_ckpt: bool) -> None:
@@ -195,7 +200,8 @@ class QATStep:
                                self.cfg.seed)
         reset_peak_memory(self.device)
         step_s, loss = time_steps(self.step_fn(data, dtype), warmup=warmup, steps=steps, device=self.device)
-        flops = model_flops_per_token(self.model, seq_len, self.cfg.hard_top1_weight > 0) * batch * seq_len
+        full_vocab = self.cfg.hard_top1_weight > 0 or self.cfg.full_kl_weight > 0
+        flops = model_flops_per_token(self.model, seq_len, full_vocab) * batch * seq_len
         return StepStats(label=label, batch=batch, seq_len=seq_len, steps=steps, step_s=step_s,
                          tokens_per_s=batch * seq_len / step_s, peak_mem_mb=peak_memory_mb(self.device),
                          mfu=mfu(flops, step_s, self.device_name, dtype), loss=loss,
