@@ -4,15 +4,19 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from lutq.core import LutqError
 from lutq.speedrun.recipe import builtin_recipes, load_recipe
+from lutq.speedrun.runner import KINDS
 from lutq.speedrun.speedrun import SpeedrunConfig, speedrun
 from lutq.speedrun.stages import ConvertParams, QuantizeParams
 from lutq.testing import tiny_model, tiny_tokenizer
+from lutq.train import RunDir
 
 TRAIN = 'batch_size = 4\nwarmup = 1\nlog_every = 1\neval_every = 2\neval_batches = 1\nsave_every = 2\nlr = 1e-3\n'
 
@@ -81,6 +85,7 @@ cache = "@cache"
 init = "@q2a4_init"
 mode = "mlp-only"
 steps = 2
+kd = {{ hard_top1_weight = 0.0, full_kl_weight = 1.0 }}
 {train}
 [[stages]]
 name = "snap"
@@ -149,6 +154,15 @@ def test_mini_recipe_runs_skips_and_resumes(mini_recipe: Path, tmp_path: Path) -
     # a second run finds everything done
     res = speedrun(SpeedrunConfig(recipe=str(mini_recipe), run_dir=run_dir, log=False))
     assert {r.status for r in res.stages} == {"skipped"}
+    # the q2a4 stage trained with the full-vocabulary KL; a cache from before teacher_lse is not a valid output
+    assert all(r["full_kl"] > 0 for r in RunDir(run_dir / "q2a4" / "out").rows() if "loss" in r)
+    old = tmp_path / "old-cache"
+    shutil.copytree(run_dir / "cache" / "out", old)
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["arrays"]["teacher_lse"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(LutqError, match="log-sum-exp"):
+        KINDS["cache"].check(SimpleNamespace(out=old), None)
 
     # an interrupted q2a4 (no done marker, trainer checkpoint present) resumes instead of starting over
     (run_dir / "q2a4" / "done.json").unlink()

@@ -119,14 +119,24 @@ def targets_from_logits(logits: torch.Tensor, K: int, R: int = 0, neg_uniform: t
     """The part of `teacher_targets` after the forward, on full [B, L, V] logits."""
     logits = logits[:, :-1]
     vals, ids = logits.topk(K, dim=-1)
-    out = {"topk_ids": ids.to(torch.int32), "topk_logits": vals.to(torch.float16),
-           "teacher_lse": torch.logsumexp(logits.float(), dim=-1)}
+    stored = vals.to(torch.float16)
+    out = {"topk_ids": ids.to(torch.int32), "topk_logits": stored, "teacher_lse": stored_lse(logits, vals, stored)}
     if R:
         assert neg_uniform is not None
         neg = sample_negatives(ids, neg_uniform.to(ids.device), vocab_limit or logits.shape[-1])
         out["neg_ids"] = neg.to(torch.int32)
         out["neg_logits"] = logits.gather(-1, neg).to(torch.float16)
     return out
+
+
+def stored_lse(logits: torch.Tensor, topk: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """The log-sum-exp of the teacher's logits [.., V] with its top-K (`topk`) counted at their `stored` (fp16)
+    values, so exp(stored − lse) and the tail mass sum to exactly 1: the cached teacher is a proper distribution
+    (with the fp32 log-sum-exp instead, fp16 rounding of a dominant logit shows up as a first-order KL floor)."""
+    full = torch.logsumexp(logits.float(), dim=-1)
+    head = torch.logsumexp(topk.float(), dim=-1)
+    tail = full + torch.log1p(-torch.exp(head - full).clamp(max=1.0))  # log of the mass outside the top-K
+    return torch.logaddexp(torch.logsumexp(stored.float(), dim=-1), tail)
 
 
 def sample_negatives(topk_ids: torch.Tensor, uniform: torch.Tensor, vocab: int) -> torch.Tensor:

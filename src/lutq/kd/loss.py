@@ -44,8 +44,8 @@ class KDLossOutput:
     """`loss` to backprop; `metrics` (floats): loss, kd (T²·KL_T), kl (KL at T=1 over the candidates), ce
     (full-vocab CE on the teacher's top-1), top1_agree (student full-vocab argmax == teacher top-1),
     label_ce (full-vocab CE on the text's next token, when the batch has input_ids), full_kl (the tail-bucket
-    KL at T=1 over the full vocabulary, when the batch has teacher_lse) and sampled_ce when its weight is
-    set."""
+    KL at T=1 over the full vocabulary, when the batch has teacher_lse and the term is weighted or no gradient
+    is taken, i.e. in evaluation) and sampled_ce when its weight is set."""
 
     loss: torch.Tensor
     metrics: dict[str, float] = field(default_factory=dict)
@@ -93,7 +93,8 @@ def kd_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, batch: dict[str,
     elif cfg.label_ce_weight:
         raise LutqError("kd_loss: label_ce_weight > 0 needs the batch's input_ids (a KD cache batch)")
     soft = None
-    if "teacher_lse" in batch:  # the teacher's true log-probabilities on its top-K
+    # the teacher's true log-probabilities on its top-K; as a metric only, measured in evaluation (no grad)
+    if "teacher_lse" in batch and (cfg.full_kl_weight or not torch.is_grad_enabled()):
         K = batch["topk_ids"].shape[-1]
         topk_ids = batch["topk_ids"].reshape(-1, K).to(h.device)
         logp = batch["topk_logits"].reshape(-1, K).to(h.device, torch.float32) - batch["teacher_lse"].reshape(

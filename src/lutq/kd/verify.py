@@ -25,7 +25,7 @@ def verify_cache(path: str | Path, n: int = 4, *, teacher: tuple[torch.nn.Module
                  rtol: float | None = None) -> dict[str, Any]:
     """Re-run the teacher on `n` sequences (spread over train and val) and compare; returns a report
     dict whose `ok` says whether everything matched within tolerance."""
-    from lutq.kd.cache import config_from_meta, load_teacher
+    from lutq.kd.cache import config_from_meta, load_teacher, stored_lse
     from lutq.kd.reader import KDCache
 
     cache = KDCache(path)
@@ -54,7 +54,7 @@ def verify_cache(path: str | Path, n: int = 4, *, teacher: tuple[torch.nn.Module
             stats["bad_positions"] += int(((batch["neg_logits"] - ref).abs() > atol + rtol * ref.abs())
                                           .any(-1).sum())
         if "teacher_lse" in batch:
-            ref = logits.logsumexp(-1)
+            ref = stored_lse(logits, logits.gather(-1, batch["topk_ids"]), batch["topk_logits"])
             diff = (batch["teacher_lse"] - ref).abs()
             stats["lse_max_abs_diff"] = max(stats["lse_max_abs_diff"], diff.max().item())
             stats["bad_positions"] += int((diff > atol + rtol * ref.abs()).sum())

@@ -76,7 +76,8 @@ def _run_cache(ctx: StageContext, cfg: Any) -> dict[str, Any]:
 def _check_cache(ctx: StageContext, cfg: Any) -> None:
     from lutq.kd import KDCache
 
-    KDCache(ctx.out)
+    if not KDCache(ctx.out).has_teacher_lse:  # a stage may train on it with the full-vocabulary KL
+        raise LutqError(f"KD cache {ctx.out} was built before lutq stored the teacher's log-sum-exp")
 
 
 # --------------------------------------------------------------------------------------------- quantize
