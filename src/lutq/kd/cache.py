@@ -104,7 +104,7 @@ def teacher_targets(model: torch.nn.Module, input_ids: torch.Tensor, K: int, R: 
                     neg_uniform: torch.Tensor | None = None,
                     vocab_limit: int | None = None) -> dict[str, torch.Tensor]:
     """Teacher top-K (ids int32, raw logits fp16, sorted descending) and the log-sum-exp of all its logits
-    (fp32) for positions 0..L-2 of [B, L] ids.
+    (fp32, `stored_lse`) for positions 0..L-2 of [B, L] ids.
 
     With R > 0, `neg_uniform` [B, L-1, R] (floats in [0, 1)) picks R ids per position uniformly from
     the vocabulary (first `vocab_limit` ids) minus that position's top-K, with the teacher's logits there.

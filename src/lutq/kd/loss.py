@@ -81,7 +81,7 @@ def kd_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, batch: dict[str,
     log_p = F.log_softmax(t / T, dim=-1)
     kl_T = (log_p.exp() * (log_p - F.log_softmax(s / T, dim=-1))).sum(-1).mean()
     kd = T * T * kl_T
-    loss = cfg.kd_weight * kd if cfg.kd_weight != 1.0 else kd
+    loss = cfg.kd_weight * kd
 
     with torch.no_grad():
         log_p1 = F.log_softmax(t, dim=-1)
@@ -103,12 +103,13 @@ def kd_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, batch: dict[str,
     elif cfg.full_kl_weight:
         raise LutqError("kd_loss: full_kl_weight > 0 needs the teacher's log-sum-exp (teacher_lse), which this "
                         "KD cache lacks: it was built before lutq stored it; rebuild it with `lutq cache`")
-    use_grad = (any(coeffs) or bool(cfg.full_kl_weight)) and torch.is_grad_enabled()
+    weighted = any(coeffs) or bool(cfg.full_kl_weight)  # a full-vocabulary term is part of the loss
+    use_grad = weighted and torch.is_grad_enabled()
     full, ce_sums, agree, kl_sum = chunked_ce(h if use_grad else h.detach(), lm_head_weight if use_grad else
                                               lm_head_weight.detach(), torch.stack(targets, dim=1),
                                               tuple(coeffs), cfg.ce_chunk_size, logit_softcap, soft)
     n = len(target)
-    if any(coeffs) or cfg.full_kl_weight:
+    if weighted:
         loss = loss + full / n
     parts = {"kd": kd, "kl": kl, "ce": ce_sums[0] / n, "top1_agree": agree[0].float() / n}
     if len(targets) > 1:

@@ -2,8 +2,9 @@
 
 A shard is one safetensors file holding, for its n sequences:
 `input_ids` int32 [n, L], `topk_ids` int32 [n, L-1, K], `topk_logits` fp16 [n, L-1, K] (raw teacher
-logits, sorted descending), `teacher_lse` fp32 [n, L-1] (the teacher's log-sum-exp over the whole vocabulary,
-so topk_logits - teacher_lse are its true log-probabilities; caches built before it was added lack it) and,
+logits, sorted descending), `teacher_lse` fp32 [n, L-1] (the teacher's log-sum-exp over the whole vocabulary
+with the top-K at their stored fp16 values, `lutq.kd.cache.stored_lse`: topk_logits - teacher_lse are its
+log-probabilities and, with the tail, sum to 1; caches built before it was added lack it) and,
 when R > 0, `neg_ids` int32 / `neg_logits` fp16 [n, L-1, R].
 safetensors is a JSON header plus raw little-endian arrays, so every array maps straight from disk.
 """
