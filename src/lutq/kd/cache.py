@@ -133,7 +133,11 @@ def stored_lse(logits: torch.Tensor, topk: torch.Tensor, stored: torch.Tensor) -
     """The log-sum-exp of the teacher's logits [.., V] with its top-K (`topk`) counted at their `stored` (fp16)
     values, so exp(stored − lse) and the tail mass sum to exactly 1: the cached teacher is a proper distribution
     (with the fp32 log-sum-exp instead, fp16 rounding of a dominant logit shows up as a first-order KL floor)."""
-    full = torch.logsumexp(logits.float(), dim=-1)
+    # shift by the top-1 logit (topk is sorted descending, so it is the max; any shift is exact, this one keeps
+    # exp() <= ~1) instead of logsumexp's own max pass: on the cache writer's hot path this is 0.17 s per
+    # 16 x 64 batch of SmolLM2 instead of 0.32 s, next to a 1.7 s teacher forward
+    top = topk[..., :1].float()
+    full = top[..., 0] + (logits.float() - top).exp_().sum(-1).log_()
     head = torch.logsumexp(topk.float(), dim=-1)
     tail = full + torch.log1p(-torch.exp(head - full).clamp(max=1.0))  # log of the mass outside the top-K
     return torch.logaddexp(torch.logsumexp(stored.float(), dim=-1), tail)
