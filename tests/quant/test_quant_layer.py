@@ -151,6 +151,45 @@ def test_latent_mode_ste_and_freeze() -> None:
         LUTLinear(4, 4, 4, 1, mode="latent").set_trainable("g")
 
 
+@pytest.mark.parametrize("lut", [4, 16])
+def test_unfreeze_from_a_start_weight_keeps_the_indices(lut: int) -> None:
+    layer, w = _layer(lut=lut, rank=3)
+    with torch.no_grad():  # move a fifth of the indices one entry off their nearest pick, as GPTQ does
+        g = torch.Generator().manual_seed(0)
+        moved = torch.rand(layer.idx.shape, generator=g) < 0.2
+        step = torch.where(layer.idx.long() == 0, 1, -1)
+        layer.idx.copy_(torch.where(moved, layer.idx.long() + step, layer.idx.long()).to(torch.uint8))
+    x = torch.randn(6, 40)
+    y_frozen, idx = layer(x).detach(), layer.idx.clone()
+    s = layer.scale_map().detach()
+    layer.unfreeze(w, margin=0.05)
+    # the forward and the indices are unchanged
+    assert torch.allclose(layer(x), y_frozen, atol=1e-6) and torch.equal(layer.idx, idx)
+    values, il = layer.lut, idx.long()
+    lo = torch.where(il > 0, (values[(il - 1).clamp_min(0)] + values[il]) / 2, -torch.inf)
+    hi = torch.where(il < lut - 1, (values[il] + values[(il + 1).clamp_max(lut - 1)]) / 2, torch.inf)
+    u, v = w / s, layer.weight.detach() / s
+    assert bool(((v > lo) & (v < hi)).all())
+    # where the start sat well inside its index's bin, the weight is the start
+    pad = 0.05 * (values[1:] - values[:-1]).max()
+    inner = (u > lo + pad) & (u < hi - pad)
+    assert inner.float().mean() > 0.5 and torch.allclose(v[inner], u[inner], atol=1e-5)
+    # where it sat in another bin (the moved indices), the weight waits at the edge on the start's side
+    outside = (u < lo) | (u > hi)
+    assert outside[moved].float().mean() > 0.9 and not outside[~moved].any()
+    assert bool((torch.sign(v - values[il]) == torch.sign(u - values[il]))[outside].all())
+    assert bool((torch.minimum((v - lo).abs(), (hi - v).abs()) < 0.1 * pad / 0.05)[outside].all())
+    # W_eff start, and bad arguments
+    fresh, w2 = _layer(lut=lut, rank=3)
+    fresh.unfreeze()
+    assert torch.allclose(fresh.weight, (fresh.q() * fresh.scale_map()).detach())
+    bad, _ = _layer(lut=lut, rank=3)
+    with pytest.raises(LutqError, match="shape"):
+        bad.unfreeze(w2[:, :8])
+    with pytest.raises(LutqError, match="margin"):
+        bad.unfreeze(w2, margin=0.5)
+
+
 def test_snapped_layer_refuses_training_and_bad_args() -> None:
     layer, _ = _layer()
     snap_layer_(layer)

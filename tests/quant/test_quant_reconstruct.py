@@ -149,24 +149,27 @@ def test_quantize_cli_blockwise(tmp_path: Path) -> None:
     calib = tmp_path / "calib.jsonl"
     calib.write_text("".join(json.dumps({"text": f"line {i} " * 20}) + "\n" for i in range(20)))
     args = ["quantize", "-m", str(tmp_path / "fp"), "-p", "q2a4", "-o", str(tmp_path / "q2"), "--summary",
-            "--calib", str(calib), "--calib-sequences", "8", "--calib-len", "32", "--blockwise", "--recon-steps", "3"]
+            "--calib", str(calib), "--calib-sequences", "8", "--calib-len", "32", "--blockwise", "--recon-steps", "3",
+            "--recon-latent-steps", "2", "--recon-latent-start", "fp"]
     result = CliRunner().invoke(app, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     _, _, info = load_checkpoint(tmp_path / "q2")
     cal = info.extra["calibration"]
     assert cal["method"] == "blockwise" and cal["recon"]["steps"] == 3 and len(cal["blocks"]) == 2
+    assert cal["recon"]["latent_steps"] == 2 and cal["recon"]["latent_start"] == "fp"
     with pytest.raises(LutqError, match="--blockwise needs --calib"):
         CliRunner().invoke(app, ["quantize", "-m", str(tmp_path / "fp"), "-o", str(tmp_path / "x"), "--blockwise"],
                            catch_exceptions=False)
 
 
-def test_reconstruct_latent_phase_moves_indices_and_ends_frozen() -> None:
+@pytest.mark.parametrize("start", ["weff", "fp"])
+def test_reconstruct_latent_phase_moves_indices_and_ends_frozen(start: str) -> None:
     model = tiny_model("qwen3", layers=2)
     reference = copy.deepcopy(model)
     quantize(model, "q4a4", progress=False)
     ids = _ids(16)
     idx_before = {n: la.idx.clone() for n, la in lut_layers(model)}
-    cfg = ReconstructConfig(gptq=False, latent_steps=30, latent_lr=3e-4, steps=10, lr=3e-3)
+    cfg = ReconstructConfig(gptq=False, latent_steps=30, latent_lr=3e-4, steps=10, lr=3e-3, latent_start=start)
     report = reconstruct_(model, reference, ids, cfg, show_progress=False)
     assert all(b["loss_after"] < b["loss_before"] for b in report.blocks)
     layers = dict(lut_layers(model))
@@ -176,6 +179,8 @@ def test_reconstruct_latent_phase_moves_indices_and_ends_frozen() -> None:
     assert moved > 0
     with pytest.raises(LutqError, match="lr > 0"):
         ReconstructConfig(latent_lr=0.0).validate()
+    with pytest.raises(LutqError, match="latent_start"):
+        ReconstructConfig(latent_start="gptq").validate()
 
 
 def test_convert_cli_blockwise_against_the_fp_reference(tmp_path: Path) -> None:

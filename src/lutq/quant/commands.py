@@ -53,6 +53,8 @@ def quantize_cmd(
     recon_latent_steps: int = typer.Option(0, "--recon-latent-steps", help="--blockwise: first, Adam steps per "
                                            "block on latent weights (indices move), before the scale steps."),
     recon_latent_lr: float = typer.Option(1e-4, "--recon-latent-lr", help="--blockwise: latent learning rate."),
+    recon_latent_start: str = typer.Option("weff", "--recon-latent-start", help="--blockwise: latent weights "
+                                           "start at W_eff (weff) or at the FP weight clipped into its bin (fp)."),
     per_layer: bool = typer.Option(True, "--per-layer/--summary", help="Print every layer or group means."),
 ) -> None:
     """Quantize a model to LUT layers, print the per-layer init error table, save a checkpoint."""
@@ -72,7 +74,7 @@ def quantize_cmd(
         from lutq.quant.reconstruct import ReconstructConfig, quantize_blockwise
 
         recon = ReconstructConfig(steps=recon_steps, lr=recon_lr, latent_steps=recon_latent_steps,
-                                  latent_lr=recon_latent_lr)
+                                  latent_lr=recon_latent_lr, latent_start=recon_latent_start)
         blocks = calibration_blocks(calib, tok, num_sequences=calib_sequences, seq_len=calib_len)
         report = quantize_blockwise(m, cfg, blocks, recon)
     else:

@@ -14,6 +14,7 @@ FP16-exact, strictly increasing). `lutq.quant.project_luts_(model)` does it for 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -190,14 +191,36 @@ class LUTLinear(nn.Module):
         self.set_trainable("all")
 
     @torch.no_grad()
-    def unfreeze(self) -> None:
-        """Frozen → latent: a trainable FP weight initialized to W_eff, so that idx = nearest(weight / S)
-        starts exactly at the current indices (e.g. a GPTQ pick) and moves only as training moves it."""
+    def unfreeze(self, start: torch.Tensor | None = None, *, margin: float = 0.02) -> None:
+        """Frozen → latent: a trainable FP weight such that idx = nearest(weight / S) starts exactly at the
+        current indices (e.g. a GPTQ pick) and moves only as training moves it.
+
+        The weight starts at W_eff (the centre of each index's bin), or with `start` (e.g. the FP weight the
+        layer was quantized from) at `start` clipped into its index's bin, `margin` × the bin's width inside
+        its edges: a weight that sat near a bin edge stays near it, so a small step can flip its index."""
         if self.mode == "latent":
             return
         if self.snapped:
             raise LutqError("LUTLinear.unfreeze: the layer is snapped to FP16; unfreeze before `lutq snap`")
-        self.weight = nn.Parameter((self.q() * self.scale_map()).detach().clone())
+        s = self.scale_map()
+        w = self.q() * s
+        if start is not None:
+            if start.shape != w.shape:
+                raise LutqError(f"LUTLinear.unfreeze: start has shape {tuple(start.shape)}, the layer "
+                                f"{tuple(w.shape)}")
+            if not 0 <= margin < 0.5:
+                raise LutqError(f"LUTLinear.unfreeze: margin must be in [0, 0.5), got {margin}")
+            lut, idx = self.lut.detach().float(), self.idx.long()
+            mids = (lut[1:] + lut[:-1]) / 2
+            inf = torch.full((1,), math.inf, device=lut.device)
+            lo, hi = torch.cat([-inf, mids]), torch.cat([mids, inf])
+            gaps = lut[1:] - lut[:-1]
+            width = torch.minimum(torch.cat([gaps[:1], gaps]), torch.cat([gaps, gaps[-1:]]))  # end bins: one side
+            pad = margin * width
+            u = torch.where(s != 0, start.detach().to(s) / s, lut[idx])  # S = 0: the bin centre
+            u = torch.clamp(u, (lo + pad)[idx], (hi - pad)[idx])
+            w = u * s
+        self.weight = nn.Parameter(w.detach().clone())
         self.mode = "latent"
         self.set_trainable("all")
 

@@ -44,6 +44,7 @@ from lutq.quant.layer import LUTLinear
 from lutq.quant.presets import QuantConfig, group_of
 
 TARGETS = ("fp", "local")
+LATENT_STARTS = ("weff", "fp")
 
 
 @dataclass
@@ -53,6 +54,9 @@ class ReconstructConfig(ConfigBase):
     gptq: bool = True  # sequential GPTQ index picking before the scales train
     latent_steps: int = 0  # first, Adam steps on latent FP weights (indices move, straight-through), then frozen
     latent_lr: float = 1e-4
+    # where the latent weights start: "weff" (each index's bin centre) or "fp" (the FP weight clipped into its
+    # index's bin, so weights near a bin edge can flip with small steps); either way the indices start unchanged
+    latent_start: str = "weff"
     steps: int = 0  # Adam steps on the scales A, B, g per block (0: none)
     batch_size: int = 8  # calibration sequences per step (and per forward chunk)
     lr: float = 1e-3
@@ -63,6 +67,8 @@ class ReconstructConfig(ConfigBase):
     def validate(self) -> None:
         if self.target not in TARGETS:
             raise LutqError(f"reconstruct: target must be one of {TARGETS}, got {self.target!r}")
+        if self.latent_start not in LATENT_STARTS:
+            raise LutqError(f"reconstruct: latent_start must be one of {LATENT_STARTS}, got {self.latent_start!r}")
         if min(self.steps, self.latent_steps) < 0 or self.batch_size < 1 or not min(self.lr, self.latent_lr) > 0:
             raise LutqError(f"reconstruct: steps >= 0, batch_size >= 1 and lr > 0 needed (got steps "
                             f"{self.steps} / {self.latent_steps}, batch {self.batch_size}, lr {self.lr} / "
@@ -165,17 +171,18 @@ def _sublayer_stages(block: nn.Module, layers: dict[str, LUTLinear], x: torch.Te
 
 def _train_block(block: nn.Module, layers: dict[str, LUTLinear], xs: list[torch.Tensor], ys: list[torch.Tensor],
                  kwargs: dict[str, Any], *, before: float, steps: int, lr: float, latent: bool, train_lut: bool,
-                 seed: int) -> float:
-    """Adam on the block's scales (and LUTs), or with `latent` on FP weights started at W_eff whose indices
-    are re-picked every step (straight-through, then frozen again), to reconstruct ys. Returns the loss over
-    all chunks afterwards; the trained state is kept only if it fell below `before`."""
+                 seed: int, starts: dict[str, torch.Tensor] | None = None) -> float:
+    """Adam on the block's scales (and LUTs), or with `latent` on FP weights (started at W_eff, or at
+    `starts` clipped into their bins) whose indices are re-picked every step (straight-through, then frozen
+    again), to reconstruct ys. Returns the loss over all chunks afterwards; the trained state is kept only
+    if it fell below `before`."""
     saved = {k: v.detach().clone() for k, v in block.state_dict().items()}
     flags = {n: p.requires_grad for n, p in block.named_parameters()}
     for p in block.parameters():
         p.requires_grad_(False)
-    for layer in layers.values():
-        if latent:
-            layer.unfreeze()  # weight = W_eff: the same indices until training moves them
+    for name, layer in layers.items():
+        if latent:  # the same indices until training moves them
+            layer.unfreeze(None if starts is None else starts[name])
         else:
             layer.set_trainable({"A", "B", "g"} | ({"lut"} if train_lut else set()))
     params = [p for p in block.parameters() if p.requires_grad]
@@ -272,7 +279,8 @@ def reconstruct_(model: nn.Module, reference: nn.Module, blocks: torch.Tensor,
                     if steps and layers:
                         after = _train_block(q_block, layers, xs_q, ys, kwargs[i], before=after, steps=steps, lr=lr,
                                              latent=latent, train_lut=cfg.train_lut and not latent,
-                                             seed=cfg.seed * 100_003 + 2 * i + latent)
+                                             seed=cfg.seed * 100_003 + 2 * i + latent,
+                                             starts=weights if latent and cfg.latent_start == "fp" else None)
                 report.blocks.append({"block": i, "loss_before": before, "loss_after": after})
                 for n, layer in layers.items():
                     report.rows.append(QuantRow(n, group_of(n) or "other", (layer.out_features, layer.in_features),
