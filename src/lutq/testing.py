@@ -71,6 +71,18 @@ def tiny_model(arch: str = "qwen3", seed: int = 0, **config_kw: Any) -> torch.nn
     return model.eval()
 
 
+def sharp_tiny_teacher() -> torch.nn.Module:
+    """A tiny random Llama whose next-token distributions are peaked but not trivial (entropy ~2 nats),
+    so KD has something to learn: larger layer weights and a scaled final norm."""
+    model = tiny_model("llama", seed=1)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(24.0)
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and name != "lm_head":
+                m.weight.mul_(3.0)
+    return model
+
+
 def require_asset(name: str) -> None:
     """In tests: skip (naming the command to run) when an asset has not been fetched."""
     import pytest

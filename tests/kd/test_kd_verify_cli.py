@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from lutq.cli import app
 from lutq.core import sha256_file
+from lutq.core.errors import LutqError
 from lutq.kd import bench_cache, verify_cache
 from lutq.kd.shards import open_shard, write_shard
 
@@ -77,3 +78,7 @@ def test_bench_cache_reports_both_rates(kd_teacher):
     assert r["ratio"] == pytest.approx(r["cache_tokens_per_s"] / r["bare_tokens_per_s"])
     assert r["overhead"] > 0 and r["ratio_from_overhead"] == pytest.approx(1 / (1 + r["overhead"]))
     assert r["bytes_per_token"] == pytest.approx((32 * 4 + 31 * ((8 + 2) * 6 + 4)) / 32)  # + teacher_lse fp32
+    shaped = bench_cache("shape:tiny", L=16, K=4, batch=2, n_batches=1, device="cpu", dtype="bf16")
+    assert shaped["dtype"] == "bfloat16" and shaped["tokens"] == 32 and shaped["cache_tokens_per_s"] > 0
+    with pytest.raises(LutqError, match="unknown shape 'huge'"):
+        bench_cache("shape:huge", device="cpu")

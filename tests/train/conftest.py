@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
-from lutq.testing import tiny_model, tiny_tokenizer
+from lutq.testing import sharp_tiny_teacher, tiny_tokenizer
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards",
          "quietly", "hex", "jolly", "bakers", "and", "bright", "vixens", "climb", "past", "eight", "humble"]
@@ -33,18 +32,6 @@ class KDFixture:
                     lr=1e-2, warmup=1, log_every=1, eval_every=1000, eval_batches=0, save_every=1000,
                     device="cpu", init_lut="uniform", init_tighten=0, init_calib_sequences=0)
         return TrainConfig.from_dict({**base, **changes})
-
-
-def sharp_tiny_teacher() -> torch.nn.Module:
-    """A tiny random Llama whose next-token distributions are peaked but not trivial (entropy ~2 nats),
-    so KD has something to learn: larger layer weights and a scaled final norm."""
-    model = tiny_model("llama", seed=1)
-    with torch.no_grad():
-        model.model.norm.weight.mul_(24.0)
-        for name, m in model.named_modules():
-            if isinstance(m, torch.nn.Linear) and name != "lm_head":
-                m.weight.mul_(3.0)
-    return model
 
 
 @pytest.fixture(scope="session")

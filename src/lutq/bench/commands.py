@@ -72,7 +72,9 @@ def qat(
 
 @bench_app.command("cache")
 def cache(
-    model: str = typer.Option("smollm2-135m-instruct", "--model", help="Teacher (asset, HF dir, lutq checkpoint)."),
+    model: str = typer.Option("smollm2-135m-instruct", "--model",
+                              help="Teacher (asset, HF dir, lutq checkpoint), or shape:NAME: random weights of a "
+                              "`bench qat` shape (shape:smollm2-135m), nothing to fetch."),
     seq_len: int = typer.Option(128, "--seq-len", help="Sequence length L."),
     topk: int = typer.Option(64, "--topk", help="Top-K stored per position."),
     negatives: int = typer.Option(0, "--negatives", help="Random negatives R per position."),

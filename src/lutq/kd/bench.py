@@ -17,18 +17,29 @@ from typing import Any
 
 import torch
 
+from lutq.core.errors import LutqError
+
 
 def bench_cache(model: str | torch.nn.Module = "smollm2-135m-instruct", L: int = 128, K: int = 64,
                 batch: int = 8, n_batches: int = 4, *, R: int = 0, device: str = "auto", dtype: str = "auto",
                 warmup: int = 1, seed: int = 0) -> dict[str, Any]:
-    """Tokens/s of cache writing vs a bare forward; `ratio` = cache / bare (target >= 0.9)."""
+    """Tokens/s of cache writing vs a bare forward; `ratio` = cache / bare (target >= 0.9). `model` may be
+    "shape:NAME": random weights of a `lutq bench qat` shape (e.g. shape:smollm2-135m), nothing to fetch."""
     from lutq.kd.cache import _logits_size, negative_uniforms, resolve_device_dtype
 
     if isinstance(model, str):
-        from lutq.models import load_model
-
         dev, dt = resolve_device_dtype(device, dtype)
-        model, _ = load_model(model, dtype=dt, device=dev)
+        if model.startswith("shape:"):
+            from lutq.bench.qat import SHAPES, build_model
+
+            name = model.removeprefix("shape:")
+            if name not in SHAPES:
+                raise LutqError(f"bench cache: unknown shape {name!r}; choose from {sorted(SHAPES)}")
+            model = build_model(name, str(dev)).to(dt).eval()
+        else:
+            from lutq.models import load_model
+
+            model, _ = load_model(model, dtype=dt, device=dev)
     dev = next(model.parameters()).device
     V = _logits_size(model)
     gen = torch.Generator().manual_seed(seed)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The prepared GPU check, one call of the device tool (the figures go to docs/benchmarks.md):
+#   scripts/device-wheels.sh                       # here, once: wheels the device image lacks -> .whl/
+#   run(command="bash scripts/device-check.sh", carry=[".whl"], timeout_s=580)   # ~9 min of steps
+# GPU tests first (tests/gpu: CUDA vs the CPU fp32 reference), then the benchmarks, each step time-boxed so
+# that everything written to $OUT comes back even when a step fails or runs long.
+set -uo pipefail
+OUT=${OUT:-runs/device-check}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, go on whatever happens
+  local name=$1 secs=$2; shift 2
+  echo "== $name ($(date -u +%T))"
+  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
+  echo "   rc $? ($(date -u +%T))"; tail -n 25 "$OUT/$name.log"
+}
+step device 30 bash -c 'nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"'
+step gpu-tests 120 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider
+step qat-smollm2 90 python3 -m lutq bench qat --shape smollm2-135m --preset q2a4 --seq-len 64 --seq-len 128 \
+  --dtype bf16 --forward materialized --grad-ckpt off --find-max-batch --max-batch 1024 --json "$OUT/qat-smollm2.json"
+step qat-qwen3 120 python3 -m lutq bench qat --shape qwen3-0.6b --preset q2a4 --seq-len 64 --seq-len 128 \
+  --dtype bf16 --forward materialized --grad-ckpt both --find-max-batch --max-batch 1024 --json "$OUT/qat-qwen3.json"
+step cache 45 python3 -m lutq bench cache --model shape:smollm2-135m --seq-len 128 --batch 64 --batches 4 \
+  --json "$OUT/cache.json"
+step lut-linear 30 python3 -m lutq bench lut-linear --dtype bf16 --tokens 8192 --json "$OUT/lut-linear.json"
+step pretrain-1b 100 python3 -m lutq bench pretrain --size 1b --variant gqa --seq-len 2048 --micro-batch 8 \
+  --steps 5 --warmup 2 --json "$OUT/pretrain-1b.json"
+echo "done ($(date -u +%T))"

@@ -1,0 +1,129 @@
+"""The CUDA paths, checked against the CPU fp32 reference: LUT layer numerics under bf16 autocast, the KD
+cache written by a bf16 teacher, KD-QAT training (bf16 autocast, checkpoint read back on the CPU) and
+pretraining. Marked `gpu`: skipped without a CUDA device (CI has none); `scripts/device-check.sh` runs them on
+a lent GPU."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from lutq.kd import CacheConfig, KDCache, build_cache, evaluate_kd
+from lutq.models import load_checkpoint
+from lutq.quant import LUTLinear
+from lutq.quant.init import init_from_weight_
+from lutq.testing import sharp_tiny_teacher, tiny_tokenizer
+
+pytestmark = pytest.mark.gpu
+
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards"]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float().cpu(), b.detach().float().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("gpu")
+    model, tok = sharp_tiny_teacher(), tiny_tokenizer()
+    model.save_pretrained(root / "teacher")
+    tok.save_pretrained(root / "teacher")
+    rng = random.Random(0)
+    with (root / "docs.jsonl").open("w") as f:
+        for _ in range(40):
+            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 40)))}) + "\n")
+    return root
+
+
+def _cache(root: Path, name: str, device: str, dtype: str) -> Path:
+    return build_cache(CacheConfig(model=str(root / "teacher"), source=str(root / "docs.jsonl"), thinking="none",
+                                   seq_len=32, top_k=8, num_sequences=48, val_fraction=0.125, batch_size=16,
+                                   device=device, dtype=dtype, out=root / name))
+
+
+def test_lut_linear_on_cuda_matches_cpu_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # lutq pretrain turns TF32 on
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(384, 256, generator=g) * 0.05
+    ref = LUTLinear(256, 384, 4, 32)
+    init_from_weight_(ref, w, lut_kind="kmeans", tighten_rounds=2)
+    x = torch.randn(4, 64, 256, generator=g)
+    y_ref = ref(x)
+    y_ref.square().mean().backward()
+    cuda = LUTLinear(256, 384, 4, 32).cuda()
+    cuda.load_state_dict(ref.state_dict())
+    with torch.no_grad():  # fp32 on the GPU: the same function
+        assert _rel(cuda(x.cuda()), y_ref) < 1e-4
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = cuda(x.cuda())
+    assert y.dtype == torch.bfloat16 and _rel(y, y_ref) < 2e-2
+    y.float().square().mean().backward()
+    for name in ("scale_A", "scale_B", "scale_g"):
+        assert cuda.get_parameter(name).grad.dtype == torch.float32  # fp32 master weights
+        assert _rel(cuda.get_parameter(name).grad, ref.get_parameter(name).grad) < 5e-2, name
+    cuda.factored = True
+    with torch.no_grad():
+        assert _rel(cuda(x.cuda()), y_ref) < 1e-4  # the ANE's factored form, on the GPU
+
+
+def test_kd_cache_from_a_bf16_teacher_on_cuda_matches_the_cpu_cache(teacher_dir: Path) -> None:
+    cpu, gpu = KDCache(_cache(teacher_dir, "cpu", "cpu", "fp32")), KDCache(_cache(teacher_dir, "gpu", "cuda", "auto"))
+    assert gpu.meta["teacher_dtype"] == "bfloat16" and cpu.meta["teacher_dtype"] == "float32"
+    for split in ("train", "val"):
+        n = cpu.num_sequences(split)
+        assert gpu.num_sequences(split) == n
+        a, b = cpu.read(split, list(range(n))), gpu.read(split, list(range(n)))
+        assert torch.equal(a["input_ids"], b["input_ids"])  # the same tokens, in the same order
+        top1 = (a["topk_ids"][..., 0] == b["topk_ids"][..., 0]).float().mean()
+        assert top1 > 0.9, f"{split}: top-1 agreement {top1:.3f} between the bf16 and fp32 teachers"
+        scale = a["topk_logits"].abs().max()
+        assert (a["topk_logits"][..., 0] - b["topk_logits"][..., 0]).abs().max() < 0.05 * scale
+        assert (a["teacher_lse"] - b["teacher_lse"]).abs().max() < 0.05 * scale
+
+
+def test_kd_qat_on_cuda_in_bf16_trains_and_reads_back_on_the_cpu(teacher_dir: Path, tmp_path: Path) -> None:
+    from lutq.train import RunDir
+    from lutq.train.config import TrainConfig
+    from lutq.train.trainer import train
+
+    cache = _cache(teacher_dir, "train-cache", "cpu", "fp32")
+    cfg = TrainConfig(cache=cache, out=tmp_path / "run", model=str(teacher_dir / "teacher"), preset="q2a4",
+                      steps=12, batch_size=4, lr=1e-2, warmup=1, log_every=1, eval_every=6, eval_batches=2,
+                      save_every=6, device="cuda", precision="fast", init_lut="uniform", init_tighten=0,
+                      init_calib_sequences=0)
+    result = train(cfg)
+    run = RunDir(result.run_dir)
+    assert run.read_config()["precision"] == "bf16"
+    losses = [r["loss"] for r in run.rows() if "loss" in r]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    assert result.final_eval["eval_kd"] < result.initial_eval["eval_kd"]
+    model, _, _ = load_checkpoint(result.run_dir / "last", load_tokenizer=False)  # a CUDA run's checkpoint
+    assert next(model.parameters()).device.type == "cpu"
+    on_cpu = evaluate_kd(model, cache, "val", batch_size=4, max_batches=2)
+    assert on_cpu["kd"] == pytest.approx(result.final_eval["eval_kd"], rel=5e-2)
+
+
+def test_pretrain_on_cuda_in_bf16(tmp_path: Path) -> None:
+    from lutq.data.tokens import prepare_tokens
+    from lutq.pretrain import PretrainConfig, pretrain
+
+    tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(20):
+        (corpus / f"{i}.txt").write_text(" ".join(WORDS[(i + j) % len(WORDS)] for j in range(80)))
+    data = prepare_tokens(str(tmp_path / "tok"), [str(corpus)], tmp_path / "data.npy", workers=1).path
+    cfg = PretrainConfig(data=str(data), out=str(tmp_path / "run"), d_model=64, n_layers=2, n_heads=2, d_ff=128,
+                         seq_len=32, micro_batch=8, grad_accum=1, steps=30, warmup=3, lr=3e-3, eval_every=15,
+                         eval_iters=2, log_every=5, save_every=0, sample_tokens=0, seed=0, device="cuda",
+                         precision="bf16")
+    pretrain(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "train.jsonl").read_text().splitlines()]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert len(evals) >= 2 and all(torch.isfinite(torch.tensor(evals))) and evals[-1] < evals[0]
