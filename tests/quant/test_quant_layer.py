@@ -186,8 +186,9 @@ def test_unfreeze_from_a_start_weight_keeps_the_indices(lut: int) -> None:
     bad, _ = _layer(lut=lut, rank=3)
     with pytest.raises(LutqError, match="shape"):
         bad.unfreeze(w2[:, :8])
-    with pytest.raises(LutqError, match="margin"):
-        bad.unfreeze(w2, margin=0.5)
+    for margin in (0.0, 0.5):
+        with pytest.raises(LutqError, match="margin"):
+            bad.unfreeze(w2, margin=margin)
 
 
 def test_snapped_layer_refuses_training_and_bad_args() -> None:

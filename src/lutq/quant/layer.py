@@ -196,8 +196,9 @@ class LUTLinear(nn.Module):
         current indices (e.g. a GPTQ pick) and moves only as training moves it.
 
         The weight starts at W_eff (the centre of each index's bin), or with `start` (e.g. the FP weight the
-        layer was quantized from) at `start` clipped into its index's bin, `margin` × the bin's width inside
-        its edges: a weight that sat near a bin edge stays near it, so a small step can flip its index."""
+        layer was quantized from) at `start` clipped into its index's bin, `margin` × the entry's smaller gap to
+        a neighbour inside the bin's edges: a weight that sat near an edge stays near it, so a small step can
+        flip its index."""
         if self.mode == "latent":
             return
         if self.snapped:
@@ -208,8 +209,8 @@ class LUTLinear(nn.Module):
             if start.shape != w.shape:
                 raise LutqError(f"LUTLinear.unfreeze: start has shape {tuple(start.shape)}, the layer "
                                 f"{tuple(w.shape)}")
-            if not 0 <= margin < 0.5:
-                raise LutqError(f"LUTLinear.unfreeze: margin must be in [0, 0.5), got {margin}")
+            if not 0 < margin < 0.5:  # 0 would put weights on an edge, where nearest() picks the lower entry
+                raise LutqError(f"LUTLinear.unfreeze: margin must be in (0, 0.5), got {margin}")
             lut, idx = self.lut.detach().float(), self.idx.long()
             mids = (lut[1:] + lut[:-1]) / 2
             inf = torch.full((1,), math.inf, device=lut.device)
