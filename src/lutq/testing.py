@@ -3,6 +3,7 @@ tokenizer with a Qwen3-style chat template, for fast tests that need no download
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -81,6 +82,27 @@ def sharp_tiny_teacher() -> torch.nn.Module:
             if isinstance(m, torch.nn.Linear) and name != "lm_head":
                 m.weight.mul_(3.0)
     return model
+
+
+WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards",
+         "quietly", "hex", "jolly", "bakers", "and", "bright", "vixens", "climb", "past", "eight", "humble")
+
+
+def write_teacher_and_docs(root: Path, num_docs: int = 60, seed: int = 0) -> tuple[torch.nn.Module, Any]:
+    """Write `root/teacher` (the sharp tiny teacher with the tiny tokenizer, an HF directory) and
+    `root/docs.jsonl` (`num_docs` plain texts of 10-40 random words), the inputs of a tiny KD cache;
+    returns the (teacher, tokenizer) written."""
+    import json
+    import random
+
+    model, tok = sharp_tiny_teacher(), tiny_tokenizer()
+    model.save_pretrained(root / "teacher")
+    tok.save_pretrained(root / "teacher")
+    rng = random.Random(seed)
+    with (root / "docs.jsonl").open("w") as f:
+        for _ in range(num_docs):
+            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 40)))}) + "\n")
+    return model, tok
 
 
 def require_asset(name: str) -> None:

@@ -3,18 +3,13 @@ from it with `lutq.kd.build_cache` on a few short generated texts."""
 
 from __future__ import annotations
 
-import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from lutq.testing import sharp_tiny_teacher, tiny_tokenizer
-
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards",
-         "quietly", "hex", "jolly", "bakers", "and", "bright", "vixens", "climb", "past", "eight", "humble"]
+from lutq.testing import write_teacher_and_docs
 
 
 @dataclass
@@ -39,13 +34,7 @@ def kd(tmp_path_factory: pytest.TempPathFactory) -> KDFixture:
     from lutq.kd import CacheConfig, build_cache
 
     root = tmp_path_factory.mktemp("kd")
-    model, tok = sharp_tiny_teacher(), tiny_tokenizer()
-    model.save_pretrained(root / "teacher")
-    tok.save_pretrained(root / "teacher")
-    rng = random.Random(0)
-    with (root / "docs.jsonl").open("w") as f:
-        for _ in range(60):
-            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 40)))}) + "\n")
+    model, tok = write_teacher_and_docs(root, num_docs=60)
     cache = build_cache(CacheConfig(model=str(root / "teacher"), source=str(root / "docs.jsonl"), thinking="none",
                                     seq_len=32, top_k=8, negatives=4, num_sequences=96, val_fraction=0.1,
                                     batch_size=32, out=root / "cache"), teacher=(model, tok))
