@@ -13,7 +13,7 @@ import torch
 import lutq.kd.cache as cache_mod
 from lutq.core import LutqError
 from lutq.kd import KDCache, build_cache, finalize_cache, write_shards
-from lutq.kd.cache import sample_negatives
+from lutq.kd.cache import sample_negatives, stored_lse
 
 
 def _files(path: Path) -> dict[str, bytes]:
@@ -70,6 +70,18 @@ def test_blocks_are_packed_renderings_with_eos(kd_cache, kd_teacher):
     docs = text.split("<|im_end|><|im_end|>")
     assert len(docs) > 3
     assert all(d.startswith("<|im_start|>user\nquestion ") for d in docs[1:-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stored_lse_for_fp32_and_bf16_teachers(dtype):
+    logits = (torch.randn(3, 5, 300, generator=torch.Generator().manual_seed(0)) * 4).to(dtype)
+    before = logits.clone()
+    vals, ids = logits.topk(8, dim=-1)
+    stored = vals.half()
+    lse = stored_lse(logits, vals, stored)
+    assert torch.equal(logits, before)  # the teacher's logits are left as they were
+    exact = logits.float().scatter(-1, ids, stored.float()).logsumexp(-1)  # top-K at their stored values
+    torch.testing.assert_close(lse, exact, rtol=0, atol=1e-5)
 
 
 def test_sample_negatives_is_uniform_over_the_complement():
