@@ -24,13 +24,13 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
 }
 step device 30 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())'"
 step gpu-tests 120 "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprovider
-step qat-smollm2 90 "$PY" -m lutq bench qat --shape smollm2-135m --preset q2a4 --seq-len 64 --seq-len 128 \
+step qat-smollm2 90 "$PY" -m lutq.cli bench qat --shape smollm2-135m --preset q2a4 --seq-len 64 --seq-len 128 \
   --dtype bf16 --forward materialized --grad-ckpt off --find-max-batch --max-batch 1024 --json "$OUT/qat-smollm2.json"
-step qat-qwen3 120 "$PY" -m lutq bench qat --shape qwen3-0.6b --preset q2a4 --seq-len 64 --seq-len 128 \
+step qat-qwen3 120 "$PY" -m lutq.cli bench qat --shape qwen3-0.6b --preset q2a4 --seq-len 64 --seq-len 128 \
   --dtype bf16 --forward materialized --grad-ckpt both --find-max-batch --max-batch 1024 --json "$OUT/qat-qwen3.json"
-step cache 45 "$PY" -m lutq bench cache --model shape:smollm2-135m --seq-len 128 --batch 64 --batches 4 \
+step cache 45 "$PY" -m lutq.cli bench cache --model shape:smollm2-135m --seq-len 128 --batch 64 --batches 4 \
   --json "$OUT/cache.json"
-step lut-linear 30 "$PY" -m lutq bench lut-linear --dtype bf16 --tokens 8192 --json "$OUT/lut-linear.json"
-step pretrain-1b 100 "$PY" -m lutq bench pretrain --size 1b --variant gqa --seq-len 2048 --micro-batch 8 \
+step lut-linear 30 "$PY" -m lutq.cli bench lut-linear --dtype bf16 --tokens 8192 --json "$OUT/lut-linear.json"
+step pretrain-1b 100 "$PY" -m lutq.cli bench pretrain --size 1b --variant gqa --seq-len 2048 --micro-batch 8 \
   --steps 5 --warmup 2 --json "$OUT/pretrain-1b.json"
 echo "done ($(date -u +%T))"

@@ -89,8 +89,7 @@ class QATBenchConfig(ConfigBase):
         return cfg
 
     def validate(self) -> None:
-        if self.shape not in SHAPES:
-            raise LutqError(f"bench qat: unknown shape {self.shape!r}; choose from {sorted(SHAPES)}")
+        check_shape(self.shape)
         bad = [x for x in self.forwards if x not in FORWARDS] + [x for x in self.dtypes if x not in DTYPES]
         if bad:
             raise LutqError(f"bench qat: unknown forward/dtype {bad}; forwards {FORWARDS}, dtypes {DTYPES}")
@@ -98,11 +97,18 @@ class QATBenchConfig(ConfigBase):
             raise LutqError("bench qat: seq lens must be >= 2, batch, steps and topk >= 1")
 
 
+def check_shape(shape: str) -> None:
+    """Raise LutqError unless `shape` names one of SHAPES."""
+    if shape not in SHAPES:
+        raise LutqError(f"bench: unknown shape {shape!r}; choose from {sorted(SHAPES)}")
+
+
 def build_model(shape: str, device: str, seed: int = 0) -> Any:
     """A random-weight causal LM of `shape` (tied embeddings, fp32) built directly on `device`."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
+    check_shape(shape)
     spec = dict(SHAPES[shape])
     arch = spec.pop("arch")
     cls = Qwen3Config if arch == "qwen3" else LlamaConfig

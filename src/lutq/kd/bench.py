@@ -17,8 +17,6 @@ from typing import Any
 
 import torch
 
-from lutq.core.errors import LutqError
-
 
 def bench_cache(model: str | torch.nn.Module = "smollm2-135m-instruct", L: int = 128, K: int = 64,
                 batch: int = 8, n_batches: int = 4, *, R: int = 0, device: str = "auto", dtype: str = "auto",
@@ -30,12 +28,9 @@ def bench_cache(model: str | torch.nn.Module = "smollm2-135m-instruct", L: int =
     if isinstance(model, str):
         dev, dt = resolve_device_dtype(device, dtype)
         if model.startswith("shape:"):
-            from lutq.bench.qat import SHAPES, build_model
+            from lutq.bench.qat import build_model
 
-            name = model.removeprefix("shape:")
-            if name not in SHAPES:
-                raise LutqError(f"bench cache: unknown shape {name!r}; choose from {sorted(SHAPES)}")
-            model = build_model(name, str(dev)).to(dt).eval()
+            model = build_model(model.removeprefix("shape:"), str(dev)).to(dt).eval()
         else:
             from lutq.models import load_model
 
