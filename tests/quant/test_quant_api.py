@@ -43,6 +43,13 @@ def test_presets_registry() -> None:
         get_preset("q3a3")
     cfg = QuantConfig.from_dict({"mlp": {"lut_size": 8, "rank": 2}, "overrides": {"*.0.mlp.*": None}})
     assert cfg.mlp == LayerSpec(8, 2) and QuantConfig.from_dict(cfg.to_dict()) == cfg
+    # a TOML file has no null: "fp" keeps a layer in full precision; anything else is an error naming the key
+    toml_cfg = QuantConfig.from_dict({"overrides": {"*.self_attn.*": "fp", "*.0.mlp.*": {"lut_size": 16}}})
+    assert toml_cfg.overrides == {"*.self_attn.*": None, "*.0.mlp.*": LayerSpec(16, 4)}
+    assert toml_cfg.spec_for("model.layers.3.self_attn.q_proj") is None
+    assert toml_cfg.spec_for("model.layers.3.mlp.up_proj") == ("mlp", toml_cfg.mlp)
+    with pytest.raises(LutqError, match=r"overrides\['x'\].*'fp'"):
+        QuantConfig.from_dict({"overrides": {"x": "full"}})
     with pytest.raises(LutqError, match="lut_size"):
         LayerSpec(300, 4)
 

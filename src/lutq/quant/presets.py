@@ -4,7 +4,7 @@ Layers are matched by module name, the same for Qwen3, Llama (SmolLM2) and Gemma
   mlp   `...mlp.gate_proj`, `...mlp.up_proj`, `...mlp.down_proj`
   attn  `...self_attn.q_proj`, `...k_proj`, `...v_proj`, `...o_proj`
   plus `lm_head` and `...embed_tokens` when quantize_lm_head / quantize_embeddings are set.
-Per-layer overrides map a pattern to a LayerSpec (or None: keep that layer in full precision).
+Per-layer overrides map a pattern to a LayerSpec (or None, "fp" in a TOML file: keep that layer in full precision).
 A pattern is a glob over the full module name (`model.layers.0.*`), or a regex when prefixed `re:`.
 """
 
@@ -23,6 +23,8 @@ from lutq.core.errors import LutqError
 GPTQ_DAMP = 0.01  # GPTQ damping, a fraction of the mean diag(H)
 CALIB_SEQUENCES = 128  # calibration blocks
 CALIB_LEN = 256  # tokens per block for data sources (a KD cache has its own L)
+
+FULL_PRECISION = "fp"  # an override value that keeps matching layers unquantized (None in Python / JSON)
 
 GROUP_PATTERNS = {
     "mlp": re.compile(r"(^|\.)mlp\.(gate_proj|up_proj|down_proj)$"),
@@ -108,11 +110,15 @@ class QuantConfig(ConfigBase):
 
 
 def _as_spec(value: Any, where: str) -> LayerSpec | None:
-    if value is None or isinstance(value, LayerSpec):
+    # TOML has no null: the string "fp" is how a config file keeps a layer in full precision
+    if value is None or (isinstance(value, str) and value.lower() == FULL_PRECISION):
+        return None
+    if isinstance(value, LayerSpec):
         return value
     if isinstance(value, dict):
         return LayerSpec.from_dict(value, source=where)
-    raise LutqError(f"QuantConfig.{where}: expected a LayerSpec, a dict or None, got {value!r}")
+    raise LutqError(f"QuantConfig.{where}: expected a LayerSpec, a dict, None or {FULL_PRECISION!r} (keep the layer in "
+                    f"full precision), got {value!r}")
 
 
 def group_of(name: str) -> str | None:
