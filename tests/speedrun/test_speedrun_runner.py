@@ -14,7 +14,7 @@ import pytest
 import speedrun_fakes as fakes
 
 from lutq.core.errors import LutqError
-from lutq.speedrun.recipe import load_recipe, parse_recipe
+from lutq.speedrun.recipe import load_recipe, parse_recipe, with_overrides
 from lutq.speedrun.runner import StageSpec, run_stages, scale_params
 from lutq.speedrun.speedrun import SpeedrunConfig, speedrun
 
@@ -130,6 +130,43 @@ inputs = ["@train"]
 """
 
 
+def test_set_overrides_stage_params() -> None:
+    base = parse_recipe({"name": "t", "stages": [
+        {"name": "first", "kind": "fake-write", "params": {"text": "a", "n": 3}},
+        {"name": "train", "kind": "fake-steps", "params": {"steps": 6}}]})
+    r = with_overrides(base, ["first.text=zz", 'first.n = 5', "train.steps=2", "train.sleep=0.5"])
+    assert r.stages[0].params == {"text": "zz", "n": 5} and r.stages[1].params == {"steps": 2, "sleep": 0.5}
+    assert base.stages[0].params == {"text": "a", "n": 3}  # the recipe itself is untouched
+    assert r.meta["overrides"][0] == "first.text=zz" and with_overrides(base, []) is base
+    # TOML values: quoted strings, @refs (checked like the recipe's own), tables, lists
+    three = parse_recipe({"name": "t", "stages": [
+        *[{"name": s.name, "kind": s.kind, "params": s.params} for s in base.stages],
+        {"name": "table", "kind": "fake-table", "params": {"inputs": ["@train"]}}]})
+    r = with_overrides(three, ['first.text="b c"', 'table.inputs=["@first", "@train"]'])
+    assert r.stages[0].params["text"] == "b c" and r.stages[2].params["inputs"] == ["@first", "@train"]
+    with pytest.raises(LutqError, match="refers to @table, which is not an earlier stage"):
+        with_overrides(three, ["first.source=@table"])
+    # nested keys extend a table param, or create it (the built-in recipe's real stage kinds type-check them)
+    import lutq.speedrun.stages  # noqa: F401  (registers the built-in stage kinds)
+
+    d = with_overrides(load_recipe("default"), ["q2a4.kd.full_kl_weight=0.5", "q2a4_init.blockwise.lr=3e-3",
+                                                "q4a4_init.preset=q4a4_r32"])
+    by_name = {s.name: s.params for s in d.stages}
+    assert by_name["q2a4"]["kd"] == {"hard_top1_weight": 0.0, "full_kl_weight": 0.5}
+    assert by_name["q2a4_init"]["blockwise"] == {"steps": 100, "lr": 3e-3}
+    assert by_name["q4a4_init"]["preset"] == "q4a4_r32"
+    with pytest.raises(LutqError, match="expected STAGE.KEY=VALUE"):
+        with_overrides(base, ["train.steps"])
+    with pytest.raises(LutqError, match="expected STAGE.KEY=VALUE"):
+        with_overrides(base, ["steps=3"])
+    with pytest.raises(LutqError, match="no stage 'nope'.*stages: first, train"):
+        with_overrides(base, ["nope.steps=3"])
+    with pytest.raises(LutqError, match=r"--set train.stepz=3.*unknown key\(s\) \['stepz'\]"):
+        with_overrides(base, ["train.stepz=3"])
+    with pytest.raises(LutqError, match="train.steps is 6, not a table"):
+        with_overrides(base, ["train.steps.x=3"])
+
+
 def test_speedrun_prints_table_and_appends_log(tmp_path: Path) -> None:
     path = tmp_path / "fake.toml"
     path.write_text(RECIPE.format(steps=4, sleep=0))
@@ -137,14 +174,17 @@ def test_speedrun_prints_table_and_appends_log(tmp_path: Path) -> None:
     res = speedrun(cfg)
     assert res.rows == [{"model": "train", "files": 2}]  # budget 5 of 10 min: 4 steps -> 2
     speedrun(cfg)
+    over = speedrun(SpeedrunConfig(recipe=str(path), run_dir=tmp_path / "runs" / "sr", budget=5,
+                                   overrides=("train.steps=8",)))  # --set: the changed stage and its dependents
+    assert over.rows == [{"model": "train", "files": 4}] and [r.status for r in over.stages] == ["ran", "ran"]
     lines = (tmp_path / "runs" / "log.jsonl").read_text().splitlines()
-    assert len(lines) == 2
+    assert len(lines) == 3 and json.loads(lines[2])["overrides"] == ["train.steps=8"]
     entry = json.loads(lines[1])
     assert entry["recipe"] == "fake" and entry["status"] == "complete" and entry["figures"] == res.rows
     assert [s["status"] for s in entry["stages"]] == ["skipped", "skipped"]
     assert {"date", "machine", "device", "cpus", "budget_minutes"} <= set(entry)
     md = (tmp_path / "runs" / "log.md").read_text()
-    assert md.startswith("# Speedrun log") and md.count("## ") == 2 and "| train | 2 |" in md
+    assert md.startswith("# Speedrun log") and md.count("## ") == 3 and "| train | 2 |" in md
 
 
 def test_sigkill_mid_stage_then_rerun_continues(tmp_path: Path) -> None:

@@ -12,13 +12,15 @@
     [stages.params]              # the kind's typed params (unknown keys are an error)
     source = "sharegpt"
 
-Built-in recipes live in `lutq/recipes/*.toml`; any other path works too.
+Built-in recipes live in `lutq/recipes/*.toml`; any other path works too. `with_overrides(recipe, ["STAGE.KEY=VALUE"])`
+changes a stage's params from the command line (`lutq speedrun --set q4a4_init.preset=q4a4_r32`).
 """
 
 from __future__ import annotations
 
+import copy
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -98,3 +100,42 @@ def parse_recipe(data: dict[str, Any], path: Path | None = None) -> Recipe:
     name = data.get("name") or (path.stem if path else "recipe")
     return Recipe(name=name, stages=stages, description=data.get("description", ""), budget_minutes=budget,
                   report=report, path=path)
+
+
+def with_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> Recipe:
+    """A copy of `recipe` with `STAGE.KEY[.SUBKEY...]=VALUE` overrides applied to stage params, re-validated.
+
+    VALUE is read as a TOML value (`400`, `1e-4`, `true`, `"@cache"`, `{ full_kl_weight = 0.5 }`, `[1, 2]`); anything
+    that is not valid TOML is taken as a bare string (`q4a4_r32`). Nested keys set inside a table param
+    (`q2a4.kd.full_kl_weight=0.5`), creating it if absent.
+    """
+    if not overrides:
+        return recipe
+    stages = {s.name: replace(s, params=copy.deepcopy(s.params)) for s in recipe.stages}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        path = key.strip().split(".")
+        if not sep or len(path) < 2 or not all(path):
+            raise LutqError(f"--set {item!r}: expected STAGE.KEY=VALUE (e.g. q4a4.steps=400)")
+        stage = stages.get(path[0])
+        if stage is None:
+            raise LutqError(f"--set {item!r}: no stage {path[0]!r} in recipe {recipe.name!r}; stages: "
+                            f"{', '.join(stages)}")
+        target = stage.params
+        for part in path[1:-1]:
+            sub = target.setdefault(part, {})
+            if not isinstance(sub, dict):
+                raise LutqError(f"--set {item!r}: {path[0]}.{part} is {sub!r}, not a table")
+            target = sub
+        target[path[-1]] = _toml_value(raw.strip())
+    out = replace(recipe, stages=[stages[s.name] for s in recipe.stages],
+                  meta={**recipe.meta, "overrides": list(overrides)})
+    check_stages(out.stages, f"recipe {recipe.name!r} with --set {' '.join(overrides)}")
+    return out
+
+
+def _toml_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
