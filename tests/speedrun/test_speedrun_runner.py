@@ -149,8 +149,8 @@ def test_set_overrides_stage_params() -> None:
     # nested keys extend a table param, or create it (the built-in recipe's real stage kinds type-check them)
     import lutq.speedrun.stages  # noqa: F401  (registers the built-in stage kinds)
 
-    d = with_overrides(load_recipe("default"), ["q2a4.kd.full_kl_weight=0.5", "q2a4_init.blockwise.lr=3e-3",
-                                                "q4a4_init.preset=q4a4_r32"])
+    d = load_recipe("default", ["q2a4.kd.full_kl_weight=0.5", "q2a4_init.blockwise.lr=3e-3",
+                                "q4a4_init.preset=q4a4_r32"])  # load_recipe applies them through with_overrides
     by_name = {s.name: s.params for s in d.stages}
     assert by_name["q2a4"]["kd"] == {"hard_top1_weight": 0.0, "full_kl_weight": 0.5}
     assert by_name["q2a4_init"]["blockwise"] == {"steps": 100, "lr": 3e-3}

@@ -20,7 +20,7 @@ def speedrun_command(
     force: list[str] = typer.Option([], "--force", help="Re-run this stage from scratch (repeatable)."),
     overrides: list[str] = typer.Option([], "--set", help="Change a stage param: STAGE.KEY=VALUE, VALUE in TOML "
                                         "(e.g. q4a4_init.preset=q4a4_r32, q4a4.steps=400, q2a4.kd.full_kl_weight=0.5;"
-                                        " repeatable). Changed stages and those after them re-run."),
+                                        " repeatable). Changed stages re-run, and later stages using their output."),
     stop_after: str = typer.Option(None, "--stop-after", help="Stop after this stage."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the stages and their params, run nothing."),
     list_recipes: bool = typer.Option(False, "--list", help="List the built-in recipes and stage kinds."),
@@ -29,7 +29,7 @@ def speedrun_command(
     """Run a recipe's stages (cache -> quantize -> train -> convert -> train -> snap -> export -> eval), skipping
     finished ones and resuming an interrupted one; print the comparison table; append to runs/log.md."""
     import lutq.speedrun.stages  # noqa: F401  (registers the stage kinds)
-    from lutq.speedrun.recipe import builtin_recipes, load_recipe, with_overrides
+    from lutq.speedrun.recipe import builtin_recipes, load_recipe
     from lutq.speedrun.runner import KINDS, scale_params
     from lutq.speedrun.speedrun import SpeedrunConfig, speedrun
 
@@ -40,7 +40,7 @@ def speedrun_command(
         console.print("stage kinds: " + ", ".join(f"{k} ({v.description})" for k, v in sorted(KINDS.items())))
         return
     if dry_run:
-        r = with_overrides(load_recipe(recipe), overrides)
+        r = load_recipe(recipe, overrides)
         factor = r.factor(budget)
         console.print(f"{r.name}: {r.description} (sized for {r.budget_minutes:g} min, scale ×{factor:.2f})")
         for s in r.stages:

@@ -59,8 +59,9 @@ def builtin_recipes() -> dict[str, Path]:
     return {Path(str(p)).stem: Path(str(p)) for p in root.iterdir() if str(p).endswith(".toml")}
 
 
-def load_recipe(name_or_path: str | Path = "default") -> Recipe:
-    """A built-in recipe by name, or a TOML file; validated (kinds, refs, typed params)."""
+def load_recipe(name_or_path: str | Path = "default", overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """A built-in recipe by name, or a TOML file, with `STAGE.KEY=VALUE` overrides applied (`with_overrides`);
+    validated (kinds, refs, typed params)."""
     path = Path(name_or_path)
     builtins = builtin_recipes()
     if not path.is_file():
@@ -72,7 +73,7 @@ def load_recipe(name_or_path: str | Path = "default") -> Recipe:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise LutqError(f"{path}: cannot parse TOML ({e})") from e
-    return parse_recipe(data, path)
+    return with_overrides(parse_recipe(data, path), overrides)
 
 
 def parse_recipe(data: dict[str, Any], path: Path | None = None) -> Recipe:

@@ -13,7 +13,7 @@ from typing import Any
 from lutq.core.configs import ConfigBase
 from lutq.core.console import console
 from lutq.speedrun.log import append_log, machine_info
-from lutq.speedrun.recipe import Recipe, load_recipe, with_overrides
+from lutq.speedrun.recipe import Recipe, load_recipe
 from lutq.speedrun.runner import DONE_FILE, StageResult, read_marker, run_stages
 
 
@@ -46,7 +46,7 @@ def speedrun(cfg: SpeedrunConfig) -> SpeedrunResult:
     """Run the recipe under `run_dir`; on success (and on failure, marked as such) append to the run log."""
     import lutq.speedrun.stages  # noqa: F401  (registers the built-in stage kinds)
 
-    recipe = with_overrides(load_recipe(cfg.recipe), cfg.overrides)
+    recipe = load_recipe(cfg.recipe, cfg.overrides)
     factor = recipe.factor(cfg.budget)
     run_dir = Path(cfg.run_dir or Path("runs") / f"speedrun-{recipe.name}")
     log_dir = Path(cfg.log_dir or run_dir.parent)
@@ -100,7 +100,7 @@ def _log_entry(cfg: SpeedrunConfig, recipe: Recipe, run_dir: Path, factor: float
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "recipe": recipe.name,
         "recipe_path": str(recipe.path) if recipe.path else None,
-        "overrides": list(cfg.overrides),
+        "overrides": recipe.meta.get("overrides", []),  # what with_overrides applied
         "status": status,
         **machine_info(),
         "command": " ".join(["lutq", *sys.argv[1:]]) if Path(sys.argv[0]).name == "lutq" else "speedrun()",
