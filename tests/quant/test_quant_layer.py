@@ -8,7 +8,7 @@ import torch
 from lutq.core import LutqError
 from lutq.quant import LUTLinear
 from lutq.quant.init import init_from_weight_
-from lutq.quant.lut import is_fp16_exact, kmeans_lut
+from lutq.quant.lut import is_fp16_exact, kmeans_lut, nearest_index
 from lutq.quant.snap import snap_layer_
 
 
@@ -124,7 +124,11 @@ def test_trainable_lut_stays_sorted_and_fp16_exact() -> None:
 
 def test_latent_mode_ste_and_freeze() -> None:
     layer, w = _layer(lut=4, rank=2, mode="latent")
-    assert torch.equal(layer.weight, w) and layer.weight.requires_grad and not layer.scale_A.requires_grad
+    s = layer.scale_map().detach()
+    # latent weights are in scale units: u = W / S, and idx = nearest(u) is the init's pick
+    assert torch.allclose(layer.latent * s, w, atol=1e-6) and layer.latent.requires_grad
+    assert not layer.scale_A.requires_grad and not hasattr(layer, "weight")
+    assert torch.equal(nearest_index(layer.latent.detach(), layer.lut), layer.idx)
     x = torch.randn(6, 40)
     dy = torch.randn(6, 24)
     y = layer(x)
@@ -135,20 +139,31 @@ def test_latent_mode_ste_and_freeze() -> None:
         layer.mode = "latent"
     assert torch.allclose(y, expect, atol=1e-6)
     y.backward(dy)
-    assert torch.allclose(layer.weight.grad, dy.t() @ x, atol=1e-5)
+    assert torch.allclose(layer.latent.grad, (dy.t() @ x) * s, atol=1e-5)  # dL/du = dL/dW_q ⊙ S
+    assert layer.scale_A.grad is None
     # moving the latent weight re-picks idx on the next forward
     with torch.no_grad():
-        layer.weight.mul_(-1)
+        layer.latent.mul_(-1)
         idx_before = layer.idx.clone()
         layer(x)
     assert not torch.equal(layer.idx, idx_before)
     y_latent = layer(x).detach()
     layer.freeze()
-    assert layer.mode == "frozen" and not hasattr(layer, "weight") and "weight" not in layer.state_dict()
+    assert layer.mode == "frozen" and not hasattr(layer, "latent") and "latent" not in layer.state_dict()
     assert torch.allclose(layer(x), y_latent, atol=1e-6)
     assert layer.scale_A.requires_grad
     with pytest.raises(LutqError, match="latent"):
         LUTLinear(4, 4, 4, 1, mode="latent").set_trainable("g")
+
+
+def test_latent_state_in_weight_units_loads_in_scale_units() -> None:
+    # lutq checkpoints before 2026-11-30 stored latent layers' weights in weight units as `weight`
+    layer, w = _layer(lut=4, rank=2, mode="latent")
+    state = {k: v for k, v in layer.state_dict().items() if k != "latent"} | {"weight": w.clone()}
+    old = LUTLinear(40, 24, 4, 2, bias=True, mode="latent")
+    old.load_state_dict(state)
+    assert torch.allclose(old.latent, layer.latent, atol=1e-6) and old.latent.requires_grad
+    assert torch.equal(old.idx, layer.idx)
 
 
 @pytest.mark.parametrize("lut", [4, 16])
@@ -168,7 +183,7 @@ def test_unfreeze_from_a_start_weight_keeps_the_indices(lut: int) -> None:
     values, il = layer.lut, idx.long()
     lo = torch.where(il > 0, (values[(il - 1).clamp_min(0)] + values[il]) / 2, -torch.inf)
     hi = torch.where(il < lut - 1, (values[il] + values[(il + 1).clamp_max(lut - 1)]) / 2, torch.inf)
-    u, v = w / s, layer.weight.detach() / s
+    u, v = w / s, layer.latent.detach()
     assert bool(((v > lo) & (v < hi)).all())
     # where the start sat well inside its index's bin, the weight is the start
     pad = 0.05 * (values[1:] - values[:-1]).max()
@@ -182,7 +197,7 @@ def test_unfreeze_from_a_start_weight_keeps_the_indices(lut: int) -> None:
     # W_eff start, and bad arguments
     fresh, w2 = _layer(lut=lut, rank=3)
     fresh.unfreeze()
-    assert torch.allclose(fresh.weight, (fresh.q() * fresh.scale_map()).detach())
+    assert torch.equal(fresh.latent.detach(), fresh.q())  # u = lut[idx]: W_eff in scale units
     bad, _ = _layer(lut=lut, rank=3)
     with pytest.raises(LutqError, match="shape"):
         bad.unfreeze(w2[:, :8])

@@ -45,10 +45,10 @@ def test_checkpoint_round_trip_bit_exact(tmp_path: Path, arch: str, kind: str) -
         assert f"{name}.idx_packed" in keys and f"{name}.idx" not in keys
         assert f.get_tensor(f"{name}.idx_packed").numel() == 128 * 64 // 4  # 2-bit: 4 per byte
         assert f.get_tensor("model.layers.0.self_attn.q_proj.idx_packed").numel() == 64 * 64 // 2
-        assert (f"{name}.weight" in keys) == (kind == "latent")  # the FP weight only in latent mode
+        assert (f"{name}.latent" in keys) == (kind == "latent") and f"{name}.weight" not in keys  # latent only
         assert f.get_tensor(f"{name}.scale_A").dtype == (torch.float16 if kind == "snapped" else torch.float32)
     if kind == "latent":
-        assert loaded.model.layers[0].mlp.up_proj.weight.requires_grad
+        assert loaded.model.layers[0].mlp.up_proj.latent.requires_grad
 
 
 def test_size_report_formula_and_disk_bytes(tmp_path: Path) -> None:

@@ -221,7 +221,7 @@ def test_trainer_feeds_the_requested_tracker(kd, tmp_path, monkeypatch):
 def test_latent_training_starts_at_w_eff_and_moves_the_indices(kd, tmp_path):
     from lutq.quant import convert_q4_to_q2, lut_layers, unfreeze_latent
 
-    cfg = kd.config(tmp_path / "latent", latent=True, steps=3, lr=3e-2, warmup=0, preset="q4a4")
+    cfg = kd.config(tmp_path / "latent", latent=True, steps=3, lr=1e-1, warmup=0, preset="q4a4")
     frozen, _ = build_student(cfg, KDCache(kd.cache), verbose=False)
     latent, _ = build_student(cfg, KDCache(kd.cache), verbose=False)
     unfreeze_latent(latent)

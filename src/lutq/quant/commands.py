@@ -52,7 +52,8 @@ def quantize_cmd(
     recon_lr: float = typer.Option(1e-3, "--recon-lr", help="--blockwise: learning rate of the reconstruction."),
     recon_latent_steps: int = typer.Option(0, "--recon-latent-steps", help="--blockwise: first, Adam steps per "
                                            "block on latent weights (indices move), before the scale steps."),
-    recon_latent_lr: float = typer.Option(1e-4, "--recon-latent-lr", help="--blockwise: latent learning rate."),
+    recon_latent_lr: float | None = typer.Option(None, "--recon-latent-lr", help="--blockwise: latent learning "
+                                                 "rate, in scale units (W / S; default 2.5e-4)."),
     recon_latent_start: str = typer.Option("weff", "--recon-latent-start", help="--blockwise: latent weights "
                                            "start at W_eff (weff) or at the FP weight clipped into its bin (fp)."),
     per_layer: bool = typer.Option(True, "--per-layer/--summary", help="Print every layer or group means."),
@@ -73,8 +74,8 @@ def quantize_cmd(
         from lutq.quant.calibrate import calibration_blocks
         from lutq.quant.reconstruct import ReconstructConfig, quantize_blockwise
 
-        recon = ReconstructConfig(steps=recon_steps, lr=recon_lr, latent_steps=recon_latent_steps,
-                                  latent_lr=recon_latent_lr, latent_start=recon_latent_start)
+        recon = ReconstructConfig().replace(steps=recon_steps, lr=recon_lr, latent_steps=recon_latent_steps,
+                                            latent_lr=recon_latent_lr, latent_start=recon_latent_start)
         blocks = calibration_blocks(calib, tok, num_sequences=calib_sequences, seq_len=calib_len)
         report = quantize_blockwise(m, cfg, blocks, recon)
     else:

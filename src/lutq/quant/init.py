@@ -101,9 +101,10 @@ def init_from_weight_(layer: LUTLinear, weight: torch.Tensor, *, group_size: int
         wt = s * s if col_weight is None else s * s * col_weight.to(s)[None, :]
         layer.lut.copy_(kmeans_lut(w / s, wt, layer.lut_size).to(layer.lut))
     repick_indices_(layer, w)
+    err = tighten_(layer, w, tighten_rounds, col_weight)[-1]
     if layer.mode == "latent":
-        layer.weight.copy_(w)
-    return tighten_(layer, w, tighten_rounds, col_weight)[-1]
+        layer.set_latent_(w)  # in units of the final scales: idx = nearest(W / S) as picked
+    return err
 
 
 @torch.no_grad()

@@ -2,8 +2,11 @@
 
 Â / B̂ are scale_A's columns / scale_B's rows scaled to unit norm, so only g carries magnitude. Modes:
   frozen  idx is a fixed uint8 buffer; gradients reach scale_A, scale_B, scale_g (and the LUT if trained).
-  latent  a trainable full-precision `weight`; idx = nearest(weight / S) is re-picked every forward and the
-          quantizer is straight-through: W_q = w + stopgrad(lut[idx]·S − w). `freeze()` → frozen.
+  latent  a trainable full-precision `latent` u = W / S, in units of the scale map (of the LUT); idx =
+          nearest(u) is re-picked every forward and the quantizer is straight-through: with w = u ⊙ S,
+          W_q = w + stopgrad(lut[idx]·S − w). `freeze()` → frozen. In scale units one learning rate moves every
+          layer's weights by the same fraction of a bin (in weight units the bins of SmolLM2-135M's layers
+          differ 10×, and the layers with narrow bins flip indices 9× as often: docs/train.md).
 After `snapped = True` (see lutq.quant.snap) the scales are baked: scale_A = Â·g, scale_g = 1, and the
 forward uses scale_A / scale_B as they are (no normalization), so the FP16 numbers are used exactly.
 
@@ -73,7 +76,7 @@ class LUTLinear(nn.Module):
         self.scale_g = nn.Parameter(torch.full((rank,), 1.0 / rank, **fk))
         self.bias = nn.Parameter(torch.zeros(out_features, **fk)) if bias else None
         if mode == "latent":
-            self.weight = nn.Parameter(torch.zeros(out_features, in_features, **fk))
+            self.latent = nn.Parameter(torch.zeros(out_features, in_features, **fk))
             self.set_trainable("all")
 
     # ------------------------------------------------------------------------------------------ math
@@ -107,11 +110,29 @@ class LUTLinear(nn.Module):
         return ste_fp16(w) if self.ste_fp16 else w
 
     def _latent_weight(self) -> torch.Tensor:
+        s = self.scale_map().detach()  # the scales do not train with latent weights
         with torch.no_grad():
-            s = self.scale_map()
-            self.idx.copy_(nearest_index(self.weight / s, self.lut))
+            self.idx.copy_(nearest_index(self.latent, self.lut))
             wq = self.q() * s
-        return self.weight + (wq - self.weight).detach()
+        w = self.latent * s
+        return w + (wq - w).detach()
+
+    @torch.no_grad()
+    def set_latent_(self, weight: torch.Tensor) -> None:
+        """Latent layer: u = weight / S, so that idx = nearest(u) = nearest(weight / S) (S = 0: the bin centre)."""
+        if self.mode != "latent":
+            raise LutqError("LUTLinear.set_latent_: the layer is not latent")
+        s = self.scale_map()
+        self.latent.copy_(torch.where(s != 0, weight.to(s) / s, self.lut[self.idx.long()]))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # lutq checkpoints before 2026-11-30 stored a latent layer's weight in weight units as `<name>.weight`
+        legacy = self.mode == "latent" and prefix + "weight" in state_dict and prefix + "latent" not in state_dict
+        if legacy:
+            state_dict[prefix + "latent"] = state_dict.pop(prefix + "weight")
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if legacy:
+            self.set_latent_(self.latent.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.factored:
@@ -133,7 +154,7 @@ class LUTLinear(nn.Module):
     def set_trainable(self, parts: str | Iterable[str] = "all") -> None:
         """Unfreeze `parts` and freeze the rest: "all" (A, B, g), "g", "ab", "lut", "none", or a set of
         {"A", "B", "g", "lut"}. Training A or B with g frozen rounds g to FP16 first. Latent layers train
-        `weight` for "all". Snapped layers cannot train."""
+        `latent` for "all". Snapped layers cannot train."""
         chosen = set(TRAINABLE[parts]) if isinstance(parts, str) and parts in TRAINABLE else set(parts)
         if isinstance(parts, str) and parts not in TRAINABLE:
             raise LutqError(f"LUTLinear.set_trainable: unknown switch {parts!r}; valid: {sorted(TRAINABLE)}")
@@ -144,7 +165,7 @@ class LUTLinear(nn.Module):
         if self.mode == "latent":
             if chosen not in ({"A", "B", "g"}, set()):
                 raise LutqError("LUTLinear.set_trainable: a latent layer trains its weight ('all') or nothing")
-            self.weight.requires_grad_(bool(chosen))
+            self.latent.requires_grad_(bool(chosen))
             chosen = set()  # the straight-through quantizer passes no gradient to the scales
         self.scale_A.requires_grad_("A" in chosen)
         self.scale_B.requires_grad_("B" in chosen)
@@ -182,46 +203,45 @@ class LUTLinear(nn.Module):
 
     @torch.no_grad()
     def freeze(self) -> None:
-        """Latent → frozen: pick idx = nearest(weight / S) once, drop the FP weight, train A, B, g."""
+        """Latent → frozen: pick idx = nearest(u) once, drop the latent weights, train A, B, g."""
         if self.mode != "latent":
             return
-        self.idx.copy_(nearest_index(self.weight / self.scale_map(), self.lut))
-        del self.weight
+        self.idx.copy_(nearest_index(self.latent.detach(), self.lut))
+        del self.latent
         self.mode = "frozen"
         self.set_trainable("all")
 
     @torch.no_grad()
     def unfreeze(self, start: torch.Tensor | None = None, *, margin: float = 0.02) -> None:
-        """Frozen → latent: a trainable FP weight such that idx = nearest(weight / S) starts exactly at the
-        current indices (e.g. a GPTQ pick) and moves only as training moves it.
+        """Frozen → latent: trainable latent weights u (in scale units, idx = nearest(u)) that start exactly at
+        the current indices (e.g. a GPTQ pick) and move them only as training moves u.
 
-        The weight starts at W_eff (the centre of each index's bin), or with `start` (e.g. the FP weight the
-        layer was quantized from) at `start` clipped into its index's bin, `margin` × the entry's smaller gap to
-        a neighbour inside the bin's edges: a weight that sat near an edge stays near it, so a small step can
+        u starts at lut[idx] (the centre of each index's bin), or with `start` (e.g. the FP weight the layer was
+        quantized from) at start / S clipped into its index's bin, `margin` × the entry's smaller gap to a
+        neighbour inside the bin's edges: a weight that sat near an edge stays near it, so a small step can
         flip its index."""
         if self.mode == "latent":
             return
         if self.snapped:
             raise LutqError("LUTLinear.unfreeze: the layer is snapped to FP16; unfreeze before `lutq snap`")
-        s = self.scale_map()
-        w = self.q() * s
+        lut, idx = self.lut.detach().float(), self.idx.long()
+        u = lut[idx]
         if start is not None:
-            if start.shape != w.shape:
+            if start.shape != u.shape:
                 raise LutqError(f"LUTLinear.unfreeze: start has shape {tuple(start.shape)}, the layer "
-                                f"{tuple(w.shape)}")
+                                f"{tuple(u.shape)}")
             if not 0 < margin < 0.5:  # 0 would put weights on an edge, where nearest() picks the lower entry
                 raise LutqError(f"LUTLinear.unfreeze: margin must be in (0, 0.5), got {margin}")
-            lut, idx = self.lut.detach().float(), self.idx.long()
             mids = (lut[1:] + lut[:-1]) / 2
             inf = torch.full((1,), math.inf, device=lut.device)
             lo, hi = torch.cat([-inf, mids]), torch.cat([mids, inf])
             gaps = lut[1:] - lut[:-1]
             width = torch.minimum(torch.cat([gaps[:1], gaps]), torch.cat([gaps, gaps[-1:]]))  # end bins: one side
             pad = margin * width
-            u = torch.where(s != 0, start.detach().to(s) / s, lut[idx])  # S = 0: the bin centre
+            s = self.scale_map()
+            u = torch.where(s != 0, start.detach().to(s) / s, u)  # S = 0: the bin centre
             u = torch.clamp(u, (lo + pad)[idx], (hi - pad)[idx])
-            w = u * s
-        self.weight = nn.Parameter(w.detach().clone())
+        self.latent = nn.Parameter(u.to(self.scale_A.dtype).clone())
         self.mode = "latent"
         self.set_trainable("all")
 

@@ -53,7 +53,7 @@ class ReconstructConfig(ConfigBase):
 
     gptq: bool = True  # sequential GPTQ index picking before the scales train
     latent_steps: int = 0  # first, Adam steps on latent FP weights (indices move, straight-through), then frozen
-    latent_lr: float = 1e-4
+    latent_lr: float = 2.5e-4  # latent weights are in scale units (W / S): ≈ 1e-4 in weight units at the median layer
     # where the latent weights start: "weff" (each index's bin centre) or "fp" (the FP weight clipped into its
     # index's bin, so weights near a bin edge can flip with small steps); either way the indices start unchanged
     latent_start: str = "weff"
@@ -172,7 +172,7 @@ def _sublayer_stages(block: nn.Module, layers: dict[str, LUTLinear], x: torch.Te
 def _train_block(block: nn.Module, layers: dict[str, LUTLinear], xs: list[torch.Tensor], ys: list[torch.Tensor],
                  kwargs: dict[str, Any], *, before: float, steps: int, lr: float, latent: bool, train_lut: bool,
                  seed: int, starts: dict[str, torch.Tensor] | None = None) -> float:
-    """Adam on the block's scales (and LUTs), or with `latent` on FP weights (started at W_eff, or at
+    """Adam on the block's scales (and LUTs), or with `latent` on latent weights (u = W / S, started at W_eff, or at
     `starts` clipped into their bins) whose indices are re-picked every step (straight-through, then frozen
     again), to reconstruct ys. Returns the loss over all chunks afterwards; the trained state is kept only
     if it fell below `before`."""
@@ -208,7 +208,7 @@ def _train_block(block: nn.Module, layers: dict[str, LUTLinear], xs: list[torch.
     finally:
         block.train(was_training)
         for layer in layers.values():
-            layer.freeze()  # latent -> frozen (idx = nearest(weight / S)); a no-op for frozen layers
+            layer.freeze()  # latent -> frozen (idx = nearest(u)); a no-op for frozen layers
             layer.set_trainable("none")
         for n, p in block.named_parameters():
             p.requires_grad_(flags.get(n, False))

@@ -3,7 +3,7 @@
 On disk, per LUT layer `<name>`:
   <name>.idx_packed  uint8, indices packed 8/b per byte (b = 1, 2, 4 or 8 bits; lutq.quant.lut.pack_indices)
   <name>.lut, .scale_A, .scale_B, .scale_g, .bias   model dtype; FP16 once the layer is snapped (exact)
-  <name>.weight      only for latent layers (the trainable FP weight)
+  <name>.latent      only for latent layers (the trainable latent weights, in units of the scale map: W / S)
 The per-layer shapes and flags travel in config.json["quant"] (`quant_layout`); loading rebuilds the
 LUT modules from it (`apply_quant_layout`) before the tensors are decoded (`decode_state`).
 

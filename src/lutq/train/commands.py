@@ -25,7 +25,8 @@ def train_command(
                                              help="--model init: GPTQ on this many cache sequences, 0 = off (256)."),
     train_lut: bool = typer.Option(None, "--train-lut/--no-train-lut", help="Also train the LUT entries."),
     latent: bool = typer.Option(None, "--latent/--no-latent", help="Train the weights (straight-through), "
-                                "starting from W_eff; scales and LUT stay fixed."),
+                                "starting from W_eff; scales and LUT stay fixed. Latent weights are in scale units "
+                                "(W / S): use --lr 1e-3 to 2e-3 (docs/train.md)."),
     steps: int = typer.Option(None, "--steps", help="Optimizer steps (default 1000)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Sequences per micro-batch, over all ranks (8)."),
     grad_accum: int = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step (1)."),
