@@ -51,6 +51,24 @@ def test_checkpoint_round_trip_bit_exact(tmp_path: Path, arch: str, kind: str) -
         assert loaded.model.layers[0].mlp.up_proj.latent.requires_grad
 
 
+def test_latent_checkpoint_in_weight_units_loads_as_scale_units(tmp_path: Path) -> None:
+    # lutq before 2026-11-30 stored latent layers' weights W as `<name>.weight`; now u = W / S as `.latent`
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model("llama")
+    quantize(model, get_preset("q2a4").replace(mode="latent"), progress=False)
+    save_checkpoint(tmp_path / "ck", model, tiny_tokenizer())
+    tensors = load_file(str(tmp_path / "ck/model.safetensors"))
+    for name, layer in lut_layers(model):
+        tensors[f"{name}.weight"] = (tensors.pop(f"{name}.latent") * layer.scale_map().detach()).contiguous()
+    save_file(tensors, str(tmp_path / "ck/model.safetensors"))
+    loaded, _, _ = load_checkpoint(tmp_path / "ck", verify=False)  # the file changed under config.json's sha256
+    for (_, a), (_, b) in zip(lut_layers(model), lut_layers(loaded), strict=True):
+        assert torch.allclose(a.latent, b.latent, atol=1e-6) and b.latent.requires_grad
+        assert torch.equal(a.idx, b.idx) and not b.latent_in_weight_units
+    assert torch.allclose(model(IDS).logits, loaded(IDS).logits, atol=1e-5)
+
+
 def test_size_report_formula_and_disk_bytes(tmp_path: Path) -> None:
     model = tiny_model("qwen3")  # hidden 64, intermediate 128, heads 4 (head_dim 16), kv heads 2, 2 layers
     quantize(model, "q2a4", progress=False)

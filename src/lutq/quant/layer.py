@@ -69,6 +69,7 @@ class LUTLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.lut_size, self.rank, self.mode, self.eps = lut_size, rank, mode, eps
         self.factored, self.ste_fp16, self.snapped = factored, ste_fp16, False
+        self.latent_in_weight_units = False  # the next load_state_dict brings W, not W / S (old checkpoints)
         self.register_buffer("lut", lut.to(device))
         self.register_buffer("idx", torch.zeros(out_features, in_features, dtype=torch.uint8, device=device))
         self.scale_A = nn.Parameter(torch.ones(out_features, rank, **fk))
@@ -126,13 +127,16 @@ class LUTLinear(nn.Module):
         self.latent.copy_(torch.where(s != 0, weight.to(s) / s, self.lut[self.idx.long()]))
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        # lutq checkpoints before 2026-11-30 stored a latent layer's weight in weight units as `<name>.weight`
-        legacy = self.mode == "latent" and prefix + "weight" in state_dict and prefix + "latent" not in state_dict
-        if legacy:
+        # lutq before 2026-11-30 stored a latent layer's weights in weight units as `weight`: load them as W / S
+        # (lutq.quant.storage.decode_state renames them for checkpoints and sets `latent_in_weight_units`)
+        legacy = self.latent_in_weight_units
+        if self.mode == "latent" and prefix + "weight" in state_dict and prefix + "latent" not in state_dict:
             state_dict[prefix + "latent"] = state_dict.pop(prefix + "weight")
+            legacy = True
         super()._load_from_state_dict(state_dict, prefix, *args)
-        if legacy:
+        if legacy and self.mode == "latent":
             self.set_latent_(self.latent.detach().clone())
+        self.latent_in_weight_units = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.factored:
