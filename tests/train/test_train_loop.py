@@ -241,6 +241,12 @@ def test_latent_training_starts_at_w_eff_and_moves_the_indices(kd, tmp_path):
     assert {layer.mode for _, layer in lut_layers(after)} == {"frozen"}
 
 
+def test_default_lr_of_a_latent_run_is_recorded(kd, tmp_path):
+    train(kd.config(tmp_path / "run", latent=True, lr=None, steps=1, preset="q4a4"))
+    config = json.loads((tmp_path / "run" / "run.json").read_text())["config"]
+    assert config["lr"] == 2e-3 and config["latent"]
+
+
 def test_default_init_is_calibrated_and_beats_the_plain_one(kd, tmp_path):
     from lutq.train.config import TrainConfig
 

@@ -35,6 +35,11 @@ def test_config_validation_names_the_field(tmp_path):
         TrainConfig.from_dict({"stepz": 3})
     cfg = TrainConfig.from_dict({"ppl_texts": ["shakespeare:val"], "lr": 1, "out": "x"})
     assert cfg.ppl_texts == ("shakespeare:val",) and cfg.lr == 1.0 and cfg.out.name == "x"
+    # the default lr follows what trains: the scales, or the latent weights (scale units)
+    assert TrainConfig().peak_lr == 1e-4 and TrainConfig(latent=True).peak_lr == 2e-3
+    assert TrainConfig(latent=True, lr=5e-4).peak_lr == 5e-4
+    with pytest.raises(LutqError, match="lr must be > 0"):
+        TrainConfig(lr=0.0).validate()
 
 
 def test_schedule_warmup_cosine_floor():

@@ -26,11 +26,11 @@ def train_command(
     train_lut: bool = typer.Option(None, "--train-lut/--no-train-lut", help="Also train the LUT entries."),
     latent: bool = typer.Option(None, "--latent/--no-latent", help="Train the weights (straight-through), "
                                 "starting from W_eff; scales and LUT stay fixed. Latent weights are in scale units "
-                                "(W / S): use --lr 1e-3 to 2e-3 (docs/train.md)."),
+                                "(W / S), so the default --lr is 2e-3 (docs/train.md)."),
     steps: int = typer.Option(None, "--steps", help="Optimizer steps (default 1000)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Sequences per micro-batch, over all ranks (8)."),
     grad_accum: int = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step (1)."),
-    lr: float = typer.Option(None, "--lr", help="Peak learning rate (1e-4)."),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate (1e-4; 2e-3 with --latent)."),
     warmup: int = typer.Option(None, "--warmup", help="Linear warmup steps (100)."),
     min_lr_ratio: float = typer.Option(None, "--min-lr-ratio", help="Cosine floor as a fraction of --lr (0.1)."),
     weight_decay: float = typer.Option(None, "--weight-decay", help="AdamW weight decay (0)."),

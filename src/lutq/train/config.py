@@ -10,6 +10,7 @@ from lutq.core.errors import LutqError
 from lutq.kd.loss import KDLossConfig
 
 PRECISIONS = ("auto", "fast", "fp32", "bf16")
+DEFAULT_LR = {"scales": 1e-4, "latent": 2e-3}  # what trains: the scales A, B, g, or (--latent) the latent weights
 LOGGERS = ("wandb", "trackio", "tensorboard")
 
 
@@ -40,7 +41,7 @@ class TrainConfig(ConfigBase):
     steps: int = 1000
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 1e-4
+    lr: float | None = None  # peak lr; None: DEFAULT_LR (the latent weights are in scale units: docs/train.md)
     warmup: int = 100
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -83,7 +84,7 @@ class TrainConfig(ConfigBase):
         for name in ("warmup", "eval_batches", "init_tighten", "init_calib_sequences"):
             if getattr(self, name) < 0:
                 raise LutqError(f"train: {name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise LutqError(f"train: lr must be > 0, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise LutqError(f"train: min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
@@ -95,6 +96,11 @@ class TrainConfig(ConfigBase):
         if self.init is not None and self.model is not None:
             raise LutqError("train: pass either --init CKPT (a lutq checkpoint) or --model M (quantized with "
                             "--preset), not both")
+
+    @property
+    def peak_lr(self) -> float:
+        """`lr`, or the default for what trains (DEFAULT_LR)."""
+        return self.lr if self.lr is not None else DEFAULT_LR["latent" if self.latent else "scales"]
 
     @property
     def sequences_per_step(self) -> int:

@@ -93,6 +93,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     `resume=True` continues the run in `cfg.out` from its last/ checkpoint, exactly.
     """
     cfg.validate()
+    cfg = cfg.replace(lr=cfg.peak_lr)  # run.json records the learning rate the run used
     ctx = setup_distributed(cfg.device)
     try:
         return _train(cfg, ctx, resume=resume, overwrite=overwrite)
@@ -130,7 +131,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
 
     # optimizer over the trainable tensors (in model order, so a resumed optimizer lines up), schedule
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, total=cfg.steps, warmup=cfg.warmup, min_ratio=cfg.min_lr_ratio)
     step, tokens, elapsed0 = 0, 0, 0.0
     best = {"eval_loss": math.inf, "step": None}
