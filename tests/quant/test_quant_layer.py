@@ -154,6 +154,8 @@ def test_latent_mode_ste_and_freeze() -> None:
     assert layer.scale_A.requires_grad
     with pytest.raises(LutqError, match="latent"):
         LUTLinear(4, 4, 4, 1, mode="latent").set_trainable("g")
+    with pytest.raises(LutqError, match="not latent"):
+        layer.set_latent_(w)  # frozen now
 
 
 def test_latent_state_in_weight_units_loads_in_scale_units() -> None:

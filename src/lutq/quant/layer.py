@@ -111,20 +111,23 @@ class LUTLinear(nn.Module):
         return ste_fp16(w) if self.ste_fp16 else w
 
     def _latent_weight(self) -> torch.Tensor:
-        s = self.scale_map().detach()  # the scales do not train with latent weights
         with torch.no_grad():
             self.idx.copy_(nearest_index(self.latent, self.lut))
-            wq = self.q() * s
-        w = self.latent * s
-        return w + (wq - w).detach()
+        u = self.latent  # straight-through: the value is lut[idx] ⊙ S, the gradient dL/du = dL/dW_q ⊙ S
+        return (u + (self.q() - u).detach()) * self.scale_map().detach()  # the scales do not train here
+
+    @torch.no_grad()
+    def _scale_units(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight / S, the latent weights' units (where S = 0: lut[idx], the centre of the current bin)."""
+        s = self.scale_map()
+        return torch.where(s != 0, weight.detach().to(s) / s, self.lut[self.idx.long()].to(s))
 
     @torch.no_grad()
     def set_latent_(self, weight: torch.Tensor) -> None:
-        """Latent layer: u = weight / S, so that idx = nearest(u) = nearest(weight / S) (S = 0: the bin centre)."""
+        """Latent layer: u = weight / S, so that idx = nearest(u) = nearest(weight / S)."""
         if self.mode != "latent":
             raise LutqError("LUTLinear.set_latent_: the layer is not latent")
-        s = self.scale_map()
-        self.latent.copy_(torch.where(s != 0, weight.to(s) / s, self.lut[self.idx.long()]))
+        self.latent.copy_(self._scale_units(weight))
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # lutq before 2026-11-30 stored a latent layer's weights in weight units as `weight`: load them as W / S
@@ -242,9 +245,7 @@ class LUTLinear(nn.Module):
             gaps = lut[1:] - lut[:-1]
             width = torch.minimum(torch.cat([gaps[:1], gaps]), torch.cat([gaps, gaps[-1:]]))  # end bins: one side
             pad = margin * width
-            s = self.scale_map()
-            u = torch.where(s != 0, start.detach().to(s) / s, u)  # S = 0: the bin centre
-            u = torch.clamp(u, (lo + pad)[idx], (hi - pad)[idx])
+            u = torch.clamp(self._scale_units(start), (lo + pad)[idx], (hi - pad)[idx])
         self.latent = nn.Parameter(u.to(self.scale_A.dtype).clone())
         self.mode = "latent"
         self.set_trainable("all")

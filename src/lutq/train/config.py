@@ -34,9 +34,7 @@ class TrainConfig(ConfigBase):
     init_calib_sequences: int = 256
     mode: str = "all"
     train_lut: bool = False  # also train every layer's LUT entries (kept sorted, FP16-exact)
-    # train the weights themselves: latent u = W / S from W_eff, idx = nearest(u) re-picked each step (STE);
-    # u is in scale units (a fraction of a LUT bin per unit), so lr 1e-3..2e-3 suits it, not the scales' 1e-4
-    latent: bool = False
+    latent: bool = False  # train the weights: latent u = W / S from W_eff, idx = nearest(u) re-picked each step
     # optimization (steps are optimizer steps; one step = batch_size * grad_accum sequences)
     steps: int = 1000
     batch_size: int = 8
