@@ -105,7 +105,7 @@ def plot_command(
     out: Path = typer.Option(Path("loss.png"), "--out", help="PNG file to write."),
     logy: bool = typer.Option(False, "--logy", help="Logarithmic loss axis."),
 ) -> None:
-    """Draw train and validation KD loss curves of one or several runs into a PNG."""
+    """Draw train and validation loss curves (the training objective) of one or several runs into a PNG."""
     from lutq.train.plot import plot_runs
 
     console.print(f"wrote {plot_runs(runs, out, logy=logy)}")

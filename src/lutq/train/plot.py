@@ -1,4 +1,7 @@
-"""Loss curves of one or several runs (train and validation KD loss against optimizer step) as a PNG."""
+"""Loss curves of one or several runs (train and validation loss against optimizer step) as a PNG.
+
+The loss is the run's whole training objective: the top-K KD term plus any extra terms it was given
+(label CE, full-vocabulary KL); `train.jsonl` also holds each term on its own."""
 
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ def plot_runs(runs: list[str | Path], out: str | Path, *, train_key: str = "loss
     if not drawn:
         raise LutqError(f"plot: no {train_key!r} or {eval_key!r} values in {', '.join(map(str, runs))}")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("KD loss")
+    ax.set_ylabel("loss (KD + the run's extra terms)" if train_key == "loss" else train_key)
     if logy:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
