@@ -33,6 +33,11 @@ MODES = ("frozen", "latent")
 TRAINABLE = {"all": {"A", "B", "g"}, "g": {"g"}, "ab": {"A", "B"}, "lut": {"lut"}, "none": set()}
 
 
+def _weight_over_scale(weight: torch.Tensor, s: torch.Tensor, lut: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """weight / S, the latent weights' units (where S = 0: lut[idx], the centre of the index's bin)."""
+    return torch.where(s != 0, weight.detach().to(s) / s, lut[idx.long()].to(s))
+
+
 class LUTLinear(nn.Module):
     """Linear layer with palettized weights and low-rank scales (DESIGN.md "The LUT linear layer")."""
 
@@ -69,7 +74,6 @@ class LUTLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.lut_size, self.rank, self.mode, self.eps = lut_size, rank, mode, eps
         self.factored, self.ste_fp16, self.snapped = factored, ste_fp16, False
-        self.latent_in_weight_units = False  # the next load_state_dict brings W, not W / S (old checkpoints)
         self.register_buffer("lut", lut.to(device))
         self.register_buffer("idx", torch.zeros(out_features, in_features, dtype=torch.uint8, device=device))
         self.scale_A = nn.Parameter(torch.ones(out_features, rank, **fk))
@@ -83,11 +87,14 @@ class LUTLinear(nn.Module):
     # ------------------------------------------------------------------------------------------ math
     def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The two factors of S: (Â·diag(g) [out, r], B̂ [r, in]); FP16-rounded (straight-through) if ste_fp16."""
+        return self._factors(self.scale_A, self.scale_B, self.scale_g)
+
+    def _factors(self, A: torch.Tensor, B: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.snapped:
-            a, b = self.scale_A * self.scale_g, self.scale_B
+            a, b = A * g, B
         else:
-            a = self.scale_A * (self.scale_g / self.scale_A.norm(dim=0).clamp_min(self.eps))
-            b = self.scale_B / self.scale_B.norm(dim=1, keepdim=True).clamp_min(self.eps)
+            a = A * (g / A.norm(dim=0).clamp_min(self.eps))
+            b = B / B.norm(dim=1, keepdim=True).clamp_min(self.eps)
         if self.ste_fp16:
             a, b = ste_fp16(a), ste_fp16(b)
         return a, b
@@ -118,9 +125,7 @@ class LUTLinear(nn.Module):
 
     @torch.no_grad()
     def _scale_units(self, weight: torch.Tensor) -> torch.Tensor:
-        """weight / S, the latent weights' units (where S = 0: lut[idx], the centre of the current bin)."""
-        s = self.scale_map()
-        return torch.where(s != 0, weight.detach().to(s) / s, self.lut[self.idx.long()].to(s))
+        return _weight_over_scale(weight, self.scale_map(), self.lut, self.idx)
 
     @torch.no_grad()
     def set_latent_(self, weight: torch.Tensor) -> None:
@@ -129,17 +134,20 @@ class LUTLinear(nn.Module):
             raise LutqError("LUTLinear.set_latent_: the layer is not latent")
         self.latent.copy_(self._scale_units(weight))
 
+    @torch.no_grad()
+    def upgrade_state_(self, state: dict[str, torch.Tensor], prefix: str = "") -> None:
+        """lutq before 2026-11-30 stored a latent layer's weights W in weight units as `weight`: replace them in
+        `state` (in place) by u = W / S as `latent`, S from the scales in `state`. No-op for current states."""
+        if self.mode != "latent" or prefix + "weight" not in state or prefix + "latent" in state:
+            return
+        ref = self.scale_A
+        a, b = self._factors(*(state[prefix + k].to(ref) for k in ("scale_A", "scale_B", "scale_g")))
+        lut, idx = state.get(prefix + "lut", self.lut), state.get(prefix + "idx", self.idx)
+        state[prefix + "latent"] = _weight_over_scale(state.pop(prefix + "weight"), a @ b, lut, idx)
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        # lutq before 2026-11-30 stored a latent layer's weights in weight units as `weight`: load them as W / S
-        # (lutq.quant.storage.decode_state renames them for checkpoints and sets `latent_in_weight_units`)
-        legacy = self.latent_in_weight_units
-        if self.mode == "latent" and prefix + "weight" in state_dict and prefix + "latent" not in state_dict:
-            state_dict[prefix + "latent"] = state_dict.pop(prefix + "weight")
-            legacy = True
+        self.upgrade_state_(state_dict, prefix)  # checkpoints go through storage.decode_state, which upgrades first
         super()._load_from_state_dict(state_dict, prefix, *args)
-        if legacy and self.mode == "latent":
-            self.set_latent_(self.latent.detach().clone())
-        self.latent_in_weight_units = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.factored:

@@ -79,9 +79,7 @@ def decode_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str
         if packed is None:
             raise LutqError(f"model.safetensors: missing {p}idx_packed for LUT layer {name}")
         out[p + "idx"] = unpack_indices(packed, index_bits(layer.lut_size), (layer.out_features, layer.in_features))
-        if layer.mode == "latent" and p + "weight" in out and p + "latent" not in out:
-            out[p + "latent"] = out.pop(p + "weight")  # lutq before 2026-11-30: W, not W / S; converted on load
-            layer.latent_in_weight_units = True
+        layer.upgrade_state_(out, p)  # old latent checkpoints: W as `weight` -> W / S as `latent`
         for key, ref in layer.state_dict().items():
             t = out.get(p + key)
             if t is not None and t.dtype != ref.dtype and t.is_floating_point() and ref.is_floating_point():
