@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The prepared GPU check, one call of the device tool (the figures go to docs/benchmarks.md):
+# The prepared GPU checks, one call of the device tool each (the figures go to docs/benchmarks.md):
 #   scripts/device-wheels.sh                       # here, once: wheels the device image lacks -> .whl/
-#   run(command="bash scripts/device-check.sh", carry=[".whl"], timeout_s=580)   # ~9 min of steps
-# GPU tests first (tests/gpu: CUDA vs the CPU fp32 reference), then the benchmarks, each step time-boxed so
-# that everything comes back even when a step fails or runs long: logs and JSON go to $WORK, and after every step
+#   run(command="bash scripts/device-check.sh", carry=[".whl"], timeout_s=590)                 # base, ~6 min
+#   run(command="CHECKS=compile bash scripts/device-check.sh", carry=[".whl"], timeout_s=400)  # eager vs compiled
+# base: the GPU tests (tests/gpu: CUDA vs the CPU fp32 reference), then the benchmarks. Each step is time-boxed
+# and everything comes back even when a step fails or runs long: logs and JSON go to $WORK, and after every step
 # they are packed into the one file $OUT/device-check.tgz (the device tool returns at most 8 files).
 # PY=.venv/bin/python WHEELS=none OUT=/tmp/dc scripts/device-check.sh runs the same steps here (a smoke test).
 set -uo pipefail
@@ -18,24 +19,38 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, go on whatever happens
+step() {  # step NAME SECONDS CMD...: run with a time limit, log to $WORK/NAME.log, go on whatever happens
   local name=$1 secs=$2; shift 2
   echo "== $name ($(date -u +%T))"
   timeout "$secs" "$@" > "$WORK/$name.log" 2>&1
   echo "   rc $? ($(date -u +%T))"; tail -n 25 "$WORK/$name.log"
   tar -czf "$OUT/.device-check.tgz" -C "$WORK" . && mv "$OUT/.device-check.tgz" "$OUT/device-check.tgz"
 }
+base() {
+  step gpu-tests 120 "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprovider
+  step qat-smollm2 90 "$PY" -m lutq.cli bench qat --shape smollm2-135m --preset q2a4 --seq-len 64 --seq-len 128 \
+    --dtype bf16 --forward materialized --grad-ckpt off --find-max-batch --max-batch 1024 --json "$WORK/qat-smollm2.json"
+  step qat-qwen3 120 "$PY" -m lutq.cli bench qat --shape qwen3-0.6b --preset q2a4 --seq-len 64 --seq-len 128 \
+    --dtype bf16 --forward materialized --grad-ckpt both --find-max-batch --max-batch 1024 --json "$WORK/qat-qwen3.json"
+  step cache 45 "$PY" -m lutq.cli bench cache --model shape:smollm2-135m --seq-len 128 --batch 64 --batches 4 \
+    --json "$WORK/cache.json"
+  step lut-linear 30 "$PY" -m lutq.cli bench lut-linear --dtype bf16 --tokens 8192 --json "$WORK/lut-linear.json"
+  step pretrain-1b 100 "$PY" -m lutq.cli bench pretrain --size 1b --variant gqa --seq-len 2048 --micro-batch 8 \
+    --steps 5 --warmup 2 --json "$WORK/pretrain-1b.json"
+  step pretrain-1b-compiled 150 "$PY" -m lutq.cli bench pretrain --size 1b --variant gqa --seq-len 2048 \
+    --micro-batch 8 --steps 5 --warmup 3 --compile --json "$WORK/pretrain-1b-compiled.json"
+}
+compile() {  # eager vs torch.compile: one LUT layer; the KD-QAT step with the speedrun's loss (KD + full-vocab KL)
+  step lut-linear-compiled 60 "$PY" -m lutq.cli bench lut-linear --dtype bf16 --tokens 8192 --steps 50 --warmup 3 \
+    --factored-steps 0 --compile --json "$WORK/lut-linear-compiled.json"
+  local qat=("$PY" -m lutq.cli bench qat --shape smollm2-135m --seq-len 128 --dtype bf16 --forward materialized
+             --grad-ckpt off --full-kl-weight 1)
+  step qat-q2a4-fullkl-b1024 45 "${qat[@]}" --preset q2a4 --batch 1024 --json "$WORK/qat-q2a4-fullkl-b1024.json"
+  step qat-q4a4-fullkl-b1024 45 "${qat[@]}" --preset q4a4 --batch 1024 --json "$WORK/qat-q4a4-fullkl-b1024.json"
+  step qat-q2a4-fullkl-b256 30 "${qat[@]}" --preset q2a4 --batch 256 --json "$WORK/qat-q2a4-fullkl-b256.json"
+  step qat-q2a4-fullkl-b256-compiled 150 "${qat[@]}" --preset q2a4 --batch 256 --warmup 2 --compile \
+    --json "$WORK/qat-q2a4-fullkl-b256-compiled.json"
+}
 step device 30 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())'"
-step gpu-tests 120 "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprovider
-step qat-smollm2 90 "$PY" -m lutq.cli bench qat --shape smollm2-135m --preset q2a4 --seq-len 64 --seq-len 128 \
-  --dtype bf16 --forward materialized --grad-ckpt off --find-max-batch --max-batch 1024 --json "$WORK/qat-smollm2.json"
-step qat-qwen3 120 "$PY" -m lutq.cli bench qat --shape qwen3-0.6b --preset q2a4 --seq-len 64 --seq-len 128 \
-  --dtype bf16 --forward materialized --grad-ckpt both --find-max-batch --max-batch 1024 --json "$WORK/qat-qwen3.json"
-step cache 45 "$PY" -m lutq.cli bench cache --model shape:smollm2-135m --seq-len 128 --batch 64 --batches 4 \
-  --json "$WORK/cache.json"
-step lut-linear 30 "$PY" -m lutq.cli bench lut-linear --dtype bf16 --tokens 8192 --json "$WORK/lut-linear.json"
-step pretrain-1b 100 "$PY" -m lutq.cli bench pretrain --size 1b --variant gqa --seq-len 2048 --micro-batch 8 \
-  --steps 5 --warmup 2 --json "$WORK/pretrain-1b.json"
-step pretrain-1b-compiled 150 "$PY" -m lutq.cli bench pretrain --size 1b --variant gqa --seq-len 2048 --micro-batch 8 \
-  --steps 5 --warmup 3 --compile --json "$WORK/pretrain-1b-compiled.json"
+for check in ${CHECKS:-base}; do "$check"; done
 echo "done ($(date -u +%T))"

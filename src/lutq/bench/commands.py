@@ -36,6 +36,8 @@ def qat(
                                          help="Weight of the full-vocab tail-bucket KL term (0: off)."),
     steps: int = typer.Option(3, "--steps", help="Timed steps per configuration."),
     warmup: int = typer.Option(1, "--warmup", help="Untimed warmup steps per configuration."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the student + loss, as `lutq train "
+                                  "--compile` does (warmup steps include the compilation)."),
     device: str = DEVICE_OPT,
     find_max: bool = typer.Option(False, "--find-max-batch", help="Binary-search the largest batch that fits "
                                   "(GPU) and report the best-throughput batch per configuration."),
@@ -53,7 +55,7 @@ def qat(
     cfg = QATBenchConfig(shape=shape, preset=preset, mode=mode, seq_lens=tuple(seq_len), batch=batch, topk=topk,
                          dtypes=tuple(dtype), forwards=tuple(forward), grad_ckpt=ckpt, steps=steps, warmup=warmup,
                          hard_top1_weight=hard_top1_weight, full_kl_weight=full_kl_weight, device=device,
-                         find_max_batch=find_max, max_batch_hi=max_batch)
+                         find_max_batch=find_max, max_batch_hi=max_batch, compile=compile_)
 
     def on_probe(label: str, p) -> None:
         s = p.stats
@@ -106,6 +108,8 @@ def lut_linear(
     lut_size: int = typer.Option(4, "--lut-size", help="LUT entries (4: 2-bit, 16: 4-bit)."),
     steps: int = typer.Option(5, "--steps", help="Timed steps."),
     factored_steps: int = typer.Option(1, "--factored-steps", help="Timed steps of the factored form (0: skip)."),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed steps of each variant (compilation included)."),
+    compile_: bool = typer.Option(False, "--compile", help="Also time torch.compile of the materialized layer."),
     device: str = DEVICE_OPT,
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16."),
     json_out: Path = JSON_OPT,
@@ -123,10 +127,10 @@ def lut_linear(
         raise LutqError(f"--dtype must be one of {sorted(dtypes)}, got {dtype!r}")
     dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     res = bench_lut_linear(out_features, in_features, tokens, rank, lut_size, steps, dev, dtypes[dtype],
-                           factored_steps=factored_steps)
+                           warmup=warmup, factored_steps=factored_steps, compile=compile_)
     print_dict(f"LUTLinear training step {out_features}x{in_features}, {tokens} tokens", res)
     if json_out:
-        write_json(json_out, "lut-linear", dev, {"dtype": dtype}, res)
+        write_json(json_out, "lut-linear", dev, {"dtype": dtype, "compile": compile_}, res)
         console.print(f"wrote {json_out}")
 
 

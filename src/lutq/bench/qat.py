@@ -4,8 +4,9 @@ One step = quantized student forward (`lutq.kd.student_hidden`) + KD loss agains
 top-K (`lutq.kd.kd_loss`) + backward + AdamW step, i.e. what `lutq train` does per micro-batch. The
 batch (random input ids, random top-K ids with sorted logits) is built before the clock starts, so the
 figures exclude data loading and eval. Variants: materialized vs factored LUT forward, gradient
-checkpointing off/on, fp32 vs bf16 autocast (fp32 master weights), several sequence lengths, and
-optionally the largest batch that fits (binary search, GPU).
+checkpointing off/on, fp32 vs bf16 autocast (fp32 master weights), several sequence lengths, eager or
+`torch.compile`d (the trainer's `KDStudent`, as `lutq train --compile` compiles it), and optionally the largest
+batch that fits (binary search, GPU).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class QATBenchConfig(ConfigBase):
     temperature: float = 2.0
     hard_top1_weight: float = 0.0
     full_kl_weight: float = 0.0
+    compile: bool = False  # torch.compile the student + loss (the first step of each new shape compiles)
     warmup: int = 1
     steps: int = 3
     lr: float = 5e-5
@@ -162,7 +164,7 @@ class QATStep:
     def __init__(self, cfg: QATBenchConfig) -> None:
         import torch
 
-        from lutq.kd import KDLossConfig
+        from lutq.kd import KDLossConfig, KDStudent
         from lutq.quant import quantize, set_trainable
 
         self.cfg, self.device = cfg, cfg.device
@@ -172,8 +174,10 @@ class QATStep:
         self.trainable = set_trainable(self.model, cfg.mode)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        self.loss_cfg = KDLossConfig(temperature=cfg.temperature, hard_top1_weight=cfg.hard_top1_weight,
-                                     full_kl_weight=cfg.full_kl_weight)
+        loss_cfg = KDLossConfig(temperature=cfg.temperature, hard_top1_weight=cfg.hard_top1_weight,
+                                full_kl_weight=cfg.full_kl_weight)
+        student = KDStudent(self.model, loss_cfg)
+        self.student: torch.nn.Module = torch.compile(student) if cfg.compile else student
         self.device_name = device_name(cfg.device)
 
     def configure(self, factored: bool, grad_ckpt: bool) -> None:
@@ -184,20 +188,16 @@ class QATStep:
     def step_fn(self, batch: dict[str, Any], dtype: str) -> Callable[[], Any]:
         import torch
 
-        from lutq.kd import kd_loss, student_hidden
-
         dev_type = torch.device(self.device).type
-        lm_head = self.model.get_output_embeddings().weight
 
         def step() -> Any:
             self.opt.zero_grad(set_to_none=True)  # also drops grads a previous (OOM-ed) probe left behind
             amp = torch.autocast(dev_type, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
             with amp:
-                hidden = student_hidden(self.model, batch["input_ids"])
-                out = kd_loss(hidden, lm_head, batch, self.loss_cfg)
-            out.loss.backward()
+                loss, _ = self.student(batch)
+            loss.backward()
             self.opt.step()
-            return out.loss.detach()
+            return loss.detach()
 
         return step
 
@@ -235,7 +235,8 @@ def bench_qat(cfg: QATBenchConfig, on_probe: Callable[[str, Probe], None] | None
     maxb: dict[str, MaxBatchResult] = {}
     combos = itertools.product(cfg.dtypes, cfg.forwards, cfg.grad_ckpt, cfg.seq_lens)
     for dtype, forward, ckpt, seq_len in combos:
-        label = f"{cfg.shape} {cfg.preset} {forward} {'ckpt' if ckpt else 'no-ckpt'} {dtype}"
+        label = (f"{cfg.shape} {cfg.preset} {forward} {'ckpt' if ckpt else 'no-ckpt'} {dtype}"
+                 + (" compiled" if cfg.compile else ""))
         runner.configure(forward == "factored", ckpt)
         if not cfg.find_max_batch:
             rows.append(runner.stats(label, cfg.batch, seq_len, dtype, warmup=cfg.warmup, steps=cfg.steps))

@@ -3,7 +3,7 @@ KD loss with its metrics."""
 
 from lutq.kd.bench import bench_cache
 from lutq.kd.cache import CacheConfig, build_cache, cache_name, finalize_cache, teacher_targets, write_shards
-from lutq.kd.loss import KDLossConfig, KDLossOutput, evaluate_kd, kd_loss, student_hidden
+from lutq.kd.loss import KDLossConfig, KDLossOutput, KDStudent, evaluate_kd, kd_loss, student_hidden
 from lutq.kd.reader import KDCache
 from lutq.kd.verify import verify_cache
 
@@ -12,6 +12,7 @@ __all__ = [
     "KDCache",
     "KDLossConfig",
     "KDLossOutput",
+    "KDStudent",
     "bench_cache",
     "build_cache",
     "cache_name",

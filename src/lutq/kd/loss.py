@@ -59,6 +59,22 @@ def student_hidden(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Ten
     return body(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
 
 
+class KDStudent(torch.nn.Module):
+    """The student plus the KD loss, as one module so DDP and torch.compile see the whole step."""
+
+    def __init__(self, model: torch.nn.Module, loss_cfg: KDLossConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_cfg = loss_cfg
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        hidden = student_hidden(self.model, batch["input_ids"])
+        softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        out = kd_loss(hidden, self.model.get_output_embeddings().weight, batch, self.loss_cfg,
+                      logit_softcap=softcap)
+        return out.loss, out.metrics
+
+
 def kd_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, batch: dict[str, torch.Tensor],
             cfg: KDLossConfig | None = None, logit_softcap: float | None = None) -> KDLossOutput:
     """KD loss for `hidden` [B, L-1, H] against a cache batch (see the module doc)."""

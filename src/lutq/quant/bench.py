@@ -45,11 +45,12 @@ def _median_ms(layers: dict[str, nn.Module], x: torch.Tensor, dy: torch.Tensor, 
 
 def bench_lut_linear(out_features: int = 3072, in_features: int = 1024, tokens: int = 2048, rank: int = 32,
                      lut_size: int = 4, steps: int = 5, device: str | torch.device = "cpu",
-                     dtype: torch.dtype = torch.float32, *, warmup: int = 1, factored_steps: int = 1
-                     ) -> dict[str, Any]:
+                     dtype: torch.dtype = torch.float32, *, warmup: int = 1, factored_steps: int = 1,
+                     compile: bool = False) -> dict[str, Any]:
     """Median training-step time of nn.Linear, LUTLinear (materialized W_eff) and LUTLinear(factored=True).
 
     Ratios are LUT / dense; `factored_steps=0` skips the factored form (r× the FLOPs and activations).
+    `compile` adds `compiled` (torch.compile of the materialized layer: W_eff's elementwise chain fused).
     The input requires grad, as inside a network, so every variant also computes dL/dx.
     """
     device = torch.device(device)
@@ -62,9 +63,12 @@ def bench_lut_linear(out_features: int = 3072, in_features: int = 1024, tokens: 
     result: dict[str, Any] = {"out_features": out_features, "in_features": in_features, "tokens": tokens,
                               "rank": rank, "lut_size": lut_size, "device": str(device),
                               "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads()}
-    result.update({f"{k}_ms": v for k, v in _median_ms({"dense": dense, "materialized": lut}, x, dy, steps,
-                                                          warmup).items()})
-    result["materialized_ratio"] = result["materialized_ms"] / result["dense_ms"]
+    layers: dict[str, nn.Module] = {"dense": dense, "materialized": lut}
+    if compile:
+        layers["compiled"] = torch.compile(lut)
+    result.update({f"{k}_ms": v for k, v in _median_ms(layers, x, dy, steps, warmup).items()})
+    for k in list(layers)[1:]:
+        result[f"{k}_ratio"] = result[f"{k}_ms"] / result["dense_ms"]
     if factored_steps > 0:
         factored = copy.deepcopy(lut)
         factored.factored = True

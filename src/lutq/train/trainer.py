@@ -25,7 +25,7 @@ import torch
 from lutq import __version__
 from lutq.core.console import console, progress
 from lutq.core.errors import LutqError
-from lutq.kd import KDCache, KDLossConfig, evaluate_kd, kd_loss, student_hidden
+from lutq.kd import KDCache, KDStudent, evaluate_kd
 from lutq.models import load_checkpoint, load_model, load_trainer_state, save_checkpoint
 from lutq.models.runtime import AUTO_PRECISIONS, auto_picks_bf16, set_grad_checkpointing
 from lutq.quant import get_preset, project_luts_, quantize, set_trainable, unfreeze_latent
@@ -65,22 +65,6 @@ class TrainResult:
     def checkpoint(self) -> Path:
         """The checkpoint to carry on with: best/ when validation ran, else last/."""
         return self.best if (self.best / "config.json").is_file() else self.last
-
-
-class KDStudent(torch.nn.Module):
-    """The student plus the KD loss, as one module so DDP and torch.compile see the whole step."""
-
-    def __init__(self, model: torch.nn.Module, loss_cfg: KDLossConfig) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_cfg = loss_cfg
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        hidden = student_hidden(self.model, batch["input_ids"])
-        softcap = getattr(self.model.config, "final_logit_softcapping", None)
-        out = kd_loss(hidden, self.model.get_output_embeddings().weight, batch, self.loss_cfg,
-                      logit_softcap=softcap)
-        return out.loss, out.metrics
 
 
 # ----------------------------------------------------------------------------------------------------
