@@ -40,7 +40,7 @@ base() {
   step pretrain-1b-compiled 150 "$PY" -m lutq.cli bench pretrain --size 1b --variant gqa --seq-len 2048 \
     --micro-batch 8 --steps 5 --warmup 3 --compile --json "$WORK/pretrain-1b-compiled.json"
 }
-compile() {  # eager vs torch.compile: one LUT layer; the KD-QAT step with the speedrun's loss (KD + full-vocab KL)
+compile() {  # eager vs compiled: one LUT layer; the KD-QAT step (speedrun loss: KD + full KL), decoder layers compiled
   step lut-linear-compiled 60 "$PY" -m lutq.cli bench lut-linear --dtype bf16 --tokens 8192 --steps 50 --warmup 3 \
     --factored-steps 0 --compile --json "$WORK/lut-linear-compiled.json"
   local qat=("$PY" -m lutq.cli bench qat --shape smollm2-135m --seq-len 128 --dtype bf16 --forward materialized

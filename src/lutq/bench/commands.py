@@ -36,8 +36,8 @@ def qat(
                                          help="Weight of the full-vocab tail-bucket KL term (0: off)."),
     steps: int = typer.Option(3, "--steps", help="Timed steps per configuration."),
     warmup: int = typer.Option(1, "--warmup", help="Untimed warmup steps per configuration."),
-    compile_: bool = typer.Option(False, "--compile", help="torch.compile the student + loss, as `lutq train "
-                                  "--compile` does (warmup steps include the compilation)."),
+    compile_: bool = typer.Option(False, "--compile", help="Compile the decoder layers, as `lutq train --compile` "
+                                  "does (warmup steps include the compilation)."),
     device: str = DEVICE_OPT,
     find_max: bool = typer.Option(False, "--find-max-batch", help="Binary-search the largest batch that fits "
                                   "(GPU) and report the best-throughput batch per configuration."),

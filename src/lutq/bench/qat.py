@@ -5,7 +5,7 @@ top-K (`lutq.kd.kd_loss`) + backward + AdamW step, i.e. what `lutq train` does p
 batch (random input ids, random top-K ids with sorted logits) is built before the clock starts, so the
 figures exclude data loading and eval. Variants: materialized vs factored LUT forward, gradient
 checkpointing off/on, fp32 vs bf16 autocast (fp32 master weights), several sequence lengths, eager or
-`torch.compile`d (the trainer's `KDStudent`, as `lutq train --compile` compiles it), and optionally the largest
+with the decoder layers compiled (as `lutq train --compile` does), and optionally the largest
 batch that fits (binary search, GPU).
 """
 
@@ -30,7 +30,7 @@ from lutq.bench.timing import (
 )
 from lutq.core.configs import ConfigBase
 from lutq.core.errors import LutqError
-from lutq.models.runtime import set_grad_checkpointing
+from lutq.models.runtime import compile_decoder_layers, set_grad_checkpointing
 
 # Random-weight model shapes (built from a config, nothing downloaded).
 SHAPES: dict[str, dict[str, Any]] = {
@@ -64,7 +64,7 @@ class QATBenchConfig(ConfigBase):
     temperature: float = 2.0
     hard_top1_weight: float = 0.0
     full_kl_weight: float = 0.0
-    compile: bool = False  # torch.compile the student + loss (the first step of each new shape compiles)
+    compile: bool = False  # compile the decoder layers, as the trainer does (the first step of a new shape compiles)
     warmup: int = 1
     steps: int = 3
     lr: float = 5e-5
@@ -176,8 +176,9 @@ class QATStep:
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         loss_cfg = KDLossConfig(temperature=cfg.temperature, hard_top1_weight=cfg.hard_top1_weight,
                                 full_kl_weight=cfg.full_kl_weight)
-        student = KDStudent(self.model, loss_cfg)
-        self.student: torch.nn.Module = torch.compile(student) if cfg.compile else student
+        if cfg.compile:
+            compile_decoder_layers(self.model)
+        self.student = KDStudent(self.model, loss_cfg)
         self.device_name = device_name(cfg.device)
 
     def configure(self, factored: bool, grad_ckpt: bool) -> None:

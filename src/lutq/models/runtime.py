@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lutq.core.errors import LutqError
+
 
 def set_grad_checkpointing(model: Any, on: bool) -> None:
     """Turn HF activation (gradient) checkpointing of every decoder layer on (non-reentrant) or off,
@@ -20,6 +22,23 @@ def set_grad_checkpointing(model: Any, on: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_disable()
+
+
+def compile_decoder_layers(model: Any) -> int:
+    """`torch.compile` each decoder layer in place (regional compilation); returns how many.
+
+    The layers share their code, so inductor compiles one and reuses it for the rest: compile time stays that
+    of one layer whatever the depth, where compiling the whole student grows with it (SmolLM2-135M q2a4 + KD loss
+    did not finish within 150 s on an H200; on CPU, 41 s for 4 layers, 76 s for 12, against ~23 s for one layer
+    cold). `Module.compile()` keeps the parameter names, so checkpoints are unchanged.
+    """
+    body = getattr(model, "model", None) or model.get_decoder()
+    layers = getattr(body, "layers", None)
+    if layers is None:
+        raise LutqError(f"compile: {type(model).__name__} has no decoder layers to compile (model.model.layers)")
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def native_bf16(device: Any) -> bool:

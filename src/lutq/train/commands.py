@@ -57,7 +57,8 @@ def train_command(
                                   "fp32, bf16."),
     grad_checkpointing: bool = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing",
                                             help="Recompute activations in backward (less memory)."),
-    compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the student + loss."),
+    compile: bool = typer.Option(None, "--compile/--no-compile",
+                                 help="torch.compile each decoder layer (one compile, reused by every layer)."),
     logger: list[str] = typer.Option(None, "--logger", help="wandb, trackio or tensorboard (repeatable)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory at --out."),
 ) -> None:

@@ -27,7 +27,7 @@ from lutq.core.console import console, progress
 from lutq.core.errors import LutqError
 from lutq.kd import KDCache, KDStudent, evaluate_kd
 from lutq.models import load_checkpoint, load_model, load_trainer_state, save_checkpoint
-from lutq.models.runtime import AUTO_PRECISIONS, auto_picks_bf16, set_grad_checkpointing
+from lutq.models.runtime import AUTO_PRECISIONS, auto_picks_bf16, compile_decoder_layers, set_grad_checkpointing
 from lutq.quant import get_preset, project_luts_, quantize, set_trainable, unfreeze_latent
 from lutq.quant.calibrate import hessians_for
 from lutq.train.config import TrainConfig
@@ -126,13 +126,13 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
         step, tokens, elapsed0 = int(state["step"]), int(state["tokens"]), float(state["elapsed"])
         best = {"eval_loss": float(state["best_eval_loss"]), "step": state.get("best_step")}
 
-    # one module for the forward + loss, wrapped for DDP / compile
+    # one module for the forward + loss, wrapped for DDP; --compile compiles the decoder layers (regionally)
+    if cfg.compile:
+        compile_decoder_layers(model)
     student: torch.nn.Module = KDStudent(model, cfg.kd)
     if ctx.distributed:
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         student = torch.nn.parallel.DistributedDataParallel(student, device_ids=device_ids)
-    if cfg.compile:
-        student = torch.compile(student)
     precision = resolve_precision(cfg.precision, ctx.device)
     amp = _autocast_factory(precision, ctx.device)
 
