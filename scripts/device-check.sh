@@ -48,6 +48,8 @@ compile() {  # eager vs compiled: one LUT layer; the KD-QAT step (speedrun loss:
   step qat-q2a4-fullkl-b1024 45 "${qat[@]}" --preset q2a4 --batch 1024 --json "$WORK/qat-q2a4-fullkl-b1024.json"
   step qat-q4a4-fullkl-b1024 45 "${qat[@]}" --preset q4a4 --batch 1024 --json "$WORK/qat-q4a4-fullkl-b1024.json"
   step qat-q2a4-fullkl-b256 30 "${qat[@]}" --preset q2a4 --batch 256 --json "$WORK/qat-q2a4-fullkl-b256.json"
+  step qat-q2a4-fullkl-b1024-profile 60 "${qat[@]}" --preset q2a4 --batch 1024 --steps 2 \
+    --profile "$WORK/qat-q2a4-fullkl-b1024-profile.txt" --json "$WORK/qat-q2a4-fullkl-b1024-profile.json"
   step qat-q2a4-fullkl-b256-compiled 150 "${qat[@]}" --preset q2a4 --batch 256 --warmup 2 --compile \
     --json "$WORK/qat-q2a4-fullkl-b256-compiled.json"
 }

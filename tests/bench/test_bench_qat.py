@@ -47,6 +47,31 @@ def test_find_max_batch_path_runs_real_steps() -> None:
     assert res.rows == [mb.best]
 
 
+def test_profile_and_compile_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--profile appends one ops table per configuration; --compile compiles every decoder layer (eager backend
+    here: inductor takes minutes on CPU, the wiring is the same) and the loss matches the eager step's."""
+    real_compile, compiled = torch.compile, []
+
+    def eager_compile(fn, **kw):
+        compiled.append(type(getattr(fn, "__self__", fn)).__name__)
+        return real_compile(fn, backend="eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    path = tmp_path / "profile.txt"
+    base = dict(shape="tiny", seq_lens=(8, 16), batch=2, topk=4, steps=1, warmup=0, device="cpu", dtypes=("fp32",),
+                forwards=("materialized",), grad_ckpt=(False,))
+    eager = bench_qat(QATBenchConfig(**base, profile=str(path)))
+    text = path.read_text()
+    assert text.count("## tiny q2a4 materialized no-ckpt fp32 batch 2 L") == 2 and "aten::mm" in text
+    assert "aten ops per step" in text and not compiled
+    res = bench_qat(QATBenchConfig(**base, compile=True, profile=str(tmp_path / "p2.txt")))  # same steps taken
+    assert compiled == ["Qwen3DecoderLayer"] * SHAPES["tiny"]["num_hidden_layers"]
+    assert all(r.label.endswith(" compiled") for r in res.rows)
+    assert [r.loss for r in res.rows] == pytest.approx([r.loss for r in eager.rows], rel=1e-5)
+    with pytest.raises(LutqError, match="--profile"):
+        QATBenchConfig(**{**base, "find_max_batch": True}, profile=str(path)).resolved()
+
+
 def test_qwen3_06b_shape_and_flops() -> None:
     spec = SHAPES["qwen3-0.6b"]
     assert (spec["hidden_size"], spec["num_hidden_layers"], spec["num_attention_heads"], spec["num_key_value_heads"],

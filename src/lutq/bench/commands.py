@@ -38,6 +38,8 @@ def qat(
     warmup: int = typer.Option(1, "--warmup", help="Untimed warmup steps per configuration."),
     compile_: bool = typer.Option(False, "--compile", help="Compile the decoder layers, as `lutq train --compile` "
                                   "does (warmup steps include the compilation)."),
+    profile: Path = typer.Option(None, "--profile", help="Append a torch.profiler ops table of each configuration "
+                                 "(self time, top 30) to this text file."),
     device: str = DEVICE_OPT,
     find_max: bool = typer.Option(False, "--find-max-batch", help="Binary-search the largest batch that fits "
                                   "(GPU) and report the best-throughput batch per configuration."),
@@ -55,7 +57,8 @@ def qat(
     cfg = QATBenchConfig(shape=shape, preset=preset, mode=mode, seq_lens=tuple(seq_len), batch=batch, topk=topk,
                          dtypes=tuple(dtype), forwards=tuple(forward), grad_ckpt=ckpt, steps=steps, warmup=warmup,
                          hard_top1_weight=hard_top1_weight, full_kl_weight=full_kl_weight, device=device,
-                         find_max_batch=find_max, max_batch_hi=max_batch, compile=compile_)
+                         find_max_batch=find_max, max_batch_hi=max_batch, compile=compile_,
+                         profile=str(profile) if profile else "")
 
     def on_probe(label: str, p) -> None:
         s = p.stats

@@ -24,6 +24,7 @@ from lutq.bench.timing import (
     device_name,
     mfu,
     peak_memory_mb,
+    profile_steps,
     reset_peak_memory,
     time_steps,
     transformer_flops_per_token,
@@ -69,6 +70,7 @@ class QATBenchConfig(ConfigBase):
     steps: int = 3
     lr: float = 5e-5
     device: str = "auto"
+    profile: str = ""  # append a torch.profiler ops table of each configuration to this text file
     find_max_batch: bool = False
     max_batch_lo: int = 8
     max_batch_hi: int = 2048
@@ -95,6 +97,8 @@ class QATBenchConfig(ConfigBase):
         bad = [x for x in self.forwards if x not in FORWARDS] + [x for x in self.dtypes if x not in DTYPES]
         if bad:
             raise LutqError(f"bench qat: unknown forward/dtype {bad}; forwards {FORWARDS}, dtypes {DTYPES}")
+        if self.profile and self.find_max_batch:
+            raise LutqError("bench qat: --profile times one batch per configuration; drop --find-max-batch")
         if min(self.seq_lens, default=0) < 2 or self.batch < 1 or self.steps < 1 or self.topk < 1:
             raise LutqError("bench qat: seq lens must be >= 2, batch, steps and topk >= 1")
 
@@ -206,7 +210,11 @@ class QATStep:
         data = synthetic_batch(batch, seq_len, self.model.config.vocab_size, self.cfg.topk, self.device,
                                self.cfg.seed)
         reset_peak_memory(self.device)
-        step_s, loss = time_steps(self.step_fn(data, dtype), warmup=warmup, steps=steps, device=self.device)
+        step = self.step_fn(data, dtype)
+        step_s, loss = time_steps(step, warmup=warmup, steps=steps, device=self.device)
+        if self.cfg.profile:
+            profile_steps(step, steps=steps, device=self.device, title=f"{label} batch {batch} L{seq_len}",
+                          path=self.cfg.profile)
         full_vocab = self.cfg.hard_top1_weight > 0 or self.cfg.full_kl_weight > 0
         flops = model_flops_per_token(self.model, seq_len, full_vocab) * batch * seq_len
         return StepStats(label=label, batch=batch, seq_len=seq_len, steps=steps, step_s=step_s,

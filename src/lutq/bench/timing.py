@@ -141,3 +141,22 @@ def time_steps(step: Callable[[], Any], *, warmup: int, steps: int, device: Any 
         times.append(time.perf_counter() - t0)
     loss = float(out) if out is not None else None
     return statistics.median(times), loss
+
+
+def profile_steps(step: Callable[[], Any], *, steps: int, device: Any, title: str, path: str, rows: int = 30) -> None:
+    """Run `step()` `steps` times under torch.profiler and append the ops table (by self time on the device:
+    CUDA kernels on a GPU, CPU time elsewhere) under `title` to the text file `path`."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    events = prof.key_averages()
+    table = events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=rows)
+    n_ops = sum(e.count for e in events if e.key.startswith("aten::"))
+    with open(path, "a") as f:
+        f.write(f"## {title}: {steps} steps, {n_ops / steps:,.0f} aten ops per step\n\n{table}\n\n")
