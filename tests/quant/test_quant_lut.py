@@ -89,6 +89,7 @@ def test_nearest_index_exact_vs_brute_force(dtype: torch.dtype) -> None:
         got = nearest_index(x, lut, chunk=1000)  # several chunks
         assert got.dtype == torch.uint8 and got.shape == x.shape
         assert torch.equal(got.long(), brute), n
+        assert torch.equal(nearest_index(x, lut, check=False), got)  # the hot path's unchecked call: same answer
     special = nearest_index(torch.tensor([float("nan"), float("inf"), float("-inf")]), uniform_lut(4))
     assert special.tolist() == [1, 3, 0]  # NaN like 0 (tie -> lower entry), ±inf -> the end entries
     with pytest.raises(LutqError, match="increasing"):

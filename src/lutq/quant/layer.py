@@ -119,7 +119,7 @@ class LUTLinear(nn.Module):
 
     def _latent_weight(self) -> torch.Tensor:
         with torch.no_grad():
-            self.idx.copy_(nearest_index(self.latent, self.lut))
+            self.idx.copy_(nearest_index(self.latent, self.lut, check=False))  # no per-layer sync on a GPU
         u = self.latent  # straight-through: the value is lut[idx] ⊙ S, the gradient dL/du = dL/dW_q ⊙ S
         return (u + (self.q() - u).detach()) * self.scale_map().detach()  # the scales do not train here
 

@@ -117,16 +117,18 @@ def _check_size(n: int) -> None:
 
 # ----------------------------------------------------------------------------------------- nearest search
 @torch.no_grad()
-def nearest_index(x: torch.Tensor, lut: torch.Tensor, *, chunk: int = _CHUNK) -> torch.Tensor:
+def nearest_index(x: torch.Tensor, lut: torch.Tensor, *, chunk: int = _CHUNK, check: bool = True) -> torch.Tensor:
     """Index of the nearest entry of a sorted LUT for every element of x (ties go to the lower entry); uint8.
 
     A true nearest search for any sorted LUT (uniform or not): the index is the number of midpoints between
     neighbouring entries (computed in x's precision) that x exceeds. NaN maps like 0; ±inf map to the end entries.
+    `check=False` skips verifying that the LUT increases (a device sync on a GPU): for a layer's own LUT, whose
+    invariants `check_lut` and `project_()` keep, on the training step's hot path.
     """
     if lut.numel() > 256:
         raise LutqError(f"nearest_index: LUT has {lut.numel()} entries, at most 256 fit uint8 indices")
     lut = lut.detach().to(device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    if not bool((lut[1:] > lut[:-1]).all()):
+    if check and not bool((lut[1:] > lut[:-1]).all()):
         raise LutqError(f"nearest_index: LUT must be strictly increasing, got {lut.tolist()}")
     mids = (lut[1:] + lut[:-1]) / 2
     flat = x.detach().reshape(-1)
