@@ -22,6 +22,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -341,7 +342,11 @@ def write_shards(cfg: CacheConfig, teacher: tuple[torch.nn.Module, Any] | None =
     done, t0 = 0, time.perf_counter()
     bar = progress(_rate_column())
     bar.disable = rank != 0  # one bar, on rank 0
-    with bar:
+    # a shard is written (serialize, sha256, atomic rename) by one background thread while the teacher runs on
+    # the next: on an H200 the writer's work after the forward was 66% of the forward's time, ~3 ms/MB of it the
+    # write (docs/benchmarks.md, "GPU"); at most one write is in flight, and waiting on it re-raises its error here
+    pending: Future[str] | None = None
+    with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="lutq-shard-writer") as writer:
         task = bar.add_task(f"caching {plan.info['name']}", total=total, rate="")
         for s in todo:
             ids = plan.blocks[s["split"]][s["start"]:s["stop"]]
@@ -357,7 +362,11 @@ def write_shards(cfg: CacheConfig, teacher: tuple[torch.nn.Module, Any] | None =
                 bar.update(task, advance=len(rows), rate=f"{rate:,.0f} tok/s")
             arrays = {"input_ids": np.ascontiguousarray(ids)}
             arrays.update({k: torch.cat(v).cpu().numpy() for k, v in parts.items()})
-            write_shard(plan.out / s["file"], arrays)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(write_shard, plan.out / s["file"], arrays)
+        if pending is not None:
+            pending.result()
     seconds = time.perf_counter() - t0
     return plan.out, {"sequences": done, "tokens": done * L, "seconds": seconds,
                       "tokens_per_s": done * L / seconds if done else 0.0}
