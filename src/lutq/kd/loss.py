@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lutq.core import ConfigBase, LutqError
+from lutq.models.runtime import decoder_body
 
 
 @dataclass
@@ -53,14 +54,11 @@ class KDLossOutput:
 
 def student_hidden(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Final hidden states (after the final norm) of positions 0..L-2, [B, L-1, H]; Qwen3, Llama, Gemma 3."""
-    body = getattr(model, "model", None)
-    if body is None:
-        body = model.get_decoder()
-    return body(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+    return decoder_body(model)(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
 
 
 class KDStudent(torch.nn.Module):
-    """The student plus the KD loss, as one module so DDP and torch.compile see the whole step."""
+    """The student plus the KD loss, as one module so that DDP wraps the whole step (forward + loss)."""
 
     def __init__(self, model: torch.nn.Module, loss_cfg: KDLossConfig) -> None:
         super().__init__()

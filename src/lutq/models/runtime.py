@@ -24,6 +24,12 @@ def set_grad_checkpointing(model: Any, on: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
+def decoder_body(model: Any) -> Any:
+    """The causal LM's decoder stack (`model.model` for Qwen3, Llama, Gemma 3; else `get_decoder()`)."""
+    body = getattr(model, "model", None)
+    return model.get_decoder() if body is None else body
+
+
 def compile_decoder_layers(model: Any) -> int:
     """`torch.compile` each decoder layer in place (regional compilation); returns how many.
 
@@ -32,8 +38,7 @@ def compile_decoder_layers(model: Any) -> int:
     did not finish within 150 s on an H200; on CPU, 41 s for 4 layers, 76 s for 12, against ~23 s for one layer
     cold). `Module.compile()` keeps the parameter names, so checkpoints are unchanged.
     """
-    body = getattr(model, "model", None) or model.get_decoder()
-    layers = getattr(body, "layers", None)
+    layers = getattr(decoder_body(model), "layers", None)
     if layers is None:
         raise LutqError(f"compile: {type(model).__name__} has no decoder layers to compile (model.model.layers)")
     for layer in layers:
