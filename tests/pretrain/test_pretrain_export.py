@@ -3,6 +3,7 @@ Plus the throughput benchmark and torch.compile wiring."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,10 @@ def test_compile_flag_trains_through_the_compiled_module(tmp_path: Path, monkeyp
     assert result["final_step"] == 2
     model, _ = load_pretrain_checkpoint(tmp_path / "run" / "last")  # saved without the compile wrapper's prefix
     assert model.config.n_layers == 1
+    # left unset, compile is on with CUDA only: this CPU run trains eager and run.json records the choice
+    compiled.clear()
+    pretrain(PretrainConfig(data=str(data.path), out=str(tmp_path / "run2"), d_model=32, n_layers=1, n_heads=2,
+                            d_ff=32, seq_len=16, micro_batch=2, grad_accum=1, steps=1, warmup=0, eval_iters=1,
+                            sample_tokens=0, val_fraction=0.2))
+    assert not compiled
+    assert json.loads((tmp_path / "run2" / "run.json").read_text())["pretrain"]["compile"] is False

@@ -57,7 +57,7 @@ def pretrain_command(
     precision: str = _O(None, "--precision", help="auto, fast (bf16-mixed where bf16 is native), fp32, "
                          "bf16-mixed (fp32 master + autocast), bf16."),
     grad_checkpoint: bool = _O(None, "--grad-checkpoint/--no-grad-checkpoint", help="Recompute activations."),
-    compile: bool = _O(None, "--compile/--no-compile", help="torch.compile the model."),
+    compile: bool = _O(None, "--compile/--no-compile", help="torch.compile the model (default: on with CUDA)."),
     val_fraction: float = _O(None, "--val-fraction", help="Held-out tail of the token file (0.05)."),
     eval_every: int = _O(None, "--eval-every", help="Evaluate (and update best/) every N steps (200)."),
     eval_iters: int = _O(None, "--eval-iters", help="Micro-batches per evaluation (20)."),

@@ -24,10 +24,12 @@ from lutq.pretrain.schedule import (
     steps_for_tokens,
 )
 
-# `--gpu-mem GB` presets for a 1B model on one GPU (the seed launcher's table). A preset fills only the
-# fields not given explicitly.
+# `--gpu-mem GB` presets for a 1B model on one GPU (the seed launcher's table; 80 GB takes the same 16,384
+# tokens per step as 8 x 2048 in one micro-batch instead of 1 x 8: the `1b` gqa step at micro-batch 8, seq 2048,
+# bf16-mixed AdamW peaked at 63.3 GiB eager and 46.6 GiB compiled on an H200, docs/benchmarks.md "GPU").
+# A preset fills only the fields not given explicitly.
 GPU_MEM_PRESETS: dict[int, dict[str, Any]] = {
-    80: {"seq_len": 2048, "seq_schedule": "", "micro_batch": 1, "grad_accum": 8, "grad_checkpoint": False},
+    80: {"seq_len": 2048, "seq_schedule": "", "micro_batch": 8, "grad_accum": 1, "grad_checkpoint": False},
     40: {"seq_len": 1024, "seq_schedule": "512@0,1024@2000,2048@12000", "micro_batch": 1, "grad_accum": 16,
          "grad_checkpoint": True},
     24: {"seq_len": 512, "seq_schedule": "512@0,1024@12000", "micro_batch": 1, "grad_accum": 32,
@@ -83,7 +85,7 @@ class PretrainConfig(ConfigBase):
     grad_clip: float = 1.0
     precision: str | None = None
     grad_checkpoint: bool | None = None
-    compile: bool = False
+    compile: bool | None = None  # None: on with CUDA (52 % vs 30 % MFU for `1b` on an H200), off elsewhere
     # evaluation, logging, checkpoints
     val_fraction: float = 0.05
     eval_every: int = 200

@@ -278,6 +278,8 @@ def _pretrain(cfg: PretrainConfig, dist: DistContext, *, run: bool, resume: bool
     data = TokenData.open(cfg.data)
     cfg = cfg.resolve()
     device = dist.device
+    if cfg.compile is None:
+        cfg = cfg.replace(compile=device.type == "cuda")
     precision = resolve_precision(cfg.precision, device)
     plan = make_plan(cfg, len(data), data.vocab_size, dist.world_size)
     if dist.is_main:
