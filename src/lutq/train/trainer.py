@@ -36,6 +36,10 @@ from lutq.train.run_dir import TRAIN_COLUMNS, RunDir, csv_columns, ppl_name
 from lutq.train.schedule import make_scheduler
 from lutq.train.state import DistContext, rng_state, seed_everything, set_rng_state, setup_distributed
 
+# On an H200 a SmolLM2-135M KD-QAT step took 0.45 s at 8 x 128 tokens and 0.35 s at 256 x 128: ~0.2 s of it is
+# host work fixed per step (docs/benchmarks.md, "GPU"); below this many tokens per micro-batch the GPU mostly waits.
+GPU_MIN_MICRO_TOKENS = 32_768
+
 log = logging.getLogger(__name__)
 
 
@@ -160,6 +164,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
         console.print(f"{where}: mode {cfg.mode}, {sum(p.numel() for p in params):,} trainable parameters, "
                       f"{cfg.steps} steps × {cfg.sequences_per_step} sequences × {cache.L} tokens, "
                       f"{ctx.device} × {ctx.world_size}, {precision}")
+        micro_tokens = cfg.batch_size // ctx.world_size * cache.L
+        if ctx.device.type == "cuda" and micro_tokens < GPU_MIN_MICRO_TOKENS:
+            console.print(f"[yellow]note:[/] {micro_tokens:,} tokens per micro-batch; on a GPU a step has ~0.2 s of "
+                          f"fixed host work (docs/benchmarks.md), so below ~{GPU_MIN_MICRO_TOKENS:,} the GPU "
+                          "mostly waits: raise --batch-size (and lower --grad-accum) if memory allows")
 
     def evaluate() -> dict[str, float]:
         """Validation KD metrics (+ held-out perplexity), rank 0 only; others wait at the barrier."""
