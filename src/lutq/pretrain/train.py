@@ -394,6 +394,9 @@ def _pretrain(cfg: PretrainConfig, dist: DistContext, *, run: bool, resume: bool
         if not stopped_early and cfg.sample_tokens and tokenizer is not None:
             result["sample"] = generate_sample(model, data, plan, tokenizer, cfg, autocast)
         write_summary(run_dir, plan, cfg, precision, device, result)
+    # the ranks leave (and tear down the process group) together: under load a rank that left while rank 0 was
+    # still writing the summary once aborted at exit ("terminate called without an active exception")
+    dist.barrier()
     return result
 
 

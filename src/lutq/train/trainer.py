@@ -271,6 +271,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
     if ctx.is_main:
         trackers.close()
         write_summary(run, cfg, result, status="completed")
+    ctx.barrier()  # the ranks leave (and tear down the process group) together, after rank 0's writing
     return result
 
 
