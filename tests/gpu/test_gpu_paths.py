@@ -108,6 +108,23 @@ def test_kd_qat_on_cuda_in_bf16_trains_and_reads_back_on_the_cpu(teacher_dir: Pa
     assert on_cpu["kd"] == pytest.approx(result.final_eval["eval_kd"], rel=5e-2)
 
 
+def test_kd_qat_with_compiled_decoder_layers_on_cuda_tracks_eager(teacher_dir: Path, tmp_path: Path) -> None:
+    """`--compile` (inductor, one compile per decoder layer shape) gives the eager run's losses within bf16 noise."""
+    from lutq.train import RunDir
+    from lutq.train.config import TrainConfig
+    from lutq.train.trainer import train
+
+    cache = _cache(teacher_dir, "train-cache", "cpu", "fp32")
+    base = dict(cache=cache, model=str(teacher_dir / "teacher"), preset="q2a4", steps=4, batch_size=4, lr=1e-2,
+                warmup=1, log_every=1, eval_every=4, eval_batches=1, save_every=4, device="cuda", precision="fast",
+                init_lut="uniform", init_tighten=0, init_calib_sequences=0, seed=0)
+    runs = {name: RunDir(train(TrainConfig(out=tmp_path / name, compile=name == "compiled", **base)).run_dir)
+            for name in ("eager", "compiled")}
+    eager, compiled = ([r["loss"] for r in runs[k].rows() if "loss" in r] for k in ("eager", "compiled"))
+    assert len(compiled) == len(eager) == 4
+    assert compiled == pytest.approx(eager, rel=5e-2)
+
+
 def test_pretrain_on_cuda_in_bf16(tmp_path: Path) -> None:
     from lutq.data.tokens import prepare_tokens
     from lutq.pretrain import PretrainConfig, pretrain
