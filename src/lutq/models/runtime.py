@@ -30,6 +30,19 @@ def decoder_body(model: Any) -> Any:
     return model.get_decoder() if body is None else body
 
 
+def compile_unavailable(device: Any) -> str | None:
+    """Why `torch.compile` cannot run on `device` here (e.g. no C++ compiler for inductor's CPU kernels), or None
+    when it can: compiles and runs a one-op function once (cached by inductor after the first time)."""
+    import torch
+
+    try:
+        fn = torch.compile(lambda x: x * 2 + 1)
+        fn(torch.ones(4, device=device))
+    except Exception as e:  # any backend failure means: train eager
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+    return None
+
+
 def compile_decoder_layers(model: Any) -> int:
     """`torch.compile` each decoder layer in place (regional compilation); returns how many.
 

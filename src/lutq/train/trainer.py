@@ -27,7 +27,13 @@ from lutq.core.console import console, progress
 from lutq.core.errors import LutqError
 from lutq.kd import KDCache, KDStudent, evaluate_kd
 from lutq.models import load_checkpoint, load_model, load_trainer_state, save_checkpoint
-from lutq.models.runtime import AUTO_PRECISIONS, auto_picks_bf16, compile_decoder_layers, set_grad_checkpointing
+from lutq.models.runtime import (
+    AUTO_PRECISIONS,
+    auto_picks_bf16,
+    compile_decoder_layers,
+    compile_unavailable,
+    set_grad_checkpointing,
+)
 from lutq.quant import get_preset, project_luts_, quantize, set_trainable, unfreeze_latent
 from lutq.quant.calibrate import hessians_for
 from lutq.train.config import TrainConfig
@@ -132,7 +138,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
 
     # one module for the forward + loss, wrapped for DDP; --compile compiles the decoder layers (regionally)
     if cfg.compile:
-        compile_decoder_layers(model)
+        if (why := compile_unavailable(ctx.device)) is None:
+            compile_decoder_layers(model)
+        elif ctx.is_main:
+            console.print(f"[yellow]note:[/] torch.compile does not work on {ctx.device} here ({why}); training "
+                          "eager (on a CPU inductor needs a C++ compiler)")
     student: torch.nn.Module = KDStudent(model, cfg.kd)
     if ctx.distributed:
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
