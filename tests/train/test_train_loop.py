@@ -167,7 +167,17 @@ def test_runtime_options_keep_the_numbers(kd, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", eager_compile)
     assert losses("compiled", compile=True) == pytest.approx(ref, rel=1e-5)
-    assert compiled and set(compiled) == {"LlamaDecoderLayer"}  # every decoder layer, regionally
+    assert compiled[0] == "function"  # the one-op probe that torch.compile works here
+    assert len(compiled) > 1 and set(compiled[1:]) == {"LlamaDecoderLayer"}  # then every decoder layer, regionally
+
+    def broken_compile(fn, **kw):  # e.g. inductor on a CPU without a C++ compiler
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    from lutq.models.runtime import compile_unavailable
+
+    assert "InvalidCxxCompiler" in compile_unavailable("cpu")
+    assert losses("compile-fallback", compile=True) == ref  # a note, then the eager run, to the bit
     bf16 = losses("bf16", precision="bf16")  # autocast on CPU when forced; 'auto' is fp32 on CPU
     assert bf16 != ref and bf16 == pytest.approx(ref, rel=5e-2)
     # 'fast' is bf16 exactly when the device has native bf16 matmuls, else fp32; run.json says which it was
