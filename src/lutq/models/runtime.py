@@ -25,9 +25,25 @@ def set_grad_checkpointing(model: Any, on: bool) -> None:
 
 
 def decoder_body(model: Any) -> Any:
-    """The causal LM's decoder stack (`model.model` for Qwen3, Llama, Gemma 3; else `get_decoder()`)."""
+    """The causal LM's decoder stack without the output head (`model.model` for Qwen3, Llama, Gemma 3; else
+    `get_decoder()`, else the model itself)."""
+    from torch import nn
+
     body = getattr(model, "model", None)
-    return model.get_decoder() if body is None else body
+    if isinstance(body, nn.Module):
+        return body
+    get = getattr(model, "get_decoder", None)
+    return get() if callable(get) else model
+
+
+def decoder_layers(model: Any) -> Any:
+    """The decoder blocks (an nn.ModuleList) of a Qwen3 / Llama / Gemma 3 causal LM."""
+    from torch import nn
+
+    layers = getattr(decoder_body(model), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise LutqError(f"{type(model).__name__} has no decoder layers at model.layers")
+    return layers
 
 
 def compile_unavailable(device: Any) -> str | None:
@@ -51,9 +67,7 @@ def compile_decoder_layers(model: Any) -> int:
     did not finish within 150 s on an H200; on CPU, 41 s for 4 layers, 76 s for 12, against ~23 s for one layer
     cold). `Module.compile()` keeps the parameter names, so checkpoints are unchanged.
     """
-    layers = getattr(decoder_body(model), "layers", None)
-    if layers is None:
-        raise LutqError(f"compile: {type(model).__name__} has no decoder layers to compile (model.model.layers)")
+    layers = decoder_layers(model)
     for layer in layers:
         layer.compile()
     return len(layers)

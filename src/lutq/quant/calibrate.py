@@ -24,6 +24,7 @@ from torch import nn
 
 from lutq.core.console import progress
 from lutq.core.errors import LutqError
+from lutq.models.runtime import decoder_body
 from lutq.quant.init import solve_batched, unit_factors
 from lutq.quant.layer import LUTLinear
 from lutq.quant.lut import nearest_index
@@ -102,7 +103,7 @@ def collect_hessians(model: nn.Module, blocks: torch.Tensor, names: Iterable[str
     if not targets:
         raise LutqError("calibration: none of the named layers is a linear (nn.Linear or LUT) layer of this model")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    run = model if head is None or any(m is head for m in targets.values()) else _body(model)
+    run = model if head is None or any(m is head for m in targets.values()) else decoder_body(model)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -116,12 +117,6 @@ def collect_hessians(model: nn.Module, blocks: torch.Tensor, names: Iterable[str
     finally:
         model.train(was_training)
     return hc.result()
-
-
-def _body(model: nn.Module) -> nn.Module:
-    """The decoder stack without the output head (Qwen3, Llama and Gemma 3 keep it in `.model`)."""
-    body = getattr(model, "model", None)
-    return body if isinstance(body, nn.Module) else model
 
 
 def _is_linear(m: nn.Module) -> bool:

@@ -37,6 +37,7 @@ from torch import nn
 from lutq.core.configs import ConfigBase
 from lutq.core.console import progress
 from lutq.core.errors import LutqError
+from lutq.models.runtime import decoder_body, decoder_layers
 from lutq.quant.api import QuantReport, QuantRow, lut_layers, quant_config_of
 from lutq.quant.calibrate import HessianCollector, calibrate_layer_, column_weights
 from lutq.quant.init import init_from_weight_, relative_error
@@ -75,14 +76,6 @@ class ReconstructConfig(ConfigBase):
                             f"{self.latent_lr})")
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a Qwen3 / Llama / Gemma 3 causal LM (`model.model.layers`)."""
-    layers = getattr(getattr(model, "model", model), "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise LutqError(f"reconstruct: {type(model).__name__} has no decoder layers at model.layers")
-    return layers
-
-
 class _Stop(Exception):
     """Raised by a capture hook to end a forward early (control flow, not an error)."""
 
@@ -93,7 +86,7 @@ def _block_inputs(reference: nn.Module, blocks: torch.Tensor, batch_size: int
     """(the first block's input hidden states per chunk of `batch_size` sequences, every block's keyword
     arguments for a chunk of that size) from the reference model's own forward."""
     layers = decoder_layers(reference)
-    body = getattr(reference, "model", reference)
+    body = decoder_body(reference)
     device = next(reference.parameters()).device
     kwargs: list[dict[str, Any]] = [{} for _ in layers]
     inputs: list[torch.Tensor] = []
