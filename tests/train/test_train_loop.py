@@ -292,3 +292,11 @@ def test_native_bf16_probe(monkeypatch):
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the private probes
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
     assert native_bf16("cpu") is False
+
+
+def test_small_batch_note_only_for_small_gpu_micro_batches():
+    from lutq.train.trainer import GPU_MIN_MICRO_TOKENS, small_batch_note
+
+    assert "1,024 tokens per micro-batch" in small_batch_note(torch.device("cuda"), 8 * 128)
+    assert small_batch_note(torch.device("cuda"), GPU_MIN_MICRO_TOKENS) is None
+    assert small_batch_note(torch.device("cpu"), 8 * 64) is None

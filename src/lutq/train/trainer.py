@@ -174,11 +174,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
         console.print(f"{where}: mode {cfg.mode}, {sum(p.numel() for p in params):,} trainable parameters, "
                       f"{cfg.steps} steps × {cfg.sequences_per_step} sequences × {cache.L} tokens, "
                       f"{ctx.device} × {ctx.world_size}, {precision}")
-        micro_tokens = cfg.batch_size // ctx.world_size * cache.L
-        if ctx.device.type == "cuda" and micro_tokens < GPU_MIN_MICRO_TOKENS:
-            console.print(f"[yellow]note:[/] {micro_tokens:,} tokens per micro-batch; on a GPU a step has ~0.2 s of "
-                          f"fixed host work (docs/benchmarks.md), so below ~{GPU_MIN_MICRO_TOKENS:,} the GPU "
-                          "mostly waits: raise --batch-size (and lower --grad-accum) if memory allows")
+        if note := small_batch_note(ctx.device, cfg.batch_size // ctx.world_size * cache.L):
+            console.print(f"[yellow]note:[/] {note}")
 
     def evaluate() -> dict[str, float]:
         """Validation KD metrics (+ held-out perplexity), rank 0 only; others wait at the barrier."""
@@ -287,6 +284,15 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
 
 # ----------------------------------------------------------------------------------------------------
 # building blocks
+
+
+def small_batch_note(device: torch.device, micro_tokens: int) -> str | None:
+    """A hint when a GPU micro-batch is too small to keep the GPU busy (None on CPUs and for large batches)."""
+    if device.type != "cuda" or micro_tokens >= GPU_MIN_MICRO_TOKENS:
+        return None
+    return (f"{micro_tokens:,} tokens per micro-batch; on a GPU a step has ~0.2 s of fixed host work "
+            f"(docs/benchmarks.md), so below ~{GPU_MIN_MICRO_TOKENS:,} the GPU mostly waits: raise --batch-size "
+            "(and lower --grad-accum) if memory allows")
 
 
 def build_student(cfg: TrainConfig, cache: KDCache, *, verbose: bool = True) -> tuple[torch.nn.Module, Any]:
