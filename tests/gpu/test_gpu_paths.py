@@ -13,10 +13,12 @@ import pytest
 import torch
 
 from lutq.kd import CacheConfig, KDCache, build_cache, evaluate_kd
-from lutq.models import load_checkpoint
+from lutq.models import load_checkpoint, save_checkpoint
 from lutq.quant import LUTLinear
+from lutq.quant.api import quantize_checkpoint
+from lutq.quant.convert import convert_checkpoint
 from lutq.quant.init import init_from_weight_
-from lutq.testing import WORDS, tiny_tokenizer, write_teacher_and_docs
+from lutq.testing import WORDS, tiny_model, tiny_tokenizer, write_teacher_and_docs
 
 pytestmark = pytest.mark.gpu
 
@@ -123,6 +125,37 @@ def test_kd_qat_with_compiled_decoder_layers_on_cuda_tracks_eager(teacher_dir: P
     eager, compiled = ([r["loss"] for r in runs[k].rows() if "loss" in r] for k in ("eager", "compiled"))
     assert len(compiled) == len(eager) == 4
     assert compiled == pytest.approx(eager, rel=5e-2)
+
+
+def test_ptq_on_cuda_matches_the_cpu_ptq(tmp_path: Path, ieee_fp32_matmuls: None) -> None:
+    """`lutq quantize --device cuda` (one-shot GPTQ q4a4; block-wise q2a4 with reconstruction steps) and `lutq
+    convert --device cuda` give models as good as the CPU path's: same init errors and block losses within a few
+    percent (SVD / k-means / GPTQ ties may round differently on the two devices), close logits."""
+    save_checkpoint(tmp_path / "fp", tiny_model("llama", layers=2), tiny_tokenizer())
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"text": " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(60))})
+                             + "\n" for i in range(24)))
+    kw = {"calib": str(calib), "calib_sequences": 8, "calib_len": 32, "show_progress": False}
+    reports = {}
+    for dev in ("cpu", "cuda"):
+        reports["q4", dev] = quantize_checkpoint(str(tmp_path / "fp"), tmp_path / f"q4-{dev}", "q4a4", device=dev, **kw)
+        reports["q2", dev] = quantize_checkpoint(str(tmp_path / "fp"), tmp_path / f"q2-{dev}", "q2a4", device=dev,
+                                                 blockwise={"steps": 5}, **kw)
+        convert_checkpoint(tmp_path / f"q4-{dev}", tmp_path / f"c2-{dev}", calib=str(calib), calib_sequences=8,
+                           calib_len=32, device=dev, show=False)
+    assert load_checkpoint(tmp_path / "q2-cuda")[2].extra["device"] == "cuda"
+    for kind in ("q4", "q2"):
+        cpu, cuda = reports[kind, "cpu"], reports[kind, "cuda"]
+        assert abs(cuda.mean_error() - cpu.mean_error()) < 0.05 * cpu.mean_error(), kind
+        assert abs(cuda.mean_out_error() - cpu.mean_out_error()) < 0.05 * cpu.mean_out_error(), kind
+    for b_cpu, b_cuda in zip(reports["q2", "cpu"].blocks, reports["q2", "cuda"].blocks, strict=True):
+        assert b_cuda["loss_after"] < 1.05 * b_cpu["loss_after"]
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for kind in ("q4", "q2", "c2"):
+            cpu, _, _ = load_checkpoint(tmp_path / f"{kind}-cpu")
+            cuda, _, _ = load_checkpoint(tmp_path / f"{kind}-cuda")  # written from the CPU, read on the CPU
+            assert _rel(cuda(ids).logits, cpu(ids).logits) < 0.05, kind
 
 
 def test_pretrain_on_cuda_in_bf16(tmp_path: Path) -> None:

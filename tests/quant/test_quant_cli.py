@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from lutq.cli import app
@@ -58,3 +59,18 @@ def test_bench_lut_linear_small() -> None:
     assert r["dense_ms"] > 0 and r["materialized_ms"] > 0 and r["factored_ms"] > 0
     assert r["materialized_ratio"] == pytest.approx(r["materialized_ms"] / r["dense_ms"])
     assert "factored_ms" not in bench_lut_linear(48, 32, tokens=16, rank=4, steps=1, factored_steps=0)
+
+
+def test_quantize_and_convert_device_flag(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path / "fp", tiny_model("llama", layers=2), tiny_tokenizer())
+    _run("quantize", "-m", str(tmp_path / "fp"), "-p", "q4a4", "-o", str(tmp_path / "q4"), "--device", "auto",
+         "--summary")
+    _, _, info = load_checkpoint(tmp_path / "q4")
+    assert info.extra["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    _run("convert", "q4-to-q2", str(tmp_path / "q4"), str(tmp_path / "q2"), "--device", "cpu")
+    with pytest.raises(LutqError, match="unknown device 'gpu0'"):
+        _run("quantize", "-m", str(tmp_path / "fp"), "-o", str(tmp_path / "bad"), "--device", "gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(LutqError, match="device 'cuda': this torch sees no CUDA device"):
+            _run("convert", "q4-to-q2", str(tmp_path / "q4"), str(tmp_path / "bad"), "--device", "cuda")
+    assert not (tmp_path / "bad").exists()

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from lutq.core import ConfigBase, LutqError, atomic_write_json, console, lutq_home, progress, sha256_file
+from lutq.core.device import resolve_device
 from lutq.kd.shards import (
     ARRAY_DTYPES,
     BUILD_LOG,
@@ -287,7 +288,7 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
         cuda = torch.cuda.is_available()
         dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     else:
-        dev = torch.device(device)
+        dev = resolve_device(device)
     dt = (torch.bfloat16 if dev.type == "cuda" else torch.float32) if dtype == "auto" else parse_dtype(dtype)
     assert dt is not None
     return dev, dt

@@ -9,12 +9,12 @@ from typing import Any
 
 import torch
 
+from lutq.core.device import resolve_device
 from lutq.core.errors import LutqError
 from lutq.pretrain.config import PretrainConfig
 from lutq.pretrain.flops import device_name, mfu, peak_flops
 from lutq.pretrain.model import GPT, ModelConfig, count_params, flops_per_token
 from lutq.pretrain.train import autocast_for, cast_for_precision, make_optimizer, resolve_precision, train_step
-from lutq.train.state import resolve_device
 
 
 def bench_pretrain(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Collection, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from lutq.core.errors import LutqError
 from lutq.quant.calibrate import calibrate_layer_, column_weights
 from lutq.quant.init import init_from_weight_, relative_error
 from lutq.quant.layer import LUTEmbedding, LUTLinear
-from lutq.quant.presets import LayerSpec, QuantConfig, group_of, resolve_config
+from lutq.quant.presets import CALIB_LEN, CALIB_SEQUENCES, LayerSpec, QuantConfig, group_of, resolve_config
 
 TRAINABLE_MODES = ("all", "mlp-only", "attn-only", "g-only", "freeze-g", "lut", "none")
 
@@ -254,3 +255,41 @@ def dequantize_(model: nn.Module) -> nn.Module:
     if hasattr(model, "lutq_config"):
         del model.lutq_config
     return model
+
+
+def quantize_checkpoint(model_spec: str, out: str | Path, config: Any, *, calib: str | None = None,
+                        calib_sequences: int = CALIB_SEQUENCES, calib_len: int = CALIB_LEN,
+                        blockwise: Any = None, device: str = "cpu", extra: Mapping[str, Any] | None = None,
+                        show_progress: bool = True) -> QuantReport:
+    """Load `model_spec` (asset, HF dir, .gguf, hub id), quantize it with `config` (a preset name, a QuantConfig
+    or a dict) and save the checkpoint `out`; returns the report. With `calib` (a KD cache or a data source):
+    GPTQ indices from Hessians of the FP model (one-shot) or, with `blockwise` (a ReconstructConfig or its
+    fields as a dict), block-wise calibration (`lutq.quant.reconstruct.quantize_blockwise`). The work runs on
+    `device` ("auto": CUDA when present); the checkpoint is written from the CPU either way."""
+    from lutq.core.device import resolve_device
+    from lutq.models import load_model, save_checkpoint
+    from lutq.quant.calibrate import calibration_blocks, hessians_for
+    from lutq.quant.reconstruct import ReconstructConfig, quantize_blockwise
+
+    if blockwise is not None and calib is None:
+        raise LutqError("quantize: block-wise calibration needs calibration data (calib)")
+    if blockwise is not None and not isinstance(blockwise, ReconstructConfig):
+        blockwise = ReconstructConfig.from_dict(dict(blockwise), source="quantize blockwise")
+    dev = resolve_device(device)
+    model, tok = load_model(model_spec, device=dev)
+    if blockwise is not None:
+        blocks = calibration_blocks(calib, tok, num_sequences=calib_sequences, seq_len=calib_len)
+        report = quantize_blockwise(model, config, blocks, blockwise, show_progress=show_progress)
+    else:
+        hessians = None if calib is None else hessians_for(model, config, calib, tok, num_sequences=calib_sequences,
+                                                           seq_len=calib_len, show_progress=show_progress)
+        report = quantize(model, config, hessians=hessians, progress=show_progress)
+    meta: dict[str, Any] = {"source_model": str(model_spec), "quantize": report.to_dict()["summary"],
+                            "device": dev.type}
+    if calib is not None:
+        meta["calibration"] = {"source": calib, "sequences": calib_sequences, "seq_len": calib_len,
+                               "method": "one-shot" if blockwise is None else "blockwise"}
+        if blockwise is not None:
+            meta["calibration"].update(recon=blockwise.to_dict(), blocks=report.blocks)
+    save_checkpoint(out, model, tok, extra={**meta, **(extra or {})})
+    return report

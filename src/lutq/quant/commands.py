@@ -10,6 +10,9 @@ from lutq.core.console import console
 from lutq.core.errors import LutqError
 from lutq.quant.presets import CALIB_LEN, CALIB_SEQUENCES
 
+DEVICE_HELP = ("Where PTQ / GPTQ / block-wise calibration runs: cpu, cuda, cuda:N or auto (CUDA when present). "
+               "The CUDA path is not yet measured on a GPU (docs/gpu.md).")
+
 
 def _pair(text: str, flag: str) -> tuple[int, int]:
     try:
@@ -57,10 +60,11 @@ def quantize_cmd(
     recon_latent_start: str = typer.Option("weff", "--recon-latent-start", help="--blockwise: latent weights "
                                            "start at W_eff (weff) or at the FP weight clipped into its bin (fp)."),
     per_layer: bool = typer.Option(True, "--per-layer/--summary", help="Print every layer or group means."),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
 ) -> None:
     """Quantize a model to LUT layers, print the per-layer init error table, save a checkpoint."""
-    from lutq.models import load_model, save_checkpoint
-    from lutq.quant import QuantConfig, get_preset, quantize
+    from lutq.quant import QuantConfig, get_preset
+    from lutq.quant.api import quantize_checkpoint
 
     cfg = QuantConfig.from_file(config) if config else get_preset(preset)
     if lut:
@@ -69,30 +73,15 @@ def quantize_cmd(
                       gptq_damp=damp, init_act_power=act_power)
     if blockwise and not calib:
         raise LutqError("quantize: --blockwise needs --calib (the data the blocks are calibrated on)")
-    m, tok = load_model(model)
+    recon = None
     if blockwise:
-        from lutq.quant.calibrate import calibration_blocks
-        from lutq.quant.reconstruct import ReconstructConfig, quantize_blockwise
+        from lutq.quant.reconstruct import ReconstructConfig
 
         recon = ReconstructConfig().replace(steps=recon_steps, lr=recon_lr, latent_steps=recon_latent_steps,
                                             latent_lr=recon_latent_lr, latent_start=recon_latent_start)
-        blocks = calibration_blocks(calib, tok, num_sequences=calib_sequences, seq_len=calib_len)
-        report = quantize_blockwise(m, cfg, blocks, recon)
-    else:
-        hessians = None
-        if calib:
-            from lutq.quant.calibrate import hessians_for
-
-            hessians = hessians_for(m, cfg, calib, tok, num_sequences=calib_sequences, seq_len=calib_len)
-        report = quantize(m, cfg, hessians=hessians)
+    report = quantize_checkpoint(model, out, cfg, calib=calib, calib_sequences=calib_sequences,
+                                 calib_len=calib_len, blockwise=recon, device=device)
     console.print(report.table(per_layer=per_layer))
-    extra = {"source_model": model, "quantize": report.to_dict()["summary"]}
-    if calib:
-        extra["calibration"] = {"source": calib, "sequences": calib_sequences, "seq_len": calib_len,
-                                "method": "blockwise" if blockwise else "one-shot"}
-        if blockwise:
-            extra["calibration"].update(recon=recon.to_dict(), blocks=report.blocks)
-    save_checkpoint(out, m, tok, extra=extra)
     console.print(f"saved {out}")
 
 
@@ -112,6 +101,7 @@ def convert_q4_to_q2_cmd(
     act_power: float | None = typer.Option(None, "--act-power", help="With --calib (no --reference): weight each "
                                            "input column of the LUT reduction and tighten refits by (H_jj / mean)^P "
                                            "(default: the checkpoint's init_act_power, 0.5; 0: off)."),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
 ) -> None:
     """Q4 → Q2: k-means the LUTs down (usage × S² weighted), expand ranks, re-pick indices; print errors."""
     from lutq.quant.convert import convert_checkpoint
@@ -119,7 +109,7 @@ def convert_q4_to_q2_cmd(
     blockwise = {"steps": recon_steps, "lr": recon_lr} if reference else None
     convert_checkpoint(ckpt, out, _pair(mlp, "--mlp"), _pair(attn, "--attn"), tighten_rounds=tighten, calib=calib,
                        calib_sequences=calib_sequences, calib_len=calib_len, reference=reference,
-                       blockwise=blockwise, act_power=act_power)
+                       blockwise=blockwise, act_power=act_power, device=device)
     console.print(f"saved {out}")
 
 

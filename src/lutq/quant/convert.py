@@ -161,21 +161,24 @@ def convert_checkpoint(src: str | Path, dst: str | Path, mlp: tuple[int, int] = 
                        attn: tuple[int, int] = (16, 8), *, tighten_rounds: int = 0, calib: str | None = None,
                        calib_sequences: int = CALIB_SEQUENCES, calib_len: int = CALIB_LEN,
                        reference: str | None = None, blockwise: Any = None, act_power: float | None = None,
-                       show: bool = True) -> QuantReport:
+                       device: str = "cpu", show: bool = True) -> QuantReport:
     """Load the q4 LUT checkpoint `src`, `convert_q4_to_q2` it, save it as `dst`; returns the report (also in
     dst's config). With `calib` (a KD cache or a data source): GPTQ indices from Hessians of the q4 model
     itself or, given the FP `reference` model (a spec for `load_model`), block-wise calibration against it
-    (`lutq.quant.reconstruct`; `blockwise` is a ReconstructConfig). `act_power`: see `convert_q4_to_q2`."""
+    (`lutq.quant.reconstruct`; `blockwise` is a ReconstructConfig). `act_power`: see `convert_q4_to_q2`. The
+    work runs on `device` ("auto": CUDA when present); the checkpoint is written from the CPU either way."""
     import json
 
     from lutq.core.console import console
+    from lutq.core.device import resolve_device
     from lutq.models import load_checkpoint, load_model, save_checkpoint
     from lutq.quant.calibrate import calibration_blocks, hessians_for
     from lutq.quant.reconstruct import ReconstructConfig, reconstruct_
 
     if reference is not None and calib is None:
         raise LutqError("convert: a reference model calibrates on data; pass calib too")
-    model, tokenizer, info = load_checkpoint(src)
+    dev = resolve_device(device)
+    model, tokenizer, info = load_checkpoint(src, device=dev)
     if not any(True for _ in lut_layers(model)):
         raise LutqError(f"{src}: not a LUT checkpoint (no quantized layers); run `lutq quantize` first")
     hessians = None
@@ -189,7 +192,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, mlp: tuple[int, int] = 
     if reference is not None:
         recon = blockwise if isinstance(blockwise, ReconstructConfig) else ReconstructConfig.from_dict(
             blockwise or {}, source="convert blockwise")
-        ref_model, ref_tok = load_model(reference)
+        ref_model, ref_tok = load_model(reference, device=dev)
         if ref_tok.get_vocab() != tokenizer.get_vocab():
             raise LutqError(f"convert: the reference {reference} has another tokenizer than {src}")
         blocks = calibration_blocks(calib, tokenizer, num_sequences=calib_sequences, seq_len=calib_len)

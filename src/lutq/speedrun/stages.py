@@ -95,6 +95,7 @@ class QuantizeParams(ConfigBase):
     # with calib: block-wise calibration (lutq.quant.reconstruct.ReconstructConfig fields, e.g. {steps = 100});
     # None: one-shot GPTQ with Hessians of the FP model
     blockwise: dict[str, Any] | None = None
+    device: str = "cpu"  # where PTQ runs: cpu, cuda or auto (the CUDA path is not yet measured on a GPU)
 
     def validate(self) -> None:
         if self.blockwise is not None:
@@ -109,27 +110,16 @@ class QuantizeParams(ConfigBase):
 
 
 def _run_quantize(ctx: StageContext, p: QuantizeParams) -> dict[str, Any]:
-    from lutq.models import load_model, save_checkpoint
-    from lutq.quant import get_preset, quantize
-    from lutq.quant.calibrate import hessians_for
+    from lutq.quant import get_preset
+    from lutq.quant.api import quantize_checkpoint
     from lutq.quant.presets import resolve_config
 
-    model, tok = load_model(p.model)
     config: Any = p.preset if not p.config else {**get_preset(p.preset).to_dict(), **p.config}
     if p.lut_kind is not None:
         config = resolve_config(config).with_lut_kind(p.lut_kind)
-    if p.blockwise is not None:
-        from lutq.quant.calibrate import calibration_blocks
-        from lutq.quant.reconstruct import quantize_blockwise
-
-        blocks = calibration_blocks(p.calib, tok, num_sequences=p.calib_sequences, seq_len=p.calib_len)
-        report = quantize_blockwise(model, config, blocks, p.recon_config())
-    else:
-        hessians = None if p.calib is None else hessians_for(model, config, p.calib, tok,
-                                                             num_sequences=p.calib_sequences, seq_len=p.calib_len)
-        report = quantize(model, config, hessians=hessians)
-    save_checkpoint(ctx.out, model, tok, extra={"speedrun_stage": ctx.name, "source": p.model,
-                                                "calibration": p.calib, "blockwise": p.blockwise})
+    report = quantize_checkpoint(p.model, ctx.out, config, calib=p.calib, calib_sequences=p.calib_sequences,
+                                 calib_len=p.calib_len, blockwise=None if p.blockwise is None else p.recon_config(),
+                                 device=p.device, extra={"speedrun_stage": ctx.name})
     out: dict[str, Any] = {"rel_error": report.to_dict()["summary"]}
     if report.blocks:
         out["block_losses"] = [[b["loss_before"], b["loss_after"]] for b in report.blocks]
@@ -164,6 +154,7 @@ class ConvertParams(ConfigBase):
     calib_len: int = CALIB_LEN
     reference: str | None = None  # with calib: the FP model to calibrate against block by block
     blockwise: dict[str, Any] | None = None  # ReconstructConfig fields for the block-wise calibration
+    device: str = "cpu"  # where the conversion runs: cpu, cuda or auto (CUDA not yet measured on a GPU)
 
     def validate(self) -> None:
         if self.reference is not None and self.calib is None:
@@ -178,7 +169,7 @@ def _run_convert(ctx: StageContext, p: ConvertParams) -> dict[str, Any]:
 
     convert_checkpoint(p.input, ctx.out, tighten_rounds=p.tighten_rounds, calib=p.calib,
                        calib_sequences=p.calib_sequences, calib_len=p.calib_len, reference=p.reference,
-                       blockwise=p.blockwise)
+                       blockwise=p.blockwise, device=p.device)
     converted = read_checkpoint_info(ctx.out).extra.get("converted", {})
     return {"rel_error": converted.get("summary", {})}
 

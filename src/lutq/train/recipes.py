@@ -96,12 +96,13 @@ def run_stage(cfg: TrainConfig) -> Any:
 
 def convert_checkpoint(src: Path, dst: Path, *, tighten_rounds: int = 0, calib: str | None = None,
                        calib_sequences: int = CALIB_SEQUENCES, calib_len: int = CALIB_LEN,
-                       reference: str | None = None, blockwise: dict[str, Any] | None = None) -> Path:
+                       reference: str | None = None, blockwise: dict[str, Any] | None = None,
+                       device: str = "cpu") -> Path:
     """`lutq.quant.convert.convert_checkpoint` to the q2a4 targets, skipped when `dst` is already complete."""
     from lutq.quant.convert import convert_checkpoint as convert
 
     if (dst / "config.json").is_file():
         return dst
     convert(src, dst, tighten_rounds=tighten_rounds, calib=calib, calib_sequences=calib_sequences,
-            calib_len=calib_len, reference=reference, blockwise=blockwise)
+            calib_len=calib_len, reference=reference, blockwise=blockwise, device=device)
     return dst

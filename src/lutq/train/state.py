@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lutq.core.device import resolve_device
+
 
 def rng_state() -> dict[str, Any]:
     """Torch (CPU and every CUDA device), numpy and python RNG states as weights_only-loadable data."""
@@ -72,13 +74,6 @@ class DistContext:
     def close(self) -> None:
         if self.initialized_here and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything else is passed to torch.device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def setup_distributed(device: str = "auto") -> DistContext:
