@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU checks, one call of the device tool each (the figures go to docs/benchmarks.md):
 #   scripts/device-wheels.sh                       # here, once: wheels the device image lacks -> .whl/
-#   run(command="bash scripts/device-check.sh", carry=[".whl"], timeout_s=590)                 # base, ~6 min
+#   run(command="bash scripts/device-check.sh", carry=[".whl"], timeout_s=590)                 # base, ~8 min
 #   run(command="CHECKS=compile bash scripts/device-check.sh", carry=[".whl"], timeout_s=400)  # eager vs compiled
 # base: the GPU tests (tests/gpu: CUDA vs the CPU fp32 reference), then the benchmarks. Each step is time-boxed
 # and everything comes back even when a step fails or runs long: logs and JSON go to $WORK, and after every step
@@ -27,7 +27,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $WORK/NAME.l
   tar -czf "$OUT/.device-check.tgz" -C "$WORK" . && mv "$OUT/.device-check.tgz" "$OUT/device-check.tgz"
 }
 base() {
-  step gpu-tests 120 "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprovider
+  step gpu-tests 240 "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprovider
   step qat-smollm2 90 "$PY" -m lutq.cli bench qat --shape smollm2-135m --preset q2a4 --seq-len 64 --seq-len 128 \
     --dtype bf16 --forward materialized --grad-ckpt off --find-max-batch --max-batch 1024 --json "$WORK/qat-smollm2.json"
   step qat-qwen3 120 "$PY" -m lutq.cli bench qat --shape qwen3-0.6b --preset q2a4 --seq-len 64 --seq-len 128 \
