@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from lutq.assets import Document
 from lutq.core.errors import LutqError
 from lutq.evaluate import perplexity, windows
+from lutq.models import save_checkpoint
 from lutq.testing import tiny_model, tiny_tokenizer
 
 
@@ -108,3 +110,24 @@ def test_lutq_checkpoint_uses_the_same_protocol(eval_dir, text) -> None:
     b = perplexity(q2, tok, text, max_length=64, stride=32)
     assert a.tokens == b.tokens and a.windows == b.windows
     assert a.ppl != b.ppl and abs(math.log(a.ppl) - math.log(b.ppl)) < 0.5  # close but not the same model
+
+
+def _cli(*args: str) -> str:
+    from typer.testing import CliRunner
+
+    from lutq.cli import app
+
+    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_eval_takes_device_auto(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path / "fp", tiny_model("llama", layers=2), tiny_tokenizer())
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 20)
+    out = _cli("eval", "ppl", "-m", str(tmp_path / "fp"), "-t", str(text), "--max-length", "32", "--stride", "16",
+               "--device", "auto")
+    assert "ppl" in out
+    with pytest.raises(LutqError, match="unknown device 'gpu0'"):
+        _cli("eval", "ppl", "-m", str(tmp_path / "fp"), "-t", str(text), "--device", "gpu0")

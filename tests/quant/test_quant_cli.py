@@ -74,3 +74,4 @@ def test_quantize_and_convert_device_flag(tmp_path: Path) -> None:
         with pytest.raises(LutqError, match="device 'cuda': this torch sees no CUDA device"):
             _run("convert", "q4-to-q2", str(tmp_path / "q4"), str(tmp_path / "bad"), "--device", "cuda")
     assert not (tmp_path / "bad").exists()
+

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from lutq.core.console import console
+from lutq.core.device import DEVICE_HELP, resolve_device
 
 eval_app = typer.Typer(help="Evaluate models: perplexity, KD metrics, comparison tables.", no_args_is_help=True)
 
@@ -23,7 +24,7 @@ def ppl_cmd(
     stride: int = typer.Option(512, "--stride", help="Window step; tokens scored per window (< max length)."),
     batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass."),
     max_tokens: int = typer.Option(None, "--max-tokens", help="Score only the first N tokens of each text."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16."),
     json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
 ) -> None:
@@ -34,7 +35,7 @@ def ppl_cmd(
     from lutq.evaluate.size import model_size, size_table
     from lutq.models import load_model
 
-    m, tok = load_model(model, dtype=dtype, device=device)
+    m, tok = load_model(model, dtype=dtype, device=resolve_device(device))
     size = model_size(m)
     console.print(size_table(size, title=f"size of {model}"))
     results = {}
@@ -55,13 +56,13 @@ def kd_cmd(
     split: str = typer.Option("val", "--split", help="Cache split: val or train."),
     batch_size: int = typer.Option(8, "--batch-size", help="Sequences per batch."),
     max_batches: int = typer.Option(None, "--max-batches", help="Stop after N batches."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, mps."),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
 ) -> None:
     """KD loss, KL and top-1 agreement of a model against a teacher cache's validation split."""
     from lutq.kd import KDCache, evaluate_kd
     from lutq.models import load_model
 
-    m, tok = load_model(model, device=device)
+    m, tok = load_model(model, device=resolve_device(device))
     kd_cache = KDCache(cache)
     kd_cache.check_tokenizer(tok)
     metrics = evaluate_kd(m, kd_cache, split=split, batch_size=batch_size, max_batches=max_batches)
@@ -78,7 +79,7 @@ def compare_cmd(
     batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward."),
     max_tokens: int = typer.Option(None, "--max-tokens", help="Score only the first N tokens of each text."),
     kd_max_batches: int = typer.Option(None, "--kd-max-batches", help="Cap the KD evaluation."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, mps."),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
     json_out: Path = typer.Option(None, "--json", help="Write the table as JSON."),
     markdown_out: Path = typer.Option(None, "--markdown", help="Write the table as markdown."),
 ) -> None:
@@ -88,7 +89,8 @@ def compare_cmd(
     from lutq.evaluate.size import size_table
 
     result = compare(list(models), texts=list(text or []), cache=cache, max_length=max_length, stride=stride,
-                     batch_size=batch_size, max_tokens=max_tokens, kd_max_batches=kd_max_batches, device=device)
+                     batch_size=batch_size, max_tokens=max_tokens, kd_max_batches=kd_max_batches,
+                     device=str(resolve_device(device)))
     for row in result.rows():
         if row["size"]["lut"]:
             console.print(size_table(row["size"], title=f"size of {row['label']}"))
@@ -112,7 +114,7 @@ def chat_cmd(
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Generation limit per reply."),
     greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding instead of sampling."),
     seed: int = typer.Option(None, "--seed", help="Sampling seed."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, mps."),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16."),
 ) -> None:
     """Chat with a model (lutq checkpoint, snapped or not, or an FP model); replies stream as they are generated."""
@@ -122,7 +124,7 @@ def chat_cmd(
     cfg = ChatConfig(max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p,
                      repetition_penalty=repetition_penalty, thinking=thinking, system=system, seed=seed)
     cfg.validate()
-    m, tok = load_model(model, dtype=dtype, device=device)
+    m, tok = load_model(model, dtype=dtype, device=resolve_device(device))
 
     def stream(s: str) -> None:
         print(s, end="", flush=True)

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from lutq import __version__
 from lutq.core.atomic import atomic_dir, atomic_write_bytes, atomic_write_json, sha256_file
+from lutq.core.device import resolve_device
 from lutq.core.errors import LutqError
 from lutq.core.formats import read_versioned_json
 
@@ -201,7 +202,7 @@ def load_checkpoint(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(info.path)
-    return model.to(device).eval(), tokenizer, info
+    return model.to(resolve_device(device)).eval(), tokenizer, info
 
 
 def save_trainer_state(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from lutq.core.device import resolve_device
 from lutq.core.errors import LutqError
 
 # HF architecture class -> short name used across lutq (layer patterns, tiny test configs).
@@ -119,4 +120,4 @@ def _load_hf(
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
     except (OSError, ValueError) as e:
         raise LutqError(f"cannot load model from {where}: {str(e).splitlines()[0]}") from e
-    return model.to(device).eval(), tokenizer
+    return model.to(resolve_device(device)).eval(), tokenizer

@@ -7,11 +7,12 @@ from pathlib import Path
 import typer
 
 from lutq.core.console import console
+from lutq.core.device import DEVICE_HELP
 from lutq.core.errors import LutqError
 from lutq.quant.presets import CALIB_LEN, CALIB_SEQUENCES
 
-DEVICE_HELP = ("Where PTQ / GPTQ / block-wise calibration runs: cpu, cuda, cuda:N or auto (CUDA when present). "
-               "The CUDA path is not yet measured on a GPU (docs/gpu.md).")
+PTQ_DEVICE_HELP = ("Where PTQ / GPTQ / block-wise calibration runs: " + DEVICE_HELP
+                   + " The CUDA path is not yet measured on a GPU (docs/gpu.md).")
 
 
 def _pair(text: str, flag: str) -> tuple[int, int]:
@@ -60,7 +61,7 @@ def quantize_cmd(
     recon_latent_start: str = typer.Option("weff", "--recon-latent-start", help="--blockwise: latent weights "
                                            "start at W_eff (weff) or at the FP weight clipped into its bin (fp)."),
     per_layer: bool = typer.Option(True, "--per-layer/--summary", help="Print every layer or group means."),
-    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
+    device: str = typer.Option("cpu", "--device", help=PTQ_DEVICE_HELP),
 ) -> None:
     """Quantize a model to LUT layers, print the per-layer init error table, save a checkpoint."""
     from lutq.quant import QuantConfig, get_preset
@@ -101,7 +102,7 @@ def convert_q4_to_q2_cmd(
     act_power: float | None = typer.Option(None, "--act-power", help="With --calib (no --reference): weight each "
                                            "input column of the LUT reduction and tighten refits by (H_jj / mean)^P "
                                            "(default: the checkpoint's init_act_power, 0.5; 0: off)."),
-    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
+    device: str = typer.Option("cpu", "--device", help=PTQ_DEVICE_HELP),
 ) -> None:
     """Q4 → Q2: k-means the LUTs down (usage × S² weighted), expand ranks, re-pick indices; print errors."""
     from lutq.quant.convert import convert_checkpoint
