@@ -40,3 +40,17 @@ def test_error_is_one_line_exit_1(tmp_path) -> None:
     assert res.returncode == 1
     assert "unknown asset 'no-such-asset'" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_cli_starts_without_torch() -> None:
+    """Every stage's commands import without torch / transformers (lazy package exports, lutq.core.lazy), so
+    `lutq --help` and argument errors answer in about a second; the exports still resolve on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lutq.cli; heavy = sorted({'torch', 'transformers'} & set(sys.modules)); "
+            "assert not heavy, heavy; from lutq.evaluate.compare import load_text; "
+            "from lutq.evaluate import compare, perplexity; assert callable(compare) and callable(perplexity); "
+            "import lutq.kd; assert lutq.kd.KDCache.__name__ == 'KDCache'; "
+            "assert lutq.kd.cache.__name__ == 'lutq.kd.cache'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,20 +1,21 @@
 """Exporters: `ane` (FP16-snapped factored tensors + config.json, docs/formats.md), `hf` (dense
 transformers directory with W_eff baked in) and `coreml` (palettized .mlpackage; needs coremltools)."""
 
-from lutq.export.ane import AneArtefact, build_ane_artefact, load_ane_artefact, read_ane_artefact, write_ane_artefact
-from lutq.export.api import FORMATS, ExportConfig, ExportResult, export, print_result
-from lutq.export.hf import export_hf
+from lutq.core.lazy import lazy_exports
 
-__all__ = [
-    "FORMATS",
-    "AneArtefact",
-    "ExportConfig",
-    "ExportResult",
-    "build_ane_artefact",
-    "export",
-    "export_hf",
-    "load_ane_artefact",
-    "print_result",
-    "read_ane_artefact",
-    "write_ane_artefact",
-]
+_EXPORTS = {
+    "AneArtefact": "lutq.export.ane",
+    "build_ane_artefact": "lutq.export.ane",
+    "load_ane_artefact": "lutq.export.ane",
+    "read_ane_artefact": "lutq.export.ane",
+    "write_ane_artefact": "lutq.export.ane",
+    "FORMATS": "lutq.export.api",
+    "ExportConfig": "lutq.export.api",
+    "ExportResult": "lutq.export.api",
+    "export": "lutq.export.api",
+    "print_result": "lutq.export.api",
+    "export_hf": "lutq.export.hf",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+__all__ = sorted(_EXPORTS)

@@ -1,26 +1,25 @@
 """Knowledge distillation from a cached teacher: the top-K cache (writer, reader, verify, bench) and the
 KD loss with its metrics."""
 
-from lutq.kd.bench import bench_cache
-from lutq.kd.cache import CacheConfig, build_cache, cache_name, finalize_cache, teacher_targets, write_shards
-from lutq.kd.loss import KDLossConfig, KDLossOutput, KDStudent, evaluate_kd, kd_loss, student_hidden
-from lutq.kd.reader import KDCache
-from lutq.kd.verify import verify_cache
+from lutq.core.lazy import lazy_exports
 
-__all__ = [
-    "CacheConfig",
-    "KDCache",
-    "KDLossConfig",
-    "KDLossOutput",
-    "KDStudent",
-    "bench_cache",
-    "build_cache",
-    "cache_name",
-    "evaluate_kd",
-    "finalize_cache",
-    "kd_loss",
-    "student_hidden",
-    "teacher_targets",
-    "verify_cache",
-    "write_shards",
-]
+_EXPORTS = {
+    "bench_cache": "lutq.kd.bench",
+    "CacheConfig": "lutq.kd.cache",
+    "build_cache": "lutq.kd.cache",
+    "cache_name": "lutq.kd.cache",
+    "finalize_cache": "lutq.kd.cache",
+    "teacher_targets": "lutq.kd.cache",
+    "write_shards": "lutq.kd.cache",
+    "KDLossConfig": "lutq.kd.loss",
+    "KDLossOutput": "lutq.kd.loss",
+    "KDStudent": "lutq.kd.loss",
+    "evaluate_kd": "lutq.kd.loss",
+    "kd_loss": "lutq.kd.loss",
+    "student_hidden": "lutq.kd.loss",
+    "KDCache": "lutq.kd.reader",
+    "verify_cache": "lutq.kd.verify",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+__all__ = sorted(_EXPORTS)

@@ -1,32 +1,30 @@
 """Pretraining: a GPT-style decoder with attention variants, the token-budget planner, the trainer
 (`pretrain(cfg)`), throughput benchmark and HF export. Token files come from `lutq.data.tokens`."""
 
-from lutq.pretrain.bench import bench_pretrain
-from lutq.pretrain.config import GPU_MEM_PRESETS, Plan, PretrainConfig, make_plan
-from lutq.pretrain.export import export_hf
-from lutq.pretrain.model import GPT, SIZES, VARIANTS, ModelConfig, count_params, flops_per_token, params_of
-from lutq.pretrain.schedule import parse_count, parse_seq_schedule, planned_tokens, seq_len_for_step, steps_for_tokens
-from lutq.pretrain.train import load_run_config, pretrain
+from lutq.core.lazy import lazy_exports
 
-__all__ = [
-    "GPT",
-    "GPU_MEM_PRESETS",
-    "SIZES",
-    "VARIANTS",
-    "ModelConfig",
-    "Plan",
-    "PretrainConfig",
-    "bench_pretrain",
-    "count_params",
-    "export_hf",
-    "flops_per_token",
-    "load_run_config",
-    "make_plan",
-    "params_of",
-    "parse_count",
-    "parse_seq_schedule",
-    "planned_tokens",
-    "pretrain",
-    "seq_len_for_step",
-    "steps_for_tokens",
-]
+_EXPORTS = {
+    "bench_pretrain": "lutq.pretrain.bench",
+    "GPU_MEM_PRESETS": "lutq.pretrain.config",
+    "Plan": "lutq.pretrain.config",
+    "PretrainConfig": "lutq.pretrain.config",
+    "make_plan": "lutq.pretrain.config",
+    "export_hf": "lutq.pretrain.export",
+    "GPT": "lutq.pretrain.model",
+    "SIZES": "lutq.pretrain.model",
+    "VARIANTS": "lutq.pretrain.model",
+    "ModelConfig": "lutq.pretrain.model",
+    "count_params": "lutq.pretrain.model",
+    "flops_per_token": "lutq.pretrain.model",
+    "params_of": "lutq.pretrain.model",
+    "parse_count": "lutq.pretrain.schedule",
+    "parse_seq_schedule": "lutq.pretrain.schedule",
+    "planned_tokens": "lutq.pretrain.schedule",
+    "seq_len_for_step": "lutq.pretrain.schedule",
+    "steps_for_tokens": "lutq.pretrain.schedule",
+    "load_run_config": "lutq.pretrain.train",
+    "pretrain": "lutq.pretrain.train",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+__all__ = sorted(_EXPORTS)

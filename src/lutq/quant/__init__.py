@@ -6,39 +6,29 @@
     lutq.quant.set_trainable(model, "mlp-only")    # -> names of the trainable parameters
 """
 
-from lutq.quant.api import (
-    QuantReport,
-    QuantRow,
-    dequantize_,
-    lut_layers,
-    project_luts_,
-    quant_config_of,
-    quantize,
-    set_trainable,
-)
-from lutq.quant.convert import convert_q4_to_q2, freeze_latent, unfreeze_latent
-from lutq.quant.layer import LUTEmbedding, LUTLinear
-from lutq.quant.presets import PRESETS, LayerSpec, QuantConfig, get_preset
-from lutq.quant.snap import SnapReport, snap_model
+from lutq.core.lazy import lazy_exports
 
-__all__ = [
-    "PRESETS",
-    "LUTEmbedding",
-    "LUTLinear",
-    "LayerSpec",
-    "QuantConfig",
-    "QuantReport",
-    "QuantRow",
-    "SnapReport",
-    "convert_q4_to_q2",
-    "dequantize_",
-    "freeze_latent",
-    "get_preset",
-    "lut_layers",
-    "project_luts_",
-    "quant_config_of",
-    "quantize",
-    "set_trainable",
-    "snap_model",
-    "unfreeze_latent",
-]
+_EXPORTS = {
+    "QuantReport": "lutq.quant.api",
+    "QuantRow": "lutq.quant.api",
+    "dequantize_": "lutq.quant.api",
+    "lut_layers": "lutq.quant.api",
+    "project_luts_": "lutq.quant.api",
+    "quant_config_of": "lutq.quant.api",
+    "quantize": "lutq.quant.api",
+    "set_trainable": "lutq.quant.api",
+    "convert_q4_to_q2": "lutq.quant.convert",
+    "freeze_latent": "lutq.quant.convert",
+    "unfreeze_latent": "lutq.quant.convert",
+    "LUTEmbedding": "lutq.quant.layer",
+    "LUTLinear": "lutq.quant.layer",
+    "PRESETS": "lutq.quant.presets",
+    "LayerSpec": "lutq.quant.presets",
+    "QuantConfig": "lutq.quant.presets",
+    "get_preset": "lutq.quant.presets",
+    "SnapReport": "lutq.quant.snap",
+    "snap_model": "lutq.quant.snap",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+__all__ = sorted(_EXPORTS)
