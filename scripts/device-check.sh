@@ -8,24 +8,7 @@
 # they are packed into the one file $OUT/device-check.tgz (the device tool returns at most 8 files).
 # PY=.venv/bin/python WHEELS=none OUT=/tmp/dc scripts/device-check.sh runs the same steps here (a smoke test).
 set -uo pipefail
-OUT=${OUT:-runs/device-check}
-PY=${PY:-python3}
-WHEELS=${WHEELS:-.whl}
-WORK=${WORK:-/tmp/device-check}
-mkdir -p "$OUT" "$WORK"
-if compgen -G "$WHEELS/*.whl" > /dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
-    || { echo "wheel install failed"; exit 1; }
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-step() {  # step NAME SECONDS CMD...: run with a time limit, log to $WORK/NAME.log, go on whatever happens
-  local name=$1 secs=$2; shift 2
-  echo "== $name ($(date -u +%T))"
-  timeout "$secs" "$@" > "$WORK/$name.log" 2>&1
-  echo "   rc $? ($(date -u +%T))"; tail -n 25 "$WORK/$name.log"
-  tar -czf "$OUT/.device-check.tgz" -C "$WORK" . && mv "$OUT/.device-check.tgz" "$OUT/device-check.tgz"
-}
+source "$(dirname "$0")/device-lib.sh"
 base() {
   step gpu-tests 240 "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprovider
   step qat-smollm2 90 "$PY" -m lutq.cli bench qat --shape smollm2-135m --preset q2a4 --seq-len 64 --seq-len 128 \
