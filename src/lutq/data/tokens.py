@@ -326,9 +326,11 @@ class TokenData:
         if not mpath.is_file():
             raise LutqError(f"{mpath}: missing; a token file needs its meta (write both with `lutq data prepare`)")
         meta = read_versioned_json(mpath, format=FORMAT, max_version=FORMAT_VERSION, what="lutq token meta")
-        for key in ("dtype", "tokens", "vocab_size", "eos_id", "tokenizer"):
+        for key, kind in (("dtype", str), ("tokens", int), ("vocab_size", int), ("eos_id", int), ("tokenizer", str)):
             if key not in meta:
                 raise LutqError(f"{mpath}: missing key {key!r}")
+            if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+                raise LutqError(f"{mpath}: {key} is {meta[key]!r}, expected {kind.__name__}")
         try:
             tokens = np.load(path, mmap_mode="r")
         except (ValueError, OSError) as e:

@@ -64,7 +64,7 @@ def kd_cmd(
 
     m, tok = load_model(model, device=resolve_device(device))
     kd_cache = KDCache(cache)
-    kd_cache.check_tokenizer(tok)
+    kd_cache.check_tokenizer(tok, m)
     metrics = evaluate_kd(m, kd_cache, split=split, batch_size=batch_size, max_batches=max_batches)
     print(json.dumps(metrics, indent=2))
 

@@ -103,7 +103,7 @@ def evaluate_model(model: Any, tokenizer: Any, texts: Mapping[str, list[Any]], c
     if cache is not None:
         from lutq.kd import evaluate_kd
 
-        cache.check_tokenizer(tokenizer)
+        cache.check_tokenizer(tokenizer, model)
         row["kd"] = evaluate_kd(model, cache, split=cfg.kd_split, batch_size=cfg.kd_batch_size,
                                 max_batches=cfg.kd_max_batches)
     return row

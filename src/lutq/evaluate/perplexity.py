@@ -163,9 +163,15 @@ def perplexity(
     cfg.validate()
     if device is not None:
         model = model.to(device)
+    if tokenizer is None:
+        raise LutqError("perplexity: the model has no tokenizer (a checkpoint saved without tokenizer files?)")
     ids = tokenize_text(tokenizer, join_documents(text_or_documents, tokenizer), max_tokens)
     if ids.numel() < 2:
         raise LutqError(f"text has {ids.numel()} token(s); perplexity needs at least 2")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None and int(ids.max()) >= vocab:
+        raise LutqError(f"the tokenizer ({tokenizer.name_or_path or 'unnamed'}) gives token id {int(ids.max())}, "
+                        f"but the model's vocabulary has {vocab} entries: tokenizer and model do not match")
     wins = windows(ids.numel(), max_length, stride)
     was_training = model.training
     model.eval()

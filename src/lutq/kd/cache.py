@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import os
 import random
 import shutil
@@ -32,6 +31,7 @@ import torch
 
 from lutq.core import ConfigBase, LutqError, atomic_write_json, console, lutq_home, progress, sha256_file
 from lutq.core.device import resolve_device
+from lutq.core.formats import read_json
 from lutq.kd.shards import (
     ARRAY_DTYPES,
     BUILD_LOG,
@@ -39,6 +39,8 @@ from lutq.kd.shards import (
     FORMAT_VERSION,
     META,
     PROGRESS,
+    check_shard,
+    open_shard,
     shard_file,
     write_shard,
 )
@@ -313,8 +315,8 @@ def prepare(cfg: CacheConfig, teacher: tuple[torch.nn.Module, Any] | None = None
         shutil.rmtree(out)
     for f in (META, PROGRESS):
         if (out / f).is_file():
-            old = json.loads((out / f).read_text())
-            if old.get("plan_hash") != plan.info["plan_hash"]:
+            old = read_json(out / f, what="KD cache")
+            if not isinstance(old, dict) or old.get("plan_hash") != plan.info["plan_hash"]:
                 raise LutqError(f"{out} holds a KD cache with other settings or data ({f}); "
                                 "pass --overwrite or choose another --out")
     if not (out / META).is_file():
@@ -338,7 +340,8 @@ def write_shards(cfg: CacheConfig, teacher: tuple[torch.nn.Module, Any] | None =
     L, K, R = cfg.seq_len, cfg.top_k, cfg.negatives
     vocab_limit = plan.info["negatives"]["vocab_limit"] if R else None
     mine = [s for j, s in enumerate(plan.shards) if j % world_size == rank]
-    todo = [s for s in mine if not (plan.out / s["file"]).exists()]
+    names = list(plan.info["arrays"])
+    todo = [s for s in mine if not _shard_done(plan.out / s["file"], names, s["stop"] - s["start"], L, K, R)]
     total = sum(s["stop"] - s["start"] for s in todo)
     done, t0 = 0, time.perf_counter()
     bar = progress(_rate_column())
@@ -373,6 +376,19 @@ def write_shards(cfg: CacheConfig, teacher: tuple[torch.nn.Module, Any] | None =
                       "tokens_per_s": done * L / seconds if done else 0.0}
 
 
+def _shard_done(path: Path, names: list[str], n: int, L: int, K: int, R: int) -> bool:
+    """Whether a planned shard is on disk, whole: shards are renamed into place complete, so only outside damage
+    (a partial copy) leaves one that does not open as planned; that one is written again."""
+    if not path.exists():
+        return False
+    try:
+        check_shard(path, open_shard(path), names, n, L, K, R)
+    except LutqError as e:
+        console.print(f"[yellow]warning:[/] {e}; writing it again")
+        return False
+    return True
+
+
 def _rate_column() -> Any:
     from rich.progress import TextColumn
 
@@ -386,7 +402,7 @@ def finalize_cache(out: str | Path) -> Path:
         return out
     if not (out / PROGRESS).is_file():
         raise LutqError(f"{out}: no {PROGRESS}; not an unfinished KD cache")
-    plan = json.loads((out / PROGRESS).read_text())
+    plan = read_json(out / PROGRESS, what="KD cache")
     missing = [s["file"] for s in plan["shards"] if not (out / s["file"]).is_file()]
     if missing:
         raise LutqError(f"{out}: {len(missing)} shard(s) not written yet ({', '.join(missing[:3])}...); "
@@ -443,7 +459,7 @@ def _process_group(world: int) -> Iterator[Any]:
 def _log_build(out: Path, started: str, stats: dict[str, float], world: int) -> None:
     import platform
 
-    log = json.loads((out / BUILD_LOG).read_text()) if (out / BUILD_LOG).is_file() else {"runs": []}
+    log = read_json(out / BUILD_LOG, what="KD cache build log") if (out / BUILD_LOG).is_file() else {"runs": []}
     log["runs"].append({"started": started, "world_size": world, "host": platform.node(),
                         "rank0": {k: round(v, 3) for k, v in stats.items()}})
     atomic_write_json(out / BUILD_LOG, log)

@@ -21,7 +21,7 @@ import torch
 
 from lutq.core import LutqError, sha256_file
 from lutq.core.formats import read_versioned_json
-from lutq.kd.shards import FORMAT, FORMAT_VERSION, META, PROGRESS, open_shard
+from lutq.kd.shards import FORMAT, FORMAT_VERSION, META, PROGRESS, check_shard, open_shard
 
 SPLITS = ("train", "val")
 
@@ -37,7 +37,9 @@ class KDCache:
                                                         what="KD cache", missing_hint=hint)
         try:
             self.L, self.K, self.R = int(self.meta["L"]), int(self.meta["K"]), int(self.meta["R"])
-            self._shards = {s: list(self.meta["shards"].get(s, [])) for s in SPLITS}
+            self._shards = {s: [_shard_entry(sh) for sh in self.meta["shards"].get(s, [])] for s in SPLITS}
+            self._arrays = list(self.meta["arrays"])
+            self._fingerprint = str(self.meta["tokenizer"]["fingerprint"])
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise LutqError(f"{meta_path}: incomplete or malformed ({e!r})") from e
         self._starts = {s: np.cumsum([0] + [sh["sequences"] for sh in self._shards[s]]) for s in SPLITS}
@@ -58,14 +60,24 @@ class KDCache:
         """Number of L-token sequences in `split` ('train' or 'val')."""
         return int(self._starts[_check_split(split)][-1])
 
-    def check_tokenizer(self, tokenizer: Any) -> None:
-        """Refuse a student tokenizer whose fingerprint differs from the teacher's."""
+    def check_tokenizer(self, tokenizer: Any, model: Any = None) -> None:
+        """Refuse a student tokenizer whose fingerprint differs from the teacher's (or a missing one) and,
+        given the student `model`, a vocabulary smaller than the teacher's (the cached ids index it)."""
         from lutq.data import tokenizer_fingerprint
 
-        want, got = self.meta["tokenizer"]["fingerprint"], tokenizer_fingerprint(tokenizer)
+        name = self.meta["tokenizer"].get("name_or_path")
+        if tokenizer is None:
+            raise LutqError(f"the student has no tokenizer (a checkpoint saved without tokenizer files?); cache "
+                            f"{self.path} needs the teacher's ({name})")
+        want, got = self._fingerprint, tokenizer_fingerprint(tokenizer)
         if want != got:
             raise LutqError(f"tokenizer mismatch: cache {self.path} was built with tokenizer {want[:16]}… "
-                            f"({self.meta['tokenizer'].get('name_or_path')}), the student's is {got[:16]}…")
+                            f"({name}), the student's is {got[:16]}…")
+        teacher_vocab = self.meta.get("teacher_vocab_size")
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if vocab is not None and teacher_vocab is not None and int(vocab) < int(teacher_vocab):
+            raise LutqError(f"the student has a vocabulary of {vocab}, smaller than the teacher's {teacher_vocab} "
+                            f"that the ids in cache {self.path} index; use a student of the teacher's vocabulary")
 
     @property
     def has_negatives(self) -> bool:
@@ -90,7 +102,9 @@ class KDCache:
             f = self.path / sh["file"]
             if sha256_file(f) != sh["sha256"]:
                 raise LutqError(f"KD cache shard {f} is corrupt (sha256 differs from meta.json); rebuild it")
-            self._open[sh["file"]] = open_shard(f)
+            arrays = open_shard(f)
+            check_shard(f, arrays, self._arrays, sh["sequences"], self.L, self.K, self.R)
+            self._open[sh["file"]] = arrays
         return self._open[sh["file"]]
 
     def verify_checksums(self) -> None:
@@ -170,6 +184,12 @@ class KDSplitDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.cache.read(self.split, [i]).items()}
+
+
+def _shard_entry(sh: dict[str, Any]) -> dict[str, Any]:
+    """One shard's record in meta.json, with every field the reader uses (KeyError / ValueError if not)."""
+    return {"file": str(sh["file"]), "sequences": int(sh["sequences"]), "bytes": int(sh["bytes"]),
+            "sha256": str(sh["sha256"])}
 
 
 def _check_split(split: str) -> str:

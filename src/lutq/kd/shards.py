@@ -71,3 +71,17 @@ def open_shard(path: Path) -> dict[str, np.memmap]:
         return out
     except (OSError, ValueError, KeyError, struct.error) as e:
         raise LutqError(f"KD cache shard {path} is unreadable ({e}); rebuild it with `lutq cache`") from e
+
+
+def check_shard(path: Path, arrays: dict[str, np.memmap], names: list[str], n: int, L: int, K: int, R: int) -> None:
+    """Refuse a shard whose arrays are not the `names` of meta.json with their dtypes and the shapes of its
+    `n` sequences of L tokens, K top ids and R negatives (the module docstring)."""
+    if sorted(arrays) != sorted(names):
+        raise LutqError(f"KD cache shard {path} holds arrays {sorted(arrays)}, meta.json says {sorted(names)}; "
+                        "rebuild the cache")
+    shapes = {"input_ids": (n, L), "topk_ids": (n, L - 1, K), "topk_logits": (n, L - 1, K),
+              "teacher_lse": (n, L - 1), "neg_ids": (n, L - 1, R), "neg_logits": (n, L - 1, R)}
+    for name, a in arrays.items():
+        if str(a.dtype) != ARRAY_DTYPES.get(name) or tuple(a.shape) != shapes.get(name):
+            raise LutqError(f"KD cache shard {path}: {name} is {a.dtype} of shape {tuple(a.shape)}, meta.json "
+                            f"implies {ARRAY_DTYPES.get(name)} of shape {shapes.get(name)}; rebuild the cache")

@@ -31,6 +31,10 @@ def verify_cache(path: str | Path, n: int = 4, *, teacher: tuple[torch.nn.Module
     cache = KDCache(path)
     cache.verify_checksums()
     meta = cache.meta
+    missing = [key for key in ("settings", "teacher_dtype") if key not in meta]
+    if missing:
+        raise LutqError(f"{cache.path / 'meta.json'}: missing key(s) {missing}, which verify needs to re-run the "
+                        "teacher as the cache was built")
     model, tokenizer = teacher or load_teacher(config_from_meta(meta).replace(device=device, dtype="auto"))
     cache.check_tokenizer(tokenizer)
     dtype = next(model.parameters()).dtype

@@ -124,6 +124,9 @@ def read_checkpoint_info(path: str | os.PathLike[str]) -> CheckpointInfo:
     for key in ("architecture", "base_config"):
         if key not in cfg:
             raise LutqError(f"{cfg_path}: missing key {key!r}")
+    for key in ("base_config", "quant", "weights", "aliases", "extra"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise LutqError(f"{cfg_path}: {key!r} must be a JSON object, got {type(cfg[key]).__name__}")
     weights = cfg.get("weights") or {}
     return CheckpointInfo(
         path=path, architecture=cfg["architecture"], base_config=cfg["base_config"], quant=cfg.get("quant"),
@@ -192,6 +195,8 @@ def load_checkpoint(
         if tuple(v.shape) != tuple(expected[k].shape):
             raise LutqError(f"{info.path}/{WEIGHTS}: {k} has shape {tuple(v.shape)}, "
                             f"model expects {tuple(expected[k].shape)}")
+        if v.dtype != expected[k].dtype and not (v.is_floating_point() and expected[k].is_floating_point()):
+            raise LutqError(f"{info.path}/{WEIGHTS}: {k} has dtype {v.dtype}, model expects {expected[k].dtype}")
     model.load_state_dict(tensors, strict=True, assign=True)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -201,7 +206,11 @@ def load_checkpoint(
     if load_tokenizer and any((info.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(info.path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(info.path)
+        except (OSError, ValueError) as e:
+            raise LutqError(f"{info.path}: cannot load the checkpoint's tokenizer files "
+                            f"({str(e).splitlines()[0]})") from e
     return model.to(resolve_device(device)).eval(), tokenizer, info
 
 
@@ -223,12 +232,17 @@ def save_trainer_state(path: str | os.PathLike[str], state: dict[str, Any]) -> P
     return d
 
 
-def load_trainer_state(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read `path/trainer_state/state.pt` safely (weights_only); clear error when missing or corrupt."""
+def load_trainer_state(path: str | os.PathLike[str], keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read `path/trainer_state/state.pt` safely (weights_only); clear error when missing, corrupt, or
+    lacking one of `keys`."""
     f = Path(path) / TRAINER_STATE / "state.pt"
     if not f.is_file():
         raise LutqError(f"{f}: no trainer state (was this checkpoint saved by a training run?)")
     try:
-        return torch.load(f, map_location="cpu", weights_only=True)
+        state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated/corrupt pickles
         raise LutqError(f"{f}: corrupt trainer state ({type(e).__name__}: {e})") from e
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise LutqError(f"{f}: incomplete trainer state (missing {', '.join(missing)})")
+    return state

@@ -65,6 +65,17 @@ def gather_windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> torc
     return torch.from_numpy(tokens[idx].astype(np.int64))
 
 
+def data_windows(data: TokenData, starts: np.ndarray, seq_len: int) -> torch.Tensor:
+    """`gather_windows` of a token file, refusing ids outside its vocabulary (a corrupt file would
+    otherwise index past the embedding: a raw IndexError on the CPU, a device-side assert on CUDA)."""
+    w = gather_windows(data.tokens, starts, seq_len)
+    if w.numel() and int(w.max()) >= data.vocab_size:
+        row, col = divmod(int(w.argmax()), seq_len + 1)
+        raise LutqError(f"{data.path}: token id {int(w.max())} at position {int(starts[row]) + col} is outside the "
+                        f"vocabulary (vocab_size {data.vocab_size}); the file is corrupt, re-run `lutq data prepare`")
+    return w
+
+
 def step_batches(data: TokenData, plan: Plan, cfg: PretrainConfig, step: int, dist: DistContext) -> list[Batch]:
     """This rank's micro-batches of optimizer step `step`. Global micro-batch index = micro · world + rank,
     so N ranks with grad_accum k read exactly what one process with grad_accum N·k reads."""
@@ -73,7 +84,7 @@ def step_batches(data: TokenData, plan: Plan, cfg: PretrainConfig, step: int, di
     for micro in range(cfg.grad_accum):
         index = micro * dist.world_size + dist.rank
         starts = window_starts(cfg.seed, step, index, 0, plan.train_tokens, seq, cfg.micro_batch)
-        w = gather_windows(data.tokens, starts, seq).to(dist.device, non_blocking=True)
+        w = data_windows(data, starts, seq).to(dist.device, non_blocking=True)
         out.append((w[:, :-1], w[:, 1:]))
     return out
 
@@ -85,7 +96,7 @@ def eval_batches(data: TokenData, plan: Plan, cfg: PretrainConfig, device: torch
     starts = np.linspace(plan.train_tokens, len(data) - seq - 1, n).round().astype(np.int64)
     out = []
     for i in range(0, n, cfg.micro_batch):
-        w = gather_windows(data.tokens, starts[i:i + cfg.micro_batch], seq).to(device)
+        w = data_windows(data, starts[i:i + cfg.micro_batch], seq).to(device)
         out.append((w[:, :-1], w[:, 1:]))
     return out
 
@@ -200,11 +211,12 @@ def any_rank(flag: bool, dist: DistContext) -> bool:
 
 
 def load_run_config(run: str | Path) -> PretrainConfig:
-    """The resolved config a run was started with (RUN/run.json)."""
+    """The resolved config a run was started with (RUN/run.json), with `out` = RUN (where the run is now,
+    so a moved or copied run directory resumes in place, never into the directory it was started in)."""
     data = RunDir(run).read_config()
     if "pretrain" not in data:
         raise LutqError(f"{Path(run) / 'run.json'}: not a pretraining run")
-    return PretrainConfig.from_dict(data["pretrain"], source=str(Path(run) / "run.json"))
+    return PretrainConfig.from_dict(data["pretrain"], source=str(Path(run) / "run.json")).replace(out=str(Path(run)))
 
 
 def _check_resume_config(saved: PretrainConfig, cfg: PretrainConfig, run: Path) -> None:
@@ -233,7 +245,7 @@ def _trainer_state(p: RunState, optimizer: torch.optim.Optimizer) -> dict[str, A
 def _restore(ckpt: Path, model: GPT, optimizer: torch.optim.Optimizer, device: torch.device) -> RunState:
     """Load weights, optimizer, RNG and counters from the checkpoint `ckpt` (RUN/last/)."""
     load_weights_into(model, ckpt)
-    state = load_trainer_state(ckpt)
+    state = load_trainer_state(ckpt, keys=("optimizer", "rng", "step", "tokens", "best_val", "elapsed"))
     optimizer.load_state_dict(state["optimizer"])
     for group in optimizer.param_groups:
         if "fused" in group:

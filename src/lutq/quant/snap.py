@@ -90,6 +90,10 @@ def snap_model(model: nn.Module, probe_input_ids: torch.Tensor | None = None) ->
     was_training = model.training
     model.eval()
     before = model(probe).logits.float()
+    if not before.isfinite().all():
+        model.train(was_training)
+        raise LutqError("snap: the model's logits on the probe batch are not finite before snapping (NaN/inf "
+                        "weights?); nothing was snapped")
     report = SnapReport(probe_shape=tuple(probe.shape))
     for name, layer in layers:
         report.layers.append({"name": name, **snap_layer_(layer)})

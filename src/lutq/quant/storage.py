@@ -46,11 +46,17 @@ def apply_quant_layout(model: nn.Module, layout: dict[str, Any]) -> nn.Module:
             module = model.get_submodule(name)
         except AttributeError as e:
             raise LutqError(f"config.json quant.layers: model has no module {name!r}") from e
+        if not isinstance(spec, dict):
+            raise LutqError(f"config.json quant.layers[{name!r}]: expected an object, got {spec!r}")
         shape = (spec.get("out_features"), spec.get("in_features"))
         if not isinstance(module, nn.Linear | nn.Embedding) or tuple(module.weight.shape) != shape:
             raise LutqError(f"config.json quant.layers[{name!r}]: expected a linear/embedding of shape {shape}, "
                             f"found {type(module).__name__} {tuple(getattr(module, 'weight', torch.empty(0)).shape)}")
-        replace_module(model, name, build_from_layout(spec, device=module.weight.device, dtype=module.weight.dtype))
+        try:
+            layer = build_from_layout(spec, device=module.weight.device, dtype=module.weight.dtype)
+        except (KeyError, TypeError) as e:
+            raise LutqError(f"config.json quant.layers[{name!r}]: malformed layer layout ({e!r})") from e
+        replace_module(model, name, layer)
     if layout.get("config"):
         model.lutq_config = QuantConfig.from_dict(layout["config"], source="config.json quant.config")
     return model

@@ -80,7 +80,10 @@ class RunDir:
         atomic_write_json(self.path / RUN_JSON, config)
 
     def read_config(self) -> dict[str, Any]:
-        return read_json(self.path / RUN_JSON, what="training run")
+        data = read_json(self.path / RUN_JSON, what="training run")
+        if not isinstance(data, dict):
+            raise LutqError(f"{self.path / RUN_JSON}: expected a JSON object, got {type(data).__name__}")
+        return data
 
     # -- logs -----------------------------------------------------------------------------------------
     def start_logs(self, columns: list[str]) -> None:

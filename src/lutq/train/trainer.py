@@ -110,12 +110,13 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
     if resume:
         ckpt = run.resume_checkpoint()
         model, tokenizer, _ = load_checkpoint(ckpt)
-        state = load_trainer_state(ckpt)
+        state = load_trainer_state(ckpt, keys=("optimizer", "scheduler", "rng", "step", "tokens", "elapsed",
+                                               "best_eval_loss"))
     else:
         model, tokenizer = build_student(cfg, cache, verbose=ctx.is_main)
         if cfg.latent:
             unfreeze_latent(model)  # starts at W_eff: the same indices, now free to move
-    cache.check_tokenizer(tokenizer)
+    cache.check_tokenizer(tokenizer, model)
     trainable = set_trainable(model, cfg.mode, lut=cfg.train_lut)
     if not trainable:
         raise LutqError(f"train: mode {cfg.mode!r} leaves no trainable parameters in this model")
@@ -130,7 +131,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
     step, tokens, elapsed0 = 0, 0, 0.0
     best = {"eval_loss": math.inf, "step": None}
     if resume:
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:
+            raise LutqError(f"{ckpt}: the saved optimizer state does not fit the parameters this run trains ({e}); "
+                            "resume with the run's own --mode / --train-lut / --latent") from e
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         step, tokens, elapsed0 = int(state["step"]), int(state["tokens"]), float(state["elapsed"])
