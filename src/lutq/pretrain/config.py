@@ -139,6 +139,17 @@ class PretrainConfig(ConfigBase):
             tie_qk=self.tie_qk, learned_temp=self.learned_temp, norm=self.norm).resolved()
 
 
+def unused_seq_len_note(seq_len: int | None, seq_schedule: str | None) -> str | None:
+    """A note when an explicitly given `seq_len` never applies because the schedule sets the length from step 0
+    (the seed's 80 GB recipe passed --train-seq-len 2048 with the default "1024@0,..." schedule and so trained at
+    1024); None otherwise. `seq_len` is the value before `resolve()` (None: not given)."""
+    schedule = parse_seq_schedule(seq_schedule)
+    if seq_len is None or not schedule or schedule[0][1] > 0 or schedule[0][0] == seq_len:
+        return None
+    return (f"--seq-len {seq_len} is not used: the seq schedule {seq_schedule!r} sets the length from step 0 "
+            f"(training starts at {schedule[0][0]}); --seq-len applies only before the schedule's first entry")
+
+
 @dataclass
 class Plan:
     """What a run will do, printed before anything runs."""

@@ -35,7 +35,7 @@ from lutq.data.tokens import TokenData
 from lutq.models import load_trainer_state
 from lutq.models.runtime import AUTO_PRECISIONS, auto_picks_bf16
 from lutq.pretrain.checkpoint import load_weights_into, save_pretrain_checkpoint
-from lutq.pretrain.config import RUNTIME_FIELDS, Plan, PretrainConfig, make_plan
+from lutq.pretrain.config import RUNTIME_FIELDS, Plan, PretrainConfig, make_plan, unused_seq_len_note
 from lutq.pretrain.flops import device_name, mfu, peak_flops
 from lutq.pretrain.model import GPT, flops_per_token
 from lutq.train.run_dir import RunDir
@@ -138,8 +138,10 @@ def build_model(plan: Plan, precision: str, device: torch.device, grad_checkpoin
 
 def make_optimizer(model: nn.Module, cfg: PretrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW (fused on CUDA) or Lion; weight decay on matrices only (not norms, temperatures, null slots)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    # the null slots are [kv_heads, head_dim] but learned key/value vectors, not matrices: no decay either
+    spared = {id(p) for n, p in model.named_parameters() if p.dim() < 2 or n.endswith(("k_null", "v_null"))}
+    decay = [p for p in model.parameters() if id(p) not in spared]
+    no_decay = [p for p in model.parameters() if id(p) in spared]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
@@ -246,7 +248,11 @@ def _restore(ckpt: Path, model: GPT, optimizer: torch.optim.Optimizer, device: t
     """Load weights, optimizer, RNG and counters from the checkpoint `ckpt` (RUN/last/)."""
     load_weights_into(model, ckpt)
     state = load_trainer_state(ckpt, keys=("optimizer", "rng", "step", "tokens", "best_val", "elapsed"))
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as e:  # e.g. a --null-attn run saved before the null slots left the weight-decay group
+        raise LutqError(f"{ckpt}: the saved optimizer state does not fit this run's parameter groups ({e}); "
+                        "it was saved by another lutq version or optimizer setup") from e
     for group in optimizer.param_groups:
         if "fused" in group:
             group["fused"] = device.type == "cuda" or None
@@ -288,12 +294,15 @@ def _pretrain(cfg: PretrainConfig, dist: DistContext, *, run: bool, resume: bool
     if not cfg.data:
         raise LutqError("no token file given (--data data.npy, written by `lutq data prepare`)")
     data = TokenData.open(cfg.data)
+    explicit_seq_len = cfg.seq_len
     cfg = cfg.resolve()
     device = dist.device
     if cfg.compile is None:
         cfg = cfg.replace(compile=device.type == "cuda")
     precision = resolve_precision(cfg.precision, device)
     plan = make_plan(cfg, len(data), data.vocab_size, dist.world_size)
+    if not resume and (note := unused_seq_len_note(explicit_seq_len, cfg.seq_schedule)):
+        plan.notes.append(note)
     if dist.is_main:
         print_plan(plan, cfg, precision, device)
     result: dict[str, Any] = {"plan": dict(plan.rows()), "params": plan.params, "steps": plan.steps,

@@ -34,7 +34,7 @@ from lutq.models.runtime import (
     compile_unavailable,
     set_grad_checkpointing,
 )
-from lutq.quant import get_preset, project_luts_, quantize, set_trainable, unfreeze_latent
+from lutq.quant import get_preset, lut_layers, project_luts_, quantize, set_trainable, unfreeze_latent
 from lutq.quant.calibrate import hessians_for
 from lutq.train.config import TrainConfig
 from lutq.train.loggers import Trackers
@@ -181,6 +181,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
                       f"{ctx.device} × {ctx.world_size}, {precision}")
         if note := small_batch_note(ctx.device, cfg.batch_size // ctx.world_size * cache.L):
             console.print(f"[yellow]note:[/] {note}")
+        if note := ste_fp16_precision_note(model, precision):
+            console.print(f"[yellow]warning:[/] {note}")
 
     def evaluate() -> dict[str, float]:
         """Validation KD metrics (+ held-out perplexity), rank 0 only; others wait at the barrier."""
@@ -298,6 +300,18 @@ def small_batch_note(device: torch.device, micro_tokens: int) -> str | None:
     return (f"{micro_tokens:,} tokens per micro-batch; on a GPU a step has ~0.2 s of fixed host work "
             f"(docs/benchmarks.md), so below ~{GPU_MIN_MICRO_TOKENS:,} the GPU mostly waits: raise --batch-size "
             "(and lower --grad-accum) if memory allows")
+
+
+def ste_fp16_precision_note(model: torch.nn.Module, precision: str) -> str | None:
+    """A warning when STE-FP16 layers train under bf16 autocast (None otherwise): autocast runs the layers' matmuls
+    in bf16, so the FP16 rounding they emulate is lost (the seed's "STE-FP16 under bf16 autocast" muddle)."""
+    if precision != "bf16":
+        return None
+    n = sum(1 for _, layer in lut_layers(model) if layer.ste_fp16)
+    if not n:
+        return None
+    return (f"{n} LUT layers emulate FP16 (ste_fp16), but bf16 autocast casts their weights to bf16 in the matmul, "
+            "so training does not see the FP16 numbers; use --precision fp32 for that")
 
 
 def build_student(cfg: TrainConfig, cache: KDCache, *, verbose: bool = True) -> tuple[torch.nn.Module, Any]:
