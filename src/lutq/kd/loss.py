@@ -57,6 +57,12 @@ def student_hidden(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Ten
     return decoder_body(model)(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
 
 
+def head_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The output head's weight [V, H]: `lm_head.weight`, or W_eff of a LUT lm_head (`quantize_lm_head`)."""
+    head = model.get_output_embeddings()
+    return head.effective_weight() if getattr(head, "lutq_quantized", False) else head.weight
+
+
 class KDStudent(torch.nn.Module):
     """The student plus the KD loss, as one module so that DDP wraps the whole step (forward + loss)."""
 
@@ -68,8 +74,7 @@ class KDStudent(torch.nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         hidden = student_hidden(self.model, batch["input_ids"])
         softcap = getattr(self.model.config, "final_logit_softcapping", None)
-        out = kd_loss(hidden, self.model.get_output_embeddings().weight, batch, self.loss_cfg,
-                      logit_softcap=softcap)
+        out = kd_loss(hidden, head_weight(self.model), batch, self.loss_cfg, logit_softcap=softcap)
         return out.loss, out.metrics
 
 
@@ -257,13 +262,15 @@ class _ChunkedCE(torch.autograd.Function):
                 kl, log_q, lse_rest, p_rest = _tail_bucket_kl(z, lse, ids, logp)
                 soft_sum += kl.sum()
             if need_h or need_w:
-                g = (z - lse[:, None]).exp_() if scale else torch.zeros_like(z)
+                with_soft = soft_ids is not None and bool(soft_coeff)
+                g = (z - lse[:, None]).exp_() if scale or with_soft else torch.zeros_like(z)
                 rows = torch.arange(len(y), device=g.device)
-                if soft_ids is not None and soft_coeff:
+                if with_soft:
                     alpha = soft_coeff / (scale or 1.0)
+                    base = 1.0 if scale else 0.0  # softmax's coefficient: Σ coefficients / scale, 0 if they cancel
                     # off ids: q_j − α p_r q_j / q_r = q_j · (1 − α p_r e^(lse − lse_rest)); on ids: q − α p
-                    g *= 1 - alpha * p_rest[:, None] * (lse - lse_rest).clamp(max=80)[:, None].exp()
-                    g.scatter_(1, ids, log_q.exp() - alpha * logp.exp())
+                    g *= base - alpha * p_rest[:, None] * (lse - lse_rest).clamp(max=80)[:, None].exp()
+                    g.scatter_(1, ids, base * log_q.exp() - alpha * logp.exp())
                 for k, c in enumerate(coeffs):
                     if c:
                         g.index_put_((rows, y[:, k]), torch.full_like(lse, -c / (scale or 1.0)), accumulate=True)
@@ -301,7 +308,7 @@ def evaluate_kd(model: torch.nn.Module, cache: Any, split: str = "val", batch_si
 
     cache = cache if isinstance(cache, KDCache) else KDCache(cache)
     cfg = cfg or KDLossConfig()
-    head = model.get_output_embeddings().weight
+    head = head_weight(model)
     softcap = getattr(model.config, "final_logit_softcapping", None)
     device = head.device
     was_training = model.training
