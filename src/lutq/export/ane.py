@@ -12,6 +12,7 @@ Every other tensor keeps its state_dict name (float16 by default, or its stored 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,9 +151,22 @@ def build_ane_artefact(model: nn.Module, *, keep_dtype: bool = False, source: st
         "model_config": _model_config(model), "forward": FORWARD, "index_packing": PACKING,
         "other_dtype": "stored" if keep_dtype else "float16",
         "weights": WEIGHTS, "lut_layers": lut_cfg, "tied": tied, "tensors": entries,
-        "quant_layout": storage.quant_layout(model), "size": storage.size_report(model),
+        "quant_layout": storage.quant_layout(model), "size": _size_report(model, tensors, entries),
     }
     return AneArtefact(config, tensors)
+
+
+def _size_report(model: nn.Module, tensors: dict[str, torch.Tensor], entries: dict[str, Any]) -> dict[str, Any]:
+    """`storage.size_report(model)` with the dense rest counted as the artefact stores it (FP16 by default)."""
+    from lutq.quant import storage
+
+    report = storage.size_report(model)
+    dense = [t for name, t in tensors.items() if entries[name]["layer"] is None]
+    report["other_params"] = sum(t.numel() for t in dense)
+    report["other_bytes"] = sum(t.numel() * t.element_size() for t in dense)
+    report["total_bytes"] = math.ceil(report["quantized"]["bits"] / 8) + report["other_bytes"]
+    report["disk_bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
+    return report
 
 
 def _model_config(model: nn.Module) -> dict[str, Any]:

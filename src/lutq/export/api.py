@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,16 +51,53 @@ def _probe(model: nn.Module, seq_len: int = 32) -> torch.Tensor:
     return torch.randint(0, model.config.vocab_size, (1, seq_len), generator=g)
 
 
-def snapped_lut_model(model: nn.Module) -> str | None:
-    """Snap a LUT model to FP16 in place unless it already is; returns the snap summary (None if it was)."""
+def snapped_lut_model(model: nn.Module, where: str = "the model") -> str | None:
+    """Snap a LUT model to FP16 in place unless it already is; returns the snap summary (None if it was).
+    A latent layer (no fixed indices) is refused before anything is snapped."""
     from lutq.quant import lut_layers, snap_model
     from lutq.quant.storage import is_snapped
 
-    if not any(True for _ in lut_layers(model)):
-        raise LutqError("this export needs a LUT (quantized) model; got a dense model — use --format hf")
+    layers = list(lut_layers(model))
+    if not layers:
+        raise LutqError(f"{where}: this export needs a LUT (quantized) model; got a dense model — use --format hf")
+    latent = [name for name, layer in layers if layer.mode == "latent"]
+    if latent:
+        more = f" (and {len(latent) - 1} more)" if len(latent) > 1 else ""
+        raise LutqError(f"{where}: LUT layer {latent[0]}{more} is latent, with no fixed indices to export; "
+                        "run `lutq convert latent-to-frozen` first")
     if is_snapped(model):
         return None
     return snap_model(model).summary()
+
+
+EXPORT_MARKERS = ("lutq_export.json", "coreml.json")  # hf / coreml; ane: config.json with format lutq-ane
+
+
+def _is_lutq_export(path: Path) -> bool:
+    if any((path / m).is_file() for m in EXPORT_MARKERS):
+        return True
+    try:
+        from lutq.export.ane import FORMAT
+
+        return json.loads((path / "config.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_out(out: Path, ckpt: str | Path | nn.Module) -> None:
+    """OUT may be new, an empty directory or a previous lutq export (replaced atomically on success); never the
+    checkpoint being exported or a directory holding it, a file, or a directory of anything else."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not out.is_dir():
+        raise LutqError(f"{out}: exists and is not a directory; choose another OUT")
+    if not isinstance(ckpt, nn.Module) and Path(ckpt).exists():
+        src, dst = Path(ckpt).resolve(), out.resolve()
+        if dst == src or dst in src.parents:
+            raise LutqError(f"{out}: is (or holds) the checkpoint {ckpt} being exported; choose another OUT")
+    if any(out.iterdir()) and not _is_lutq_export(out):
+        raise LutqError(f"{out}: exists, is not empty and is not a previous lutq export (no lutq-ane config.json, "
+                        f"{' or '.join(EXPORT_MARKERS)}); remove it or choose another OUT")
 
 
 @torch.no_grad()
@@ -72,16 +110,17 @@ def export(ckpt: str | Path | nn.Module, out: str | Path, format: str = "ane", c
 
     cfg = (cfg or ExportConfig()).replace(format=format)
     cfg.validate()
+    check_out(Path(out), ckpt)
     source = str(ckpt) if not isinstance(ckpt, nn.Module) else type(ckpt).__name__
     model, tok = (ckpt, tokenizer) if isinstance(ckpt, nn.Module) else load_model(ckpt)
     model.eval()
     if cfg.format == "hf":
         return _export_hf(model, tok, Path(out), cfg, source, model_size(model))
-    snap = snapped_lut_model(model)
-    result = ExportResult(Path(out), cfg.format, model_size(model), snap=snap)
+    snap = snapped_lut_model(model, source)
     from lutq.export.ane import build_ane_artefact, model_from_artefact, write_ane_artefact
 
     art = build_ane_artefact(model, keep_dtype=cfg.keep_dtype, source=source)
+    result = ExportResult(Path(out), cfg.format, _exported_size(model_size(model), art.config["size"]), snap=snap)
     if cfg.format == "ane":
         write_ane_artefact(art, out, tok)
         if cfg.verify:
@@ -102,6 +141,17 @@ def export(ckpt: str | Path | nn.Module, out: str | Path, format: str = "ane", c
         reference = model_from_artefact(art)(probe).logits
         result.checks["graph_max_abs_logit_diff"] = float((graph - reference).abs().max())
     return result
+
+
+def _exported_size(size: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
+    """`model_size(model)` with the artefact's own size report (dense tensors at their exported dtype); the
+    whole-model numbers recomputed the way `lutq.evaluate.size.model_size` does."""
+    q = report["quantized"]
+    params = q["weights"] + report["other_params"]
+    bits = q["bits"] + 8 * report["other_bytes"]
+    total = {"params": params, "size_mb": report["total_bytes"] / 1e6,
+             "bits_per_weight": bits / params if params else 0.0}
+    return {**size, "total": total, "report": report}
 
 
 def _logit_diff(a: nn.Module, b: nn.Module) -> float:
@@ -133,7 +183,8 @@ def print_result(result: ExportResult) -> None:
     if result.snap:
         console.print(result.snap)
     if result.size is not None:
-        console.print(size_table(result.size, title=f"size ({result.format} export source)"))
+        what = "export source" if result.format == "hf" else "export"
+        console.print(size_table(result.size, title=f"size ({result.format} {what})"))
     for k, v in result.checks.items():
         console.print(f"check {k}: {v:.3g}")
     console.print(f"[green]wrote[/] {result.path}")
