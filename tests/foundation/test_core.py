@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,3 +66,44 @@ def test_atomic_write_json(tmp_path: Path) -> None:
 def test_lutq_home_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LUTQ_HOME", str(tmp_path / "h"))
     assert lutq_home() == tmp_path / "h" and (tmp_path / "h").is_dir()
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid  # exited and reaped: no process has it (pids are not reused this quickly)
+
+
+def test_atomic_dir_swaps_in_one_step_and_leaves_nothing_behind(tmp_path: Path, monkeypatch) -> None:
+    import lutq.core.atomic as atomic
+
+    target = tmp_path / "ckpt"
+    for fallback in (False, True):  # renameat2 exchange (Linux), then the two-rename path
+        if fallback:
+            monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+        for text in ("one", "two"):
+            with atomic_dir(target) as tmp:
+                (tmp / "f").write_text(text)
+            assert (target / "f").read_text() == text
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+            assert target.stat().st_mode & 0o777 == 0o755  # readable by all, not mkdtemp's 0700
+
+
+def test_atomic_dir_puts_right_what_a_kill_left(tmp_path: Path) -> None:
+    target, dead = tmp_path / "ckpt", _dead_pid()
+    parked = tmp_path / f".ckpt.old-{dead}"  # killed between its two renames: the old dir parked, no target
+    parked.mkdir()
+    (parked / "f").write_text("old")
+    stale = tmp_path / f".ckpt.{dead}.abcd.tmp"  # killed while writing
+    stale.mkdir()
+    with pytest.raises(ValueError), atomic_dir(target) as tmp:
+        raise ValueError("fail after the recovery")
+    assert (target / "f").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    mine = tmp_path / f".ckpt.{os.getpid()}.live.tmp"  # a live process's scratch dir is never touched
+    mine.mkdir()
+    with atomic_dir(target) as tmp:
+        (tmp / "f").write_text("new")
+    assert (target / "f").read_text() == "new" and mine.is_dir()

@@ -4,10 +4,13 @@ or directory where a good one was."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,32 +63,88 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE); False where the OS, libc
+    or file system cannot. Hand-rolled with ctypes: the standard library has no atomic exchange."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _recover(path: Path) -> None:
+    """Undo what a killed `atomic_dir` on `path` left: the old directory parked as `.NAME.old-PID` when the kill
+    came between its two renames (restored if `path` is missing), and the temporary or parked directories of
+    processes that no longer run (removed)."""
+    name = re.escape(path.name)
+    parked = re.compile(rf"\.{name}\.old-(\d+)")
+    scratch = re.compile(rf"\.{name}\.(\d+)\..*\.tmp")
+    for entry in sorted(path.parent.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True):
+        if m := parked.fullmatch(entry.name):
+            if not path.exists():
+                os.replace(entry, path)
+            elif not _pid_alive(int(m.group(1))):
+                shutil.rmtree(entry, ignore_errors=True)
+        elif (m := scratch.fullmatch(entry.name)) and entry.is_dir() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def scratch_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary directory next to `path` (the same file system, so what is built in it can be renamed onto
+    `path`), removed on exit; what killed processes left for the same `path` is put right first (`_recover`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _recover(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary directory next to `path`; on success it replaces `path` as a whole.
 
-    On an exception the temporary directory is removed and an existing `path` is left untouched.
+    On an exception the temporary directory is removed and an existing `path` is left untouched. The swap is one
+    atomic exchange where the OS allows it (Linux), else two renames; what a kill leaves behind is put right by
+    the next `atomic_dir` on the same path. The result is readable by all (mode 0755), like `mkdir`'s default.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+    with scratch_dir(path) as tmp:
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
         yield tmp
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        tmp.chmod(0o755)
+        if not (path.exists() and _exchange(tmp, path)):  # exchanged: tmp holds the old directory, removed on exit
+            old = None
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                if old.exists():
+                    shutil.rmtree(old)
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

@@ -28,9 +28,11 @@ def speedrun_command(
 ) -> None:
     """Run a recipe's stages (cache -> quantize -> train -> convert -> train -> snap -> export -> eval), skipping
     finished ones and resuming an interrupted one; print the comparison table; append to runs/log.md."""
+    from rich.markup import escape
+
     import lutq.speedrun.stages  # noqa: F401  (registers the stage kinds)
     from lutq.speedrun.recipe import builtin_recipes, load_recipe
-    from lutq.speedrun.runner import KINDS, scale_params
+    from lutq.speedrun.runner import KINDS, stage_params
     from lutq.speedrun.speedrun import SpeedrunConfig, speedrun
 
     if list_recipes:
@@ -42,11 +44,9 @@ def speedrun_command(
     if dry_run:
         r = load_recipe(recipe, overrides)
         factor = r.factor(budget)
-        console.print(f"{r.name}: {r.description} (sized for {r.budget_minutes:g} min, scale ×{factor:.2f})")
-        for s in r.stages:
-            kind = KINDS.get(s.kind)
-            keys = s.scale if s.scale is not None else (kind.scaled if kind else ())
-            console.print(f"  {s.name} [{s.kind}]: {scale_params(s.params, keys, factor)}")
+        console.print(escape(f"{r.name}: {r.description} (sized for {r.budget_minutes:g} min, scale ×{factor:.2f})"))
+        for s in r.stages:  # the params the run would use (plugin kinds too), escaped from rich markup
+            console.print(escape(f"  {s.name} [{s.kind}]: {stage_params(s, factor)}"))
         return
     speedrun(SpeedrunConfig(recipe=recipe, budget=budget, run_dir=run_dir, log_dir=log_dir, force=tuple(force),
                             overrides=tuple(overrides), stop_after=stop_after, log=not no_log))

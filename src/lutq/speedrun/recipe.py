@@ -87,7 +87,10 @@ def parse_recipe(data: dict[str, Any], path: Path | None = None) -> Recipe:
         if bad or "name" not in s or "kind" not in s:
             raise LutqError(f"{where}: stages[{i}] needs name and kind, may have scale and params "
                             f"(unknown: {bad})")
-        scale = tuple(s["scale"]) if "scale" in s else None
+        scale = s.get("scale")
+        if scale is not None and (not isinstance(scale, list) or not all(isinstance(k, str) for k in scale)):
+            raise LutqError(f"{where}: stages[{i}] scale must be a list of param names, got {scale!r}")
+        scale = tuple(scale) if scale is not None else None
         stages.append(StageSpec(s["name"], s["kind"], dict(s.get("params", {})), scale))
     if not stages:
         raise LutqError(f"{where}: no [[stages]]")

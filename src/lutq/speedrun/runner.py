@@ -19,11 +19,13 @@ on it, and nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,6 +39,9 @@ from lutq.core.errors import LutqError
 
 STAGE_FILE = "stage.json"
 DONE_FILE = "done.json"
+# the --force list of a run that has not finished yet (stage names cannot start with "."): running the same
+# command again continues it instead of forcing the stages it already re-made once more
+FORCE_FILE = ".force.json"
 
 
 @dataclass
@@ -117,15 +122,35 @@ class StageResult:
 
 
 # -- params: budget scaling and @references -------------------------------------------------------------
-def scale_params(params: dict[str, Any], keys: tuple[str, ...], factor: float) -> dict[str, Any]:
-    """Multiply the numeric params named in `keys` by `factor` (ints stay ints: 0 stays 0, others >= 1)."""
+def scale_params(params: dict[str, Any], keys: tuple[str, ...], factor: float,
+                 defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Multiply the numeric params named in `keys` by `factor` (ints stay ints: 0 stays 0, others >= 1).
+
+    A key absent from `params` is scaled from `defaults` (the kind's default) and added only when scaling
+    changes it, so an unscaled stage keeps its params (and fingerprint)."""
     out = dict(params)
     for key in keys:
-        v = out.get(key)
+        v = out.get(key, (defaults or {}).get(key))
         if isinstance(v, bool) or not isinstance(v, int | float):
             continue
-        out[key] = (max(1, round(v * factor)) if v else 0) if isinstance(v, int) else v * factor
+        scaled = (max(1, round(v * factor)) if v else 0) if isinstance(v, int) else v * factor
+        if key in out or scaled != v:
+            out[key] = scaled
     return out
+
+
+def param_defaults(cls: type) -> dict[str, Any]:
+    """The fields of a params dataclass that have a plain default."""
+    if not dataclasses.is_dataclass(cls):
+        return {}
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+def stage_params(spec: StageSpec, factor: float) -> dict[str, Any]:
+    """`spec`'s params after budget scaling (its `scale` list, else its kind's), defaults included."""
+    kind = get_kind(spec.kind)
+    keys = kind.scaled if spec.scale is None else spec.scale
+    return scale_params(spec.params, keys, factor, param_defaults(kind.params))
 
 
 def _map_refs(value: Any, fn: Callable[[str, str], Any]) -> Any:
@@ -171,6 +196,15 @@ def check_stages(stages: list[StageSpec], where: str = "recipe") -> None:
         if s.name in seen:
             raise LutqError(f"{where}: stage name {s.name!r} used twice")
         kind = get_kind(s.kind)
+        if s.scale is not None:  # a typo would silently leave the param unscaled by --budget
+            if isinstance(s.scale, str) or not all(isinstance(k, str) for k in s.scale):
+                raise LutqError(f"{where}: stage {s.name!r}: scale must be a list of param names, got {s.scale!r}")
+            is_dc = dataclasses.is_dataclass(kind.params)
+            names = {f.name for f in dataclasses.fields(kind.params)} if is_dc else set()
+            unknown = sorted(set(s.scale) - names)
+            if names and unknown:
+                raise LutqError(f"{where}: stage {s.name!r}: scale names unknown param(s) {unknown}; "
+                                f"valid: {sorted(names)}")
         for ref in references(s.params):
             if ref not in seen:
                 raise LutqError(f"{where}: stage {s.name!r} refers to @{ref}, which is not an earlier stage")
@@ -189,8 +223,35 @@ def read_marker(path: Path) -> dict[str, Any] | None:
 
 
 def _clear(stage_dir: Path) -> None:
+    # the markers go first: a clear interrupted part-way must not leave a done.json over a partial output
+    for marker in (DONE_FILE, STAGE_FILE):
+        (stage_dir / marker).unlink(missing_ok=True)
     if stage_dir.exists():
         shutil.rmtree(stage_dir)
+
+
+def check_selection(stages: list[StageSpec], force: tuple[str, ...] = (), stop_after: str | None = None) -> None:
+    """--force / --stop-after must name stages of the recipe (a typo would force nothing / run everything)."""
+    names = [s.name for s in stages]
+    for option, values in (("--force", force), ("--stop-after", (stop_after,) if stop_after is not None else ())):
+        for value in values:
+            if value not in names:
+                raise LutqError(f"{option} {value!r}: no such stage; stages: {', '.join(names)}")
+
+
+def _force_token(run_dir: Path, force: tuple[str, ...]) -> str | None:
+    """The token of this --force list: the unfinished run's when it forced the same stages (the same command run
+    again continues it), else a new one. A run with another (or no) --force list abandons the unfinished one."""
+    pending = read_marker(run_dir / FORCE_FILE) or {}
+    if force and sorted(pending.get("force", [])) == sorted(force) and pending.get("token"):
+        return str(pending["token"])
+    (run_dir / FORCE_FILE).unlink(missing_ok=True)
+    if not force:
+        return None
+    token = uuid.uuid4().hex[:16]
+    atomic_write_json(run_dir / FORCE_FILE, {"force": sorted(force), "token": token,
+                                             "started": datetime.now(UTC).isoformat(timespec="seconds")})
+    return token
 
 
 def run_stages(
@@ -200,27 +261,33 @@ def run_stages(
     factor: float = 1.0,
     force: tuple[str, ...] = (),
     stop_after: str | None = None,
+    results: dict[str, StageResult] | None = None,
 ) -> list[StageResult]:
     """Run `stages` in order under `run_dir` (see the module doc for skip / resume / re-run).
 
-    `factor` scales each stage's scaled params; `force` names stages to re-run from scratch;
-    `stop_after` ends the run after that stage.
+    `factor` scales each stage's scaled params; `force` names stages to re-run from scratch (once: the same
+    `force` list after an interrupted run continues it); `stop_after` ends the run after that stage.
+    `results`, when given, is filled stage by stage (what a run that stops with an exception got through).
     """
     check_stages(stages)
+    check_selection(stages, force, stop_after)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, StageResult] = {}
+    token = _force_token(run_dir, tuple(force))
+    results = {} if results is None else results
     for spec in stages:
-        results[spec.name] = _run_one(spec, run_dir, results, factor, spec.name in force)
+        results[spec.name] = _run_one(spec, run_dir, results, factor, token if spec.name in force else None)
         if spec.name == stop_after:
             break
+    (run_dir / FORCE_FILE).unlink(missing_ok=True)  # this --force is done: a new one forces again
     return list(results.values())
 
 
 def _run_one(spec: StageSpec, run_dir: Path, results: dict[str, StageResult], factor: float,
-             force: bool) -> StageResult:
+             force: str | None) -> StageResult:
+    """Run, resume or skip one stage. `force`: the --force token when this stage is forced (see _force_token)."""
     kind = get_kind(spec.kind)
-    params = scale_params(spec.params, kind.scaled if spec.scale is None else spec.scale, factor)
+    params = stage_params(spec, factor)
     fp = fingerprint(spec.kind, params, {k: r.stamp for k, r in results.items()})
     stage_dir = run_dir / spec.name
     resolved = _map_refs(params, lambda stage, sub: str(results[stage].out / sub) if sub else str(results[stage].out))
@@ -228,10 +295,14 @@ def _run_one(spec: StageSpec, run_dir: Path, results: dict[str, StageResult], fa
     cfg = typed_params(kind, resolved, f"stage {spec.name!r}")
 
     done, started = read_marker(stage_dir / DONE_FILE), read_marker(stage_dir / STAGE_FILE)
-    if force:
+    # forced by this --force command already (it was interrupted later): continue, do not force it again
+    forced_before = force is not None and force in ((done or {}).get("force_token"), (started or {}).get("force_token"))
+    if force is not None and not forced_before:
         _clear(stage_dir)
     elif done and done.get("fingerprint") == fp:
         try:
+            if not (stage_dir / done.get("output", "out")).exists():
+                raise LutqError(f"{stage_dir / done.get('output', 'out')} is missing")
             kind.check(ctx, cfg)
             console.print(f"[dim]speedrun: {spec.name}: done earlier ({done.get('elapsed_s', 0):.0f} s), skipped[/]")
             return StageResult(spec.name, spec.kind, "skipped", stage_dir / done.get("output", "out"), 0.0,
@@ -253,6 +324,7 @@ def _run_one(spec: StageSpec, run_dir: Path, results: dict[str, StageResult], fa
     atomic_write_json(stage_dir / STAGE_FILE, {
         "kind": spec.kind, "fingerprint": fp, "params": resolved, "factor": factor,
         "started": datetime.now(UTC).isoformat(timespec="seconds"), "elapsed_before_s": previous,
+        "force_token": force,
     })
     t0, cpu0 = time.perf_counter(), time.process_time()
     try:
@@ -271,7 +343,7 @@ def _run_one(spec: StageSpec, run_dir: Path, results: dict[str, StageResult], fa
     finished = datetime.now(UTC).isoformat(timespec="microseconds")
     atomic_write_json(stage_dir / DONE_FILE, {
         "fingerprint": fp, "kind": spec.kind, "finished": finished,
-        "elapsed_s": total, "cpu_s": cpu, "output": output, "summary": summary,
+        "elapsed_s": total, "cpu_s": cpu, "output": output, "summary": summary, "force_token": force,
     })
     console.print(f"[green]speedrun: {spec.name} done in {elapsed:.0f} s[/]")
     return StageResult(spec.name, spec.kind, "resumed" if ctx.resume else "ran", stage_dir / output, elapsed, total,

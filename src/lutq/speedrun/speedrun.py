@@ -14,7 +14,7 @@ from lutq.core.configs import ConfigBase
 from lutq.core.console import console
 from lutq.speedrun.log import append_log, machine_info
 from lutq.speedrun.recipe import Recipe, load_recipe
-from lutq.speedrun.runner import DONE_FILE, StageResult, read_marker, run_stages
+from lutq.speedrun.runner import StageResult, check_selection, run_stages
 
 
 @dataclass
@@ -47,6 +47,7 @@ def speedrun(cfg: SpeedrunConfig) -> SpeedrunResult:
     import lutq.speedrun.stages  # noqa: F401  (registers the built-in stage kinds)
 
     recipe = load_recipe(cfg.recipe, cfg.overrides)
+    check_selection(recipe.stages, cfg.force, cfg.stop_after)  # before the run: a typo is not a logged run
     factor = recipe.factor(cfg.budget)
     run_dir = Path(cfg.run_dir or Path("runs") / f"speedrun-{recipe.name}")
     log_dir = Path(cfg.log_dir or run_dir.parent)
@@ -56,12 +57,14 @@ def speedrun(cfg: SpeedrunConfig) -> SpeedrunResult:
                   + f"; run dir {run_dir}")
     t0 = time.perf_counter()
     results: list[StageResult] = []
+    partial: dict[str, StageResult] = {}
     error = None
     try:
-        results = run_stages(recipe.stages, run_dir, factor=factor, force=cfg.force, stop_after=cfg.stop_after)
+        results = run_stages(recipe.stages, run_dir, factor=factor, force=cfg.force, stop_after=cfg.stop_after,
+                             results=partial)
     except BaseException as e:
         error = e
-        results = _finished(run_dir, recipe)
+        results = list(partial.values())  # what this run got through (done markers may be an older run's)
         raise
     finally:
         elapsed = time.perf_counter() - t0
@@ -79,19 +82,6 @@ def speedrun(cfg: SpeedrunConfig) -> SpeedrunResult:
     return SpeedrunResult(recipe, run_dir, results, elapsed, table, rows, files)
 
 
-def _finished(run_dir: Path, recipe: Recipe) -> list[StageResult]:
-    """The stages with a done marker (for logging a run that stopped part-way)."""
-    out = []
-    for s in recipe.stages:
-        done = read_marker(run_dir / s.name / DONE_FILE)
-        if done is None:
-            break
-        out.append(StageResult(s.name, s.kind, "done", run_dir / s.name / done.get("output", "out"), 0.0,
-                               float(done.get("elapsed_s", 0.0)), done.get("fingerprint", ""),
-                               done.get("summary", {})))
-    return out
-
-
 def _log_entry(cfg: SpeedrunConfig, recipe: Recipe, run_dir: Path, factor: float, results: list[StageResult],
                elapsed: float, table: str, rows: list[dict[str, Any]], error: BaseException | None) -> dict[str, Any]:
     status = "complete" if error is None and cfg.stop_after is None else (
@@ -103,7 +93,7 @@ def _log_entry(cfg: SpeedrunConfig, recipe: Recipe, run_dir: Path, factor: float
         "overrides": recipe.meta.get("overrides", []),  # what with_overrides applied
         "status": status,
         **machine_info(),
-        "command": " ".join(["lutq", *sys.argv[1:]]) if Path(sys.argv[0]).name == "lutq" else "speedrun()",
+        "command": " ".join(["lutq", *sys.argv[1:]]) if _from_cli() else "speedrun()",
         "run_dir": str(run_dir),
         "budget_minutes": cfg.budget if cfg.budget is not None else recipe.budget_minutes,
         "factor": factor,
@@ -115,3 +105,9 @@ def _log_entry(cfg: SpeedrunConfig, recipe: Recipe, run_dir: Path, factor: float
         "figures": rows,
         "error": None if error is None else str(error)[:500],
     }
+
+
+def _from_cli() -> bool:
+    """Run by the `lutq` command (or `python -m lutq.cli`), so sys.argv is the command line to log."""
+    prog = Path(sys.argv[0])
+    return prog.name == "lutq" or prog.parts[-2:] == ("lutq", "cli.py")

@@ -34,8 +34,15 @@ from lutq.train import TrainConfig
 
 def _checkpoint_ok(path: Path) -> None:
     from lutq.models import read_checkpoint_info
+    from lutq.models.checkpoint import WEIGHTS
 
-    read_checkpoint_info(path)  # raises LutqError naming what is wrong
+    info = read_checkpoint_info(path)  # raises LutqError naming what is wrong
+    weights = path / WEIGHTS  # config.json alone is not a checkpoint that loads: its weights must be there, whole
+    if not weights.is_file():
+        raise LutqError(f"{weights}: missing (incomplete checkpoint)")
+    if info.weights_bytes is not None and weights.stat().st_size != info.weights_bytes:
+        raise LutqError(f"{weights}: {weights.stat().st_size} bytes, config.json says {info.weights_bytes} "
+                        "(truncated or replaced)")
 
 
 # ----------------------------------------------------------------------------------------------- assets

@@ -98,10 +98,14 @@ def list_files(path: Path) -> list[tuple[str, Path]]:
     out = []
     for root, dirs, files in os.walk(path, followlinks=False):
         dirs.sort()
+        for d in dirs:  # not walked (followlinks=False): an error rather than an artefact silently missing it
+            if (Path(root) / d).is_symlink():
+                raise LutqError(f"{Path(root) / d}: a symlink to a directory; push its target, or copy it in")
         for f in sorted(files):
             p = Path(root) / f
-            if p.is_file():
-                out.append((p.relative_to(path).as_posix(), p))
+            if not p.is_file():
+                raise LutqError(f"{p}: not a regular file (a broken symlink?); it cannot be packed")
+            out.append((p.relative_to(path).as_posix(), p))
     return out
 
 

@@ -33,26 +33,31 @@ def push(
 ) -> None:
     """Pack PATH as NAME.tar.zst (or .tar.lz4) with a checksummed NAME.json manifest."""
     from lutq.store import Store
+    from lutq.store.store import check_shortcut
 
+    if alias:
+        check_shortcut(alias)  # before a push that may take minutes
     s = Store(store or "")
     m = s.push(name, path, codec=codec, level=level)
     if alias:
         s.alias(alias, name)
     console.print(f"pushed {name}: {len(m.files)} file(s), {_size(m.total_bytes)} -> {_size(m.archive_bytes)} "
-                  f"({m.archive}) to {s.url}" + (f"; shortcut {alias}" if alias else ""))
+                  f"({m.archive}) to {s.url}" + (f"; shortcut {alias}" if alias else ""), markup=False, emoji=False)
 
 
 @store_app.command("pull")
 def pull_one(
     name: str = typer.Argument(..., help="Artefact name or shortcut (cache:L64, ckpt:q2_best)."),
-    dest: str = typer.Option(None, "--dest", help="Where to unpack (default: the shortcut's, else ./NAME)."),
+    dest: str = typer.Option(None, "--dest", help="Where to unpack (default: the shortcut's, else ./BASENAME of "
+                             "NAME)."),
     force: bool = typer.Option(False, "--force", help="Re-download even if DEST already matches."),
     store: str = STORE_OPT,
 ) -> None:
     """Download, verify checksums, and unpack atomically (an existing DEST survives a failed pull)."""
     from lutq.store import Store
 
-    console.print(f"{name}: {Store(store or '').pull(name, dest, force=force)}")
+    # no markup / emoji: "ckpt:x: path" would print as "ckpt❌ path", a "[b]" in a path would vanish
+    console.print(f"{name}: {Store(store or '').pull(name, dest, force=force)}", markup=False, emoji=False)
 
 
 @store_app.command("list")
@@ -89,7 +94,7 @@ def alias(
     s = Store(store or "")
     if shortcut is None:
         for k, v in sorted(s.shortcuts().items()):
-            console.print(f"{k} -> {v.name}  (pulls to {v.destination(k)})")
+            console.print(f"{k} -> {v.name}  (pulls to {v.destination(k)})", markup=False, emoji=False)
         return
     if remove:
         s.alias(shortcut, None)
@@ -111,7 +116,7 @@ def pull_many(
 
     s = Store(store or "")
     for name in names:
-        console.print(f"{name}: {s.pull(name, force=force)}")
+        console.print(f"{name}: {s.pull(name, force=force)}", markup=False, emoji=False)
 
 
 def register(app: typer.Typer) -> None:

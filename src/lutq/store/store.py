@@ -17,17 +17,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from lutq import __version__
-from lutq.core.atomic import atomic_dir, sha256_file
-from lutq.core.console import progress
+from lutq.core.atomic import atomic_dir, scratch_dir, sha256_file
+from lutq.core.console import console, progress
 from lutq.core.errors import LutqError
 from lutq.core.home import lutq_home
 from lutq.store.archive import CODECS, HashingReader, HashingWriter, check_codec, list_files, pack, unpack
@@ -67,12 +67,23 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str) -> Manifest:
-        if d.get("format") != MANIFEST_FORMAT:
-            raise LutqError(f"{where}: not a lutq store manifest (format={d.get('format')!r})")
+        if not isinstance(d, dict) or d.get("format") != MANIFEST_FORMAT:
+            got = d.get("format") if isinstance(d, dict) else type(d).__name__
+            raise LutqError(f"{where}: not a lutq store manifest (format={got!r})")
         try:
-            return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+            m = cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
         except TypeError as e:
             raise LutqError(f"{where}: incomplete manifest ({e})") from e
+        # a damaged or hand-edited manifest is a clear error, not a KeyError half-way through a pull
+        files_ok = isinstance(m.files, dict) and all(
+            isinstance(f, dict) and isinstance(f.get("sha256"), str) and isinstance(f.get("bytes"), int)
+            for f in m.files.values())
+        expected = m.name.rsplit("/", 1)[-1] + CODECS.get(m.codec, "?") if isinstance(m.name, str) else None
+        if (not files_ok or m.kind not in ("dir", "file") or m.codec not in CODECS or m.archive != expected
+                or (m.kind == "file" and len(m.files) != 1)
+                or not isinstance(m.archive_sha256, str) or not isinstance(m.archive_bytes, int)):
+            raise LutqError(f"{where}: malformed manifest (kind, codec, archive or files do not check out)")
+        return m
 
 
 @dataclass
@@ -138,7 +149,7 @@ class Store:
         self.fs.mv(tmp, path)
 
     def _makedirs_for(self, path: str) -> None:
-        parent = path.rsplit("/", 1)[0]
+        parent = path.rsplit("/", 1)[0] if "/" in path else ""  # "x.json" at a filesystem's root has none
         if parent:
             self.fs.makedirs(parent, exist_ok=True)
 
@@ -160,9 +171,12 @@ class Store:
             rel = path[len(self.root) + 1 :] if self.root else path
             if not rel.endswith(".json") or rel == SHORTCUTS_FILE or ".partial-" in rel:
                 continue
-            data = self._read_json(rel)
-            if isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT:
-                out.append(Manifest.from_dict(data, f"{self.url}/{rel}"))
+            try:  # one damaged manifest is named, and does not hide the others
+                data = self._read_json(rel)
+                if isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT:
+                    out.append(Manifest.from_dict(data, f"{self.url}/{rel}"))
+            except LutqError as e:
+                console.print(f"[yellow]store list: skipped {escape(str(e))}[/]")
         return out
 
     def push(self, name: str, path: str | os.PathLike[str], *, codec: str = "zst", level: int | None = None,
@@ -220,20 +234,17 @@ class Store:
             if dest.exists() and not dest.is_dir():
                 raise LutqError(f"store pull: {dest} exists and is not a directory")
             with atomic_dir(dest) as tmp:
-                self._fetch_into(m, archive, tmp, show_progress)
+                self._fetch_into(m, archive, folder + m.archive, tmp, show_progress)
             return dest
         if dest.is_dir():
             raise LutqError(f"store pull: {dest} is a directory; {name} is a single file")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-        try:
-            self._fetch_into(m, archive, tmp, show_progress)
+        with scratch_dir(dest) as tmp:
+            self._fetch_into(m, archive, folder + m.archive, tmp, show_progress)
             os.replace(tmp / next(iter(m.files)), dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return dest
 
-    def _fetch_into(self, m: Manifest, archive: str, tmp: Path, show_progress: bool) -> None:
-        where = f"{self.url}/{m.archive}"
+    def _fetch_into(self, m: Manifest, archive: str, rel: str, tmp: Path, show_progress: bool) -> None:
+        where = self.url + ("" if self.url.endswith("/") else "/") + rel  # the archive's path, folder included
         with _bar(f"pull {m.name}", m.archive_bytes, show_progress) as advance, self.fs.open(archive, "rb") as raw:
             src = HashingReader(raw, advance)
             try:
@@ -257,8 +268,7 @@ class Store:
 
     def alias(self, shortcut: str, name: str | None, *, dest: str | None = None) -> None:
         """Define (or with `name=None` remove) shortcut -> artefact `name`, with an optional default dest."""
-        if not SHORTCUT_RE.match(shortcut):
-            raise LutqError(f"invalid shortcut {shortcut!r}: use letters, digits, ._- and one ':' (e.g. cache:L64)")
+        check_shortcut(shortcut)
         table = self.shortcuts()
         if name is None:
             if table.pop(shortcut, None) is None:
@@ -282,9 +292,16 @@ class Store:
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name) or name == SHORTCUTS_FILE.removesuffix(".json"):
+    # fullmatch: `$` would accept a trailing newline; ".partial-" marks a push in progress (list() skips it)
+    if not NAME_RE.fullmatch(name) or name == SHORTCUTS_FILE.removesuffix(".json") or ".partial-" in name:
         raise LutqError(f"invalid artefact name {name!r}: use letters, digits, ._- and '/' between parts")
     return name
+
+
+def check_shortcut(shortcut: str) -> str:
+    if not SHORTCUT_RE.fullmatch(shortcut):
+        raise LutqError(f"invalid shortcut {shortcut!r}: use letters, digits, ._- and one ':' (e.g. cache:L64)")
+    return shortcut
 
 
 def matches(dest: Path, m: Manifest) -> bool:
@@ -294,7 +311,10 @@ def matches(dest: Path, m: Manifest) -> bool:
     if m.kind == "file":
         ((_, info),) = m.files.items()
         return dest.stat().st_size == info["bytes"] and sha256_file(dest) == info["sha256"]
-    have = {rel: p for rel, p in list_files(dest)}
+    try:
+        have = {rel: p for rel, p in list_files(dest)}
+    except LutqError:  # e.g. a symlinked directory: not the artefact's files
+        return False
     if set(have) != set(m.files) or any(have[r].stat().st_size != i["bytes"] for r, i in m.files.items()):
         return False
     return all(sha256_file(have[r]) == i["sha256"] for r, i in m.files.items())
