@@ -105,6 +105,29 @@ def write_teacher_and_docs(root: Path, num_docs: int = 60, seed: int = 0) -> tup
     return model, tok
 
 
+def tiny_cache_config(root: Path, **settings: Any) -> Any:
+    """The CacheConfig of a tiny KD cache `root/cache` of `root/teacher` over `root/docs.jsonl` (see
+    `write_teacher_and_docs`): plain text, L=32, K=8, 48 sequences, 10 % held out, on the CPU; `settings`
+    override any field."""
+    from lutq.kd import CacheConfig
+
+    base: dict[str, Any] = {"model": str(root / "teacher"), "source": str(root / "docs.jsonl"), "thinking": "none",
+                            "seq_len": 32, "top_k": 8, "num_sequences": 48, "val_fraction": 0.1, "batch_size": 8,
+                            "device": "cpu", "out": root / "cache"}
+    return CacheConfig(**{**base, **settings})
+
+
+def tiny_cache(root: Path, *, num_docs: int = 60, teacher: tuple[torch.nn.Module, Any] | None = None,
+               **settings: Any) -> Path:
+    """Build the tiny KD cache of `tiny_cache_config(root, **settings)`; writes the teacher and documents first
+    (`write_teacher_and_docs(root, num_docs)`) unless `root/teacher` exists. Returns the cache directory."""
+    from lutq.kd import build_cache
+
+    if not (root / "teacher").is_dir():
+        teacher = write_teacher_and_docs(root, num_docs)
+    return build_cache(tiny_cache_config(root, **settings), teacher=teacher)
+
+
 def require_asset(name: str) -> None:
     """In tests: skip (naming the command to run) when an asset has not been fetched."""
     import pytest

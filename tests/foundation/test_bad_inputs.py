@@ -20,30 +20,20 @@ from typer.testing import CliRunner
 
 from lutq.cli import app
 from lutq.core import LutqError, sha256_file
-from lutq.testing import tiny_model, tiny_tokenizer, write_teacher_and_docs
+from lutq.testing import tiny_cache_config, tiny_model, tiny_tokenizer, write_teacher_and_docs
 
 
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """A tiny teacher, a KD cache of it (3 train shards + 1 val), and a q2a4 LUT checkpoint of it."""
-    from lutq.kd import CacheConfig, build_cache
+    from lutq.kd import build_cache
     from lutq.models import save_checkpoint
     from lutq.quant import quantize
 
     root = tmp_path_factory.mktemp("bad")
     model, tok = write_teacher_and_docs(root, num_docs=30)
-    cfg = CacheConfig(
-        model=str(root / "teacher"),
-        source=str(root / "docs.jsonl"),
-        thinking="none",
-        seq_len=16,
-        top_k=4,
-        num_sequences=16,
-        val_fraction=0.25,
-        batch_size=4,
-        shard_size=4,
-        out=root / "cache",
-    )
+    cfg = tiny_cache_config(root, seq_len=16, top_k=4, num_sequences=16, val_fraction=0.25, batch_size=4,
+                            shard_size=4)
     build_cache(cfg, teacher=(model, tok))
     student = copy.deepcopy(model)
     quantize(student, "q2a4", progress=False)

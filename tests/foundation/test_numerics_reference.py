@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from lutq.testing import tiny_config, tiny_model, tiny_tokenizer, write_teacher_and_docs
+from lutq.testing import tiny_cache, tiny_config, tiny_model, tiny_tokenizer
 
 F64 = torch.float64
 
@@ -53,24 +53,9 @@ L_CACHE, K_CACHE, R_CACHE = 24, 8, 4
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A KD cache of the sharp tiny teacher over plain-text documents: L=24, K=8, R=4, 7 train + 3 val."""
-    from lutq.kd import CacheConfig, build_cache
-
     root = tmp_path_factory.mktemp("numerics_kd")
-    write_teacher_and_docs(root, num_docs=30)
-    cfg = CacheConfig(
-        model=str(root / "teacher"),
-        source=str(root / "docs.jsonl"),
-        thinking="none",
-        seq_len=L_CACHE,
-        top_k=K_CACHE,
-        negatives=R_CACHE,
-        num_sequences=10,
-        val_fraction=0.3,
-        batch_size=4,
-        shard_size=3,
-        out=root / "cache",
-    )
-    return build_cache(cfg)
+    return tiny_cache(root, num_docs=30, seq_len=L_CACHE, top_k=K_CACHE, negatives=R_CACHE, num_sequences=10,
+                      val_fraction=0.3, batch_size=4, shard_size=3)
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from lutq.kd import CacheConfig, KDCache, build_cache, evaluate_kd
+from lutq.kd import KDCache, evaluate_kd
 from lutq.models import load_model, save_checkpoint
 from lutq.quant import LUTLinear, convert_q4_to_q2, get_preset, lut_layers, quantize
 from lutq.quant.convert import convert_checkpoint, convert_layer, usage_weights
 from lutq.quant.init import repick_indices_
 from lutq.quant.lut import kmeans_lut
 from lutq.quant.snap import snap_layer_
-from lutq.testing import WORDS, sharp_tiny_teacher, tiny_model, tiny_tokenizer
+from lutq.testing import WORDS, sharp_tiny_teacher, tiny_cache, tiny_model, tiny_tokenizer
 from lutq.train import train
 from lutq.train.config import TrainConfig
 from lutq.train.trainer import build_student, evaluate_student, ste_fp16_precision_note
@@ -107,20 +107,7 @@ def marked_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         for i in range(80):
             words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 20)))
             f.write(json.dumps({"text": f"doc{i:03d}x {words}"}) + "\n")
-    cache = build_cache(
-        CacheConfig(
-            model=str(root / "teacher"),
-            source=str(root / "docs.jsonl"),
-            thinking="none",
-            seq_len=32,
-            top_k=8,
-            num_sequences=80,
-            val_fraction=0.15,
-            batch_size=32,
-            out=root / "cache",
-        ),
-        teacher=(model, tok),
-    )
+    cache = tiny_cache(root, teacher=(model, tok), num_sequences=80, val_fraction=0.15, batch_size=32)
     return root / "teacher", cache
 
 

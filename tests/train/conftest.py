@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from lutq.testing import write_teacher_and_docs
+from lutq.testing import tiny_cache
 
 
 @dataclass
@@ -31,12 +31,7 @@ class KDFixture:
 
 @pytest.fixture(scope="session")
 def kd(tmp_path_factory: pytest.TempPathFactory) -> KDFixture:
-    from lutq.kd import CacheConfig, build_cache
-
     root = tmp_path_factory.mktemp("kd")
-    model, tok = write_teacher_and_docs(root, num_docs=60)
-    cache = build_cache(CacheConfig(model=str(root / "teacher"), source=str(root / "docs.jsonl"), thinking="none",
-                                    seq_len=32, top_k=8, negatives=4, num_sequences=96, val_fraction=0.1,
-                                    batch_size=32, out=root / "cache"), teacher=(model, tok))
+    cache = tiny_cache(root, num_docs=60, negatives=4, num_sequences=96, batch_size=32)
     return KDFixture(root=root, teacher=root / "teacher", cache=cache)
 
