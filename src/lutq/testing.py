@@ -105,6 +105,14 @@ def write_teacher_and_docs(root: Path, num_docs: int = 60, seed: int = 0) -> tup
     return model, tok
 
 
+# A tiny `lutq pretrain` run (PretrainConfig fields): a 2-layer d32 model, 6 steps of 2 x 2 x 16 tokens on the CPU.
+TINY_PRETRAIN: dict[str, Any] = {
+    "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "seq_len": 16, "micro_batch": 2, "grad_accum": 2,
+    "steps": 6, "warmup": 2, "lr": 1e-2, "eval_every": 3, "eval_iters": 2, "log_every": 1, "save_every": 0,
+    "sample_tokens": 0, "seed": 7, "device": "cpu", "compile": False,
+}
+
+
 def tiny_cache_config(root: Path, **settings: Any) -> Any:
     """The CacheConfig of a tiny KD cache `root/cache` of `root/teacher` over `root/docs.jsonl` (see
     `write_teacher_and_docs`): plain text, L=32, K=8, 48 sequences, 10 % held out, on the CPU; `settings`

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from lutq.cli import app
 from lutq.core import LutqError, sha256_file
-from lutq.testing import tiny_cache_config, tiny_model, tiny_tokenizer, write_teacher_and_docs
+from lutq.testing import TINY_PRETRAIN, tiny_cache_config, tiny_model, tiny_tokenizer, write_teacher_and_docs
 
 
 @pytest.fixture(scope="module")
@@ -318,24 +318,7 @@ def test_train_resume_with_bad_state_or_changed_mode(fx, tmp_path) -> None:
 
 # --- pretraining ----------------------------------------------------------------------------------------
 
-SMALL = {
-    "d_model": 32,
-    "n_layers": 2,
-    "n_heads": 2,
-    "d_ff": 64,
-    "seq_len": 16,
-    "micro_batch": 2,
-    "grad_accum": 1,
-    "steps": 4,
-    "warmup": 1,
-    "eval_every": 2,
-    "eval_iters": 1,
-    "log_every": 1,
-    "save_every": 2,
-    "sample_tokens": 0,
-    "device": "cpu",
-    "compile": False,
-}
+SMALL = {**TINY_PRETRAIN, "grad_accum": 1, "steps": 4, "warmup": 1, "eval_every": 2, "eval_iters": 1, "save_every": 2}
 
 
 @pytest.fixture(scope="module")

@@ -17,28 +17,11 @@ from lutq.data.tokens import TokenData, meta_path, prepare_tokens
 from lutq.pretrain import PretrainConfig, pretrain
 from lutq.pretrain.config import make_plan, unused_seq_len_note
 from lutq.pretrain.model import GPT, ModelConfig
-from lutq.testing import tiny_tokenizer
+from lutq.testing import TINY_PRETRAIN, tiny_tokenizer
 from lutq.train.schedule import lr_factor
 from lutq.train.state import DistContext
 
-SMALL = {
-    "d_model": 32,
-    "n_layers": 2,
-    "n_heads": 2,
-    "d_ff": 64,
-    "seq_len": 16,
-    "micro_batch": 2,
-    "grad_accum": 2,
-    "steps": 6,
-    "warmup": 2,
-    "lr": 1e-2,
-    "eval_every": 3,
-    "eval_iters": 3,
-    "log_every": 1,
-    "save_every": 0,
-    "sample_tokens": 0,
-    "seed": 7,
-}
+SMALL = {**TINY_PRETRAIN, "eval_iters": 3}
 WORDS = ["the", "king", "and", "queen", "rode", "to", "the", "sea", "where", "ships", "sailed", "at", "night"]
 
 

@@ -19,11 +19,9 @@ from lutq.data.tokens import prepare_tokens
 from lutq.models import load_trainer_state
 from lutq.pretrain import PretrainConfig, load_run_config, pretrain
 from lutq.pretrain.checkpoint import load_pretrain_checkpoint
-from lutq.testing import tiny_tokenizer
+from lutq.testing import TINY_PRETRAIN, tiny_tokenizer
 
-SMALL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "seq_len": 16, "micro_batch": 2,
-         "grad_accum": 2, "steps": 6, "warmup": 2, "lr": 1e-2, "eval_every": 3, "eval_iters": 2, "log_every": 1,
-         "save_every": 0, "sample_tokens": 0, "seed": 7}
+SMALL = TINY_PRETRAIN
 
 
 @pytest.fixture(scope="module")
