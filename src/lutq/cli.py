@@ -11,6 +11,7 @@ import importlib.util
 import sys
 
 import typer
+from rich.markup import escape
 
 from lutq import __version__
 from lutq.core.console import console, setup_logging
@@ -46,10 +47,22 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(value: str) -> str:
+    level = value.upper()
+    if level not in LOG_LEVELS:
+        raise typer.BadParameter(f"{value!r}: choose from {', '.join(LOG_LEVELS)} (any case)")
+    return level
+
+
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
-    log_level: str = typer.Option("WARNING", "--log-level", help="Python logging level."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+    log_level: str = typer.Option("WARNING", "--log-level", callback=_log_level,
+                                  help="Python logging level: " + ", ".join(LOG_LEVELS) + " (any case)."),
 ) -> None:
     setup_logging(log_level)
 
@@ -70,7 +83,9 @@ def main() -> None:
     try:
         app()
     except LutqError as e:
-        console.print(f"[bold red]error:[/] {e}")
+        # verbatim and on one line: no rich markup or emoji codes read from it ("[b]" in a path, "ckpt:x:"), no
+        # wrapping at the terminal width (a piped stderr is 80 columns)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, emoji=False)
         sys.exit(1)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from lutq.core.console import console
+from lutq.core.device import DEVICE_HELP
 
 bench_app = typer.Typer(
     help="Measure throughput (tokens/s), step time, peak memory and MFU; print a table, write JSON (--json).",
@@ -14,19 +15,29 @@ bench_app = typer.Typer(
 )
 
 JSON_OPT = typer.Option(None, "--json", help="Also write the results (with device, command, date) to this file.")
-DEVICE_OPT = typer.Option("auto", "--device", help="cpu, cuda, cuda:N (auto: cuda when available).")
+DEVICE_OPT = typer.Option("auto", "--device", help=DEVICE_HELP)
+
+
+def _old(new, old):
+    """The value of a renamed option: its old (hidden) spelling wins when given, else the new one."""
+    return new if old is None or old == [] else old
 
 
 @bench_app.command("qat")
 def qat(
     shape: str = typer.Option("auto", "--shape", help="small | tiny | smollm2-135m | qwen3-0.6b (auto: small on "
                               "CPU, qwen3-0.6b on GPU). Random weights, built from the config, no download."),
-    preset: str = typer.Option("q2a4", "--preset", help="Quantization preset."),
+    preset: str = typer.Option("q2a4", "--preset", "-p", help="Quantization preset: q2a4 | q4a4 | q4a4_r32 | q2a2."),
     mode: str = typer.Option("all", "--mode", help="Trainable set (all, mlp-only, attn-only, g-only, ...)."),
-    seq_len: list[int] = typer.Option([64, 128], "--seq-len", help="Sequence length(s) L (repeat the option)."),
-    batch: int = typer.Option(0, "--batch", help="Batch size (0: 4 on CPU, 64 on GPU)."),
-    topk: int = typer.Option(64, "--topk", help="Teacher top-K of the synthetic batch."),
-    dtype: list[str] = typer.Option(["auto"], "--dtype", help="fp32 | bf16 (autocast, fp32 master); repeatable."),
+    seq_len: list[int] = typer.Option([64, 128], "--seq-len", "-L", help="Sequence length(s) L in tokens (repeat "
+                                      "the option)."),
+    batch: int = typer.Option(0, "--batch-size", "-b", help="Sequences per step (0: 4 on CPU, 64 on GPU)."),
+    batch_old: int = typer.Option(None, "--batch", hidden=True, help="Old spelling of --batch-size."),
+    topk: int = typer.Option(64, "--top-k", "-K", help="Teacher top-K of the synthetic batch."),
+    topk_old: int = typer.Option(None, "--topk", hidden=True, help="Old spelling of --top-k."),
+    dtype: list[str] = typer.Option(["auto"], "--precision", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 "
+                                    "(autocast, fp32 master weights, as `lutq train --precision bf16`); repeatable."),
+    dtype_old: list[str] = typer.Option(None, "--dtype", hidden=True, help="Old spelling of --precision."),
     forward: list[str] = typer.Option(["materialized", "factored"], "--forward",
                                       help="materialized | factored; repeatable."),
     grad_ckpt: str = typer.Option("both", "--grad-ckpt", help="off | on | both."),
@@ -34,7 +45,7 @@ def qat(
                                            help="Weight of the full-vocab hard CE term (0: pure top-K KD)."),
     full_kl_weight: float = typer.Option(0.0, "--full-kl-weight",
                                          help="Weight of the full-vocab tail-bucket KL term (0: off)."),
-    steps: int = typer.Option(3, "--steps", help="Timed steps per configuration."),
+    steps: int = typer.Option(3, "--steps", help="Timed optimizer steps per configuration."),
     warmup: int = typer.Option(1, "--warmup", help="Untimed warmup steps per configuration."),
     compile_: bool = typer.Option(False, "--compile", help="Compile the decoder layers, as `lutq train --compile` "
                                   "does (warmup steps include the compilation)."),
@@ -51,6 +62,7 @@ def qat(
     from lutq.bench.report import print_stats, write_json
     from lutq.core.errors import LutqError
 
+    batch, topk, dtype = _old(batch, batch_old), _old(topk, topk_old), _old(dtype, dtype_old)
     ckpt = {"off": (False,), "on": (True,), "both": (False, True)}.get(grad_ckpt)
     if ckpt is None:
         raise LutqError(f"--grad-ckpt must be off, on or both, got {grad_ckpt!r}")
@@ -77,13 +89,15 @@ def qat(
 
 @bench_app.command("cache")
 def cache(
-    model: str = typer.Option("smollm2-135m-instruct", "--model",
+    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m",
                               help="Teacher (asset, HF dir, lutq checkpoint), or shape:NAME: random weights of a "
                               "`bench qat` shape (shape:smollm2-135m), nothing to fetch."),
-    seq_len: int = typer.Option(128, "--seq-len", help="Sequence length L."),
-    topk: int = typer.Option(64, "--topk", help="Top-K stored per position."),
-    negatives: int = typer.Option(0, "--negatives", help="Random negatives R per position."),
-    batch: int = typer.Option(8, "--batch", help="Sequences per teacher forward."),
+    seq_len: int = typer.Option(128, "--seq-len", "-L", help="Tokens per sequence (L)."),
+    topk: int = typer.Option(64, "--top-k", "-K", help="Teacher top-K logits stored per position (K)."),
+    topk_old: int = typer.Option(None, "--topk", hidden=True, help="Old spelling of --top-k."),
+    negatives: int = typer.Option(0, "--negatives", "-R", help="Random negative ids per position (R)."),
+    batch: int = typer.Option(8, "--batch-size", "-b", help="Sequences per teacher forward."),
+    batch_old: int = typer.Option(None, "--batch", hidden=True, help="Old spelling of --batch-size."),
     batches: int = typer.Option(4, "--batches", help="Timed batches."),
     device: str = DEVICE_OPT,
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16."),
@@ -93,6 +107,7 @@ def cache(
     from lutq.bench.report import print_dict, write_json
     from lutq.kd.bench import bench_cache
 
+    topk, batch = _old(topk, topk_old), _old(batch, batch_old)
     res = bench_cache(model, L=seq_len, K=topk, batch=batch, n_batches=batches, R=negatives, device=device,
                       dtype=dtype)
     print_dict(f"KD cache writing ({model})", res)
@@ -104,12 +119,14 @@ def cache(
 
 @bench_app.command("lut-linear")
 def lut_linear(
-    out_features: int = typer.Option(3072, "--out", help="Output features (Qwen3-0.6B gate/up: 3072)."),
-    in_features: int = typer.Option(1024, "--in", help="Input features."),
+    out_features: int = typer.Option(3072, "--out-features", help="Output features (Qwen3-0.6B gate/up: 3072)."),
+    out_old: int = typer.Option(None, "--out", hidden=True, help="Old spelling of --out-features."),
+    in_features: int = typer.Option(1024, "--in-features", help="Input features (Qwen3-0.6B gate/up: 1024)."),
+    in_old: int = typer.Option(None, "--in", hidden=True, help="Old spelling of --in-features."),
     tokens: int = typer.Option(2048, "--tokens", help="Rows of the input (batch x seq)."),
     rank: int = typer.Option(32, "--rank", help="Scale rank."),
     lut_size: int = typer.Option(4, "--lut-size", help="LUT entries (4: 2-bit, 16: 4-bit)."),
-    steps: int = typer.Option(5, "--steps", help="Timed steps."),
+    steps: int = typer.Option(5, "--steps", help="Timed training steps (materialized form)."),
     factored_steps: int = typer.Option(1, "--factored-steps", help="Timed steps of the factored form (0: skip)."),
     warmup: int = typer.Option(1, "--warmup", help="Untimed steps of each variant (compilation included)."),
     compile_: bool = typer.Option(False, "--compile", help="Also time torch.compile of the materialized layer."),
@@ -125,6 +142,7 @@ def lut_linear(
     from lutq.core.errors import LutqError
     from lutq.quant.bench import bench_lut_linear
 
+    out_features, in_features = _old(out_features, out_old), _old(in_features, in_old)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if dtype not in dtypes:
         raise LutqError(f"--dtype must be one of {sorted(dtypes)}, got {dtype!r}")
@@ -142,21 +160,30 @@ def pretrain(
     size: str = typer.Option("tiny", "--size", help="Model size preset (tiny, small, medium, 1b)."),
     variant: str = typer.Option("baseline", "--variant", help="Attention variant (baseline, gqa, bottleneck, "
                                 "decoupled)."),
-    seq_len: int = typer.Option(256, "--seq-len", help="Sequence length."),
+    seq_len: int = typer.Option(256, "--seq-len", "-L", help="Sequence length in tokens."),
     micro_batch: int = typer.Option(4, "--micro-batch", help="Sequences per step."),
     steps: int = typer.Option(10, "--steps", help="Timed optimizer steps."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed warmup steps."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16-mixed, bf16."),
+    dtype: str = typer.Option("auto", "--precision", help="auto, fast, fp32, bf16-mixed, bf16 (as `lutq pretrain "
+                              "--precision`)."),
+    dtype_old: str = typer.Option(None, "--dtype", hidden=True, help="Old spelling of --precision."),
     optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | lion."),
-    grad_ckpt: bool = typer.Option(False, "--grad-ckpt", help="Gradient checkpointing."),
+    grad_ckpt: bool = typer.Option(False, "--grad-checkpointing/--no-grad-checkpointing",
+                                   help="Recompute activations in backward (less memory)."),
+    grad_ckpt_old: bool = typer.Option(None, "--grad-ckpt", hidden=True, help="Old spelling of --grad-checkpointing."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the model."),
     device: str = DEVICE_OPT,
     json_out: Path = JSON_OPT,
 ) -> None:
     """Pretraining step throughput and MFU on random tokens (lutq.pretrain.bench.bench_pretrain)."""
     from lutq.bench.report import print_dict, write_json
+    from lutq.core.errors import LutqError
     from lutq.pretrain.bench import bench_pretrain
+    from lutq.pretrain.config import PRECISIONS
 
+    dtype, grad_ckpt = _old(dtype, dtype_old), _old(grad_ckpt, grad_ckpt_old)
+    if dtype not in PRECISIONS:
+        raise LutqError(f"--precision must be one of {', '.join(PRECISIONS)}, got {dtype!r}")
     res = bench_pretrain(size, variant, seq_len, micro_batch, steps, device, dtype, warmup=warmup,
                          optimizer=optimizer, grad_checkpoint=grad_ckpt, compile=compile_)
     print_dict(f"pretrain step: {size} {variant}", res)

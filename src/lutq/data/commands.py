@@ -27,7 +27,9 @@ def prepare(
     source: list[str] = typer.Option(..., "--source", "-s",
                                      help="Corpus asset (shakespeare, bible, python-docs, sharegpt), .txt/.json/"
                                           ".jsonl file or directory, or hf:NAME[:split]. Repeat or comma-separate."),
-    tokens: str = typer.Option(None, "--tokens", help="Stop after this many tokens (K/M/B suffixes: 100M, 1B)."),
+    tokens: str = typer.Option(None, "--max-tokens", help="Stop after this many tokens (K/M/B suffixes: 100M, 1B; "
+                               "default: all)."),
+    tokens_old: str = typer.Option(None, "--tokens", hidden=True, help="Old spelling of --max-tokens."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .npy (its meta goes to OUT.meta.json)."),
     workers: int = typer.Option(0, "--workers", help="Tokenizer processes (0: min(8, CPUs); 1: in-process)."),
 ) -> None:
@@ -35,7 +37,8 @@ def prepare(
     from lutq.data.tokens import prepare_tokens
     from lutq.pretrain.schedule import parse_count
 
-    max_tokens = parse_count(tokens, "--tokens") if tokens else None
+    tokens = tokens if tokens is not None else tokens_old
+    max_tokens = parse_count(tokens, "--max-tokens") if tokens else None
     data = prepare_tokens(tokenizer, split_sources(source), out, max_tokens=max_tokens, workers=workers or None)
     m = data.meta
     console.print(f"tokenizer {m['tokenizer']} (vocab {m['vocab_size']:,}, eos {m['eos_id']}), "

@@ -21,9 +21,10 @@ def ppl_cmd(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     text: list[str] = typer.Option(..., "--text", "-t", help=TEXT_HELP + " Repeat for several texts."),
     max_length: int = typer.Option(1024, "--max-length", help="Tokens per window."),
-    stride: int = typer.Option(512, "--stride", help="Window step; tokens scored per window (< max length)."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass."),
-    max_tokens: int = typer.Option(None, "--max-tokens", help="Score only the first N tokens of each text."),
+    stride: int = typer.Option(512, "--stride", help="Window step in tokens; tokens scored per window (< max length)."),
+    batch_size: int = typer.Option(4, "--batch-size", "-b", help="Windows per forward pass."),
+    max_tokens: int = typer.Option(None, "--max-tokens", help="Score only the first N tokens of each text (default: "
+                                   "all)."),
     device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16."),
     json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
@@ -35,12 +36,13 @@ def ppl_cmd(
     from lutq.evaluate.size import model_size, size_table
     from lutq.models import load_model
 
+    texts = {spec: load_text(spec) for spec in text}  # a bad text spec fails before the model loads
     m, tok = load_model(model, dtype=dtype, device=resolve_device(device))
     size = model_size(m)
     console.print(size_table(size, title=f"size of {model}"))
     results = {}
     for spec in text:
-        r = perplexity(m, tok, load_text(spec), max_length=max_length, stride=stride, batch_size=batch_size,
+        r = perplexity(m, tok, texts[spec], max_length=max_length, stride=stride, batch_size=batch_size,
                        max_tokens=max_tokens)
         results[spec] = r.to_dict()
         print(f"{spec}: ppl {r.ppl:.4f}  (nll {r.nll:.4f} nats/token, {r.tokens} tokens, {r.windows} windows, "
@@ -54,11 +56,13 @@ def kd_cmd(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     cache: Path = typer.Option(..., "--cache", "-c", help="KD cache directory (lutq cache)."),
     split: str = typer.Option("val", "--split", help="Cache split: val or train."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per batch."),
-    max_batches: int = typer.Option(None, "--max-batches", help="Stop after N batches."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", help="Sequences per batch."),
+    max_batches: int = typer.Option(None, "--max-batches", help="Stop after N batches (default: the whole split)."),
     device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
+    json_out: Path = typer.Option(None, "--json", help="Also write the metrics as JSON here."),
 ) -> None:
-    """KD loss, KL and top-1 agreement of a model against a teacher cache's validation split."""
+    """KD loss, KL and top-1 agreement of a model against a teacher cache's validation split (JSON on stdout)."""
+    from lutq.core.atomic import atomic_write_json
     from lutq.kd import KDCache, evaluate_kd
     from lutq.models import load_model
 
@@ -67,6 +71,8 @@ def kd_cmd(
     kd_cache.check_tokenizer(tok, m)
     metrics = evaluate_kd(m, kd_cache, split=split, batch_size=batch_size, max_batches=max_batches)
     print(json.dumps(metrics, indent=2))
+    if json_out:
+        atomic_write_json(json_out, {"model": model, "cache": str(cache), "split": split, "kd": metrics})
 
 
 @eval_app.command("compare")
@@ -74,14 +80,16 @@ def compare_cmd(
     models: list[str] = typer.Argument(..., help="Models to compare (checkpoints, HF dirs, assets)."),
     text: list[str] = typer.Option(None, "--text", "-t", help=TEXT_HELP + " Repeatable."),
     cache: Path = typer.Option(None, "--cache", "-c", help="KD cache for KD loss / KL / top-1 agreement."),
-    max_length: int = typer.Option(1024, "--max-length", help="Perplexity window."),
-    stride: int = typer.Option(512, "--stride", help="Perplexity stride."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward."),
-    max_tokens: int = typer.Option(None, "--max-tokens", help="Score only the first N tokens of each text."),
-    kd_max_batches: int = typer.Option(None, "--kd-max-batches", help="Cap the KD evaluation."),
+    max_length: int = typer.Option(1024, "--max-length", help="Perplexity window, in tokens."),
+    stride: int = typer.Option(512, "--stride", help="Perplexity window step, in tokens."),
+    batch_size: int = typer.Option(4, "--batch-size", "-b", help="Perplexity windows per forward pass."),
+    max_tokens: int = typer.Option(None, "--max-tokens", help="Score only the first N tokens of each text (default: "
+                                   "all)."),
+    kd_max_batches: int = typer.Option(None, "--kd-max-batches", help="Stop the KD evaluation after N batches "
+                                       "(default: the whole val split)."),
     device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
-    json_out: Path = typer.Option(None, "--json", help="Write the table as JSON."),
-    markdown_out: Path = typer.Option(None, "--markdown", help="Write the table as markdown."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the table as JSON here."),
+    markdown_out: Path = typer.Option(None, "--markdown", help="Also write the table as markdown here."),
 ) -> None:
     """One table (markdown on stdout, optional JSON/markdown files): ppl per text, KD metrics, size, bits/weight."""
     from lutq.core.atomic import atomic_write_json, atomic_write_text
@@ -109,11 +117,11 @@ def chat_cmd(
     thinking: bool = typer.Option(None, "--thinking/--no-thinking",
                                   help="Thinking on/off for templates that support it (Qwen3); default: template's."),
     temperature: float = typer.Option(0.7, "--temperature", help="Sampling temperature."),
-    top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling mass."),
-    repetition_penalty: float = typer.Option(1.1, "--repetition-penalty", help="1.0 = off."),
-    max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Generation limit per reply."),
+    top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling probability mass (0-1]."),
+    repetition_penalty: float = typer.Option(1.1, "--repetition-penalty", help="Repetition penalty (1.0 = off)."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Tokens generated per reply, at most."),
     greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding instead of sampling."),
-    seed: int = typer.Option(None, "--seed", help="Sampling seed."),
+    seed: int = typer.Option(None, "--seed", help="Sampling seed (default: unseeded)."),
     device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16."),
 ) -> None:

@@ -12,7 +12,8 @@ def export_cmd(
     out: Path = typer.Argument(..., help="Output directory (replaced atomically)."),
     format: str = typer.Option("ane", "--format", "-f", help="ane | hf | coreml."),
     keep_dtype: bool = typer.Option(False, "--keep-dtype", help="ane: non-LUT tensors keep their dtype (not FP16)."),
-    seq_len: int = typer.Option(128, "--seq-len", help="coreml: the program's static sequence length."),
+    seq_len: int = typer.Option(128, "--seq-len", "-L", help="coreml: the program's static sequence length "
+                                "(tokens)."),
     deployment_target: str = typer.Option("iOS18", "--deployment-target", help="coreml: iOS18 or newer."),
     hf_dtype: str = typer.Option(None, "--dtype", help="hf: fp32 | fp16 | bf16 (default: as loaded, fp32)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Reload what was written and compare."),

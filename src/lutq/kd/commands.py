@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from lutq.core.device import DEVICE_HELP
+
 cache_app = typer.Typer(
     help="Build a KD cache of teacher top-K logits (`lutq cache --model M --source S ...`) or check one "
          "(`lutq cache verify DIR`).",
@@ -28,14 +30,15 @@ def cache(
     top_k: int = typer.Option(64, "-K", "--top-k", help="Teacher top-K logits kept per position (K)."),
     negatives: int = typer.Option(0, "-R", "--negatives", help="Random negative ids per position (R)."),
     sequences: int = typer.Option(1000, "--sequences", "-n", help="Sequences in the cache (train + val)."),
-    max_tokens: int = typer.Option(None, "--max-tokens", help="Instead of --sequences: total tokens / L."),
+    max_tokens: int = typer.Option(None, "--max-tokens", help="Instead of --sequences: a token budget (sequences = "
+                                   "tokens / L)."),
     val_fraction: float = typer.Option(0.05, "--val-fraction", help="Share of sequences held out."),
-    batch_size: int = typer.Option(8, "--batch-size", "-b", help="Teacher batch size."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", help="Sequences per teacher forward."),
     seed: int = typer.Option(0, "--seed", help="Seed for document order and negatives."),
     shard_size: int = typer.Option(1024, "--shard-size", help="Sequences per shard file."),
     out: Path = typer.Option(None, "--out", "-o", help="Output dir (default $LUTQ_HOME/caches/<name>)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache made with other settings."),
 ) -> None:
     """Run the teacher over packed L-token blocks and store its top-K logits; resumes after a kill."""
@@ -66,7 +69,7 @@ def cache(
 def verify(
     path: Path = typer.Argument(..., help="KD cache directory."),
     n: int = typer.Option(4, "--sequences", "-n", help="Sequences to re-run through the teacher."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, ..."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Check shard checksums and re-run the teacher on a few sequences to compare the stored logits."""
     from lutq.core import LutqError, console

@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from lutq.core.console import console
+from lutq.core.device import DEVICE_HELP
 from lutq.core.errors import LutqError
 
 pretrain_app = typer.Typer(
@@ -21,13 +22,13 @@ _O = typer.Option
 @pretrain_app.callback(invoke_without_command=True)
 def pretrain_command(
     ctx: typer.Context,
-    data: str = _O(None, "--data", help="Token file from `lutq data prepare` (its .meta.json is checked)."),
-    out: str = _O(None, "--out", help="Run directory (default runs/pretrain-SIZE-VARIANT-seedSEED)."),
+    data: Path = _O(None, "--data", help="Token file from `lutq data prepare` (its .meta.json is checked)."),
+    out: Path = _O(None, "--out", "-o", help="Run directory (default runs/pretrain-SIZE-VARIANT-seedSEED)."),
     config: Path = _O(None, "--config", help="TOML/JSON file with PretrainConfig keys; flags override it."),
     run: bool = _O(False, "--run", help="Train. Without it this is a dry run that prints the plan."),
-    resume: str = _O(None, "--resume", help="Continue the run in this directory exactly (its run.json config)."),
-    size: str = _O(None, "--size", help="Model size preset: tiny, small, medium, 1b."),
-    variant: str = _O(None, "--variant", help="Attention: baseline, gqa, bottleneck, decoupled."),
+    resume: Path = _O(None, "--resume", help="Continue the run in this directory exactly (its run.json config)."),
+    size: str = _O(None, "--size", help="Model size preset: tiny (default), small, medium, 1b."),
+    variant: str = _O(None, "--variant", help="Attention: baseline (default), gqa, bottleneck, decoupled."),
     kv_heads: int = _O(None, "--kv-heads", help="gqa: key/value heads (default n_heads / 4)."),
     d_model: int = _O(None, "--d-model", help="Override the preset's width."),
     n_layers: int = _O(None, "--layers", help="Override the preset's depth."),
@@ -37,15 +38,18 @@ def pretrain_command(
     attn_dim: int = _O(None, "--attn-dim", help="Total Q/V width (bottleneck/decoupled default sem + geo)."),
     sem_dim: int = _O(None, "--sem-dim", help="decoupled: semantic Q/K width (default d_model / 16)."),
     geo_dim: int = _O(None, "--geo-dim", help="decoupled: geometric (RoPE) Q/K width (default d_model / 8)."),
-    null_attn: bool = _O(None, "--null-attn/--no-null-attn", help="Learned null key/value slot."),
-    tie_qk: bool = _O(None, "--tie-qk/--no-tie-qk", help="Keys use the query projection (not with gqa)."),
-    learned_temp: bool = _O(None, "--learned-temp/--no-learned-temp", help="Learned per-head temperature."),
+    null_attn: bool = _O(None, "--null-attn/--no-null-attn", help="Learned null key/value slot (default: off)."),
+    tie_qk: bool = _O(None, "--tie-qk/--no-tie-qk", help="Keys use the query projection (not with gqa; default: "
+                      "off)."),
+    learned_temp: bool = _O(None, "--learned-temp/--no-learned-temp", help="Learned per-head temperature (default: "
+                            "on)."),
     norm: str = _O(None, "--norm", help="rmsnorm (default) or layernorm."),
     gpu_mem: int = _O(None, "--gpu-mem", help="VRAM preset 80|40|24|16: seq len, micro-batch, accumulation."),
-    seq_len: int = _O(None, "--seq-len", help="Training sequence length (before/without a schedule)."),
+    seq_len: int = _O(None, "--seq-len", "-L", help="Training sequence length in tokens (before/without a schedule; "
+                      "default 1024, or --gpu-mem's)."),
     seq_schedule: str = _O(None, "--seq-schedule", help='Sequence-length schedule, e.g. "512@0,1024@2000".'),
-    micro_batch: int = _O(None, "--micro-batch", help="Sequences per forward pass."),
-    grad_accum: int = _O(None, "--grad-accum", help="Micro-batches per optimizer step."),
+    micro_batch: int = _O(None, "--micro-batch", help="Sequences per forward pass (default 4, or --gpu-mem's)."),
+    grad_accum: int = _O(None, "--grad-accum", help="Micro-batches per optimizer step (default 4, or --gpu-mem's)."),
     steps: int = _O(None, "--steps", help="Optimizer steps (default 1000)."),
     target_tokens: str = _O(None, "--target-tokens", help="Solve the step count for this many tokens (10B)."),
     optimizer: str = _O(None, "--optimizer", help="adamw (default) or lion."),
@@ -55,23 +59,32 @@ def pretrain_command(
     weight_decay: float = _O(None, "--weight-decay", help="Decoupled weight decay on matrices (0.1)."),
     grad_clip: float = _O(None, "--grad-clip", help="Gradient norm clip (1.0; 0 disables)."),
     precision: str = _O(None, "--precision", help="auto, fast (bf16-mixed where bf16 is native), fp32, "
-                         "bf16-mixed (fp32 master + autocast), bf16."),
-    grad_checkpoint: bool = _O(None, "--grad-checkpoint/--no-grad-checkpoint", help="Recompute activations."),
+                         "bf16-mixed (fp32 master + autocast), bf16 (default auto, or --gpu-mem's)."),
+    grad_checkpoint: bool = _O(None, "--grad-checkpointing/--no-grad-checkpointing",
+                               help="Recompute activations in backward (less memory; default off, or --gpu-mem's)."),
+    grad_checkpoint_old: bool = _O(None, "--grad-checkpoint/--no-grad-checkpoint", hidden=True,
+                                   help="Old spelling of --grad-checkpointing/--no-grad-checkpointing."),
     compile: bool = _O(None, "--compile/--no-compile", help="torch.compile the model (default: on with CUDA)."),
     val_fraction: float = _O(None, "--val-fraction", help="Held-out tail of the token file (0.05)."),
     eval_every: int = _O(None, "--eval-every", help="Evaluate (and update best/) every N steps (200)."),
-    eval_iters: int = _O(None, "--eval-iters", help="Micro-batches per evaluation (20)."),
+    eval_iters: int = _O(None, "--eval-batches", help="Micro-batches per evaluation (20)."),
+    eval_iters_old: int = _O(None, "--eval-iters", hidden=True, help="Old spelling of --eval-batches."),
     log_every: int = _O(None, "--log-every", help="Log every N steps (10)."),
     save_every: int = _O(None, "--save-every", help="Write last/ every N steps (500; also at the end)."),
     sample_tokens: int = _O(None, "--sample-tokens", help="Tokens of the sample in summary.md (64; 0: none)."),
     seed: int = _O(None, "--seed", help="Seed of the init and of the data positions (1337)."),
-    device: str = _O(None, "--device", help="auto, cpu, cuda, cuda:1, ..."),
+    device: str = _O(None, "--device", help=DEVICE_HELP + " Default: auto."),
     stop_after: int = _O(None, "--stop-after", help="Stop after N steps in this invocation (resumable)."),
     time_limit: float = _O(None, "--time-limit", help="Stop after this many minutes (resumable)."),
 ) -> None:
     """Pretrain: print the plan (params, global batch, steps, tokens, epochs, FLOPs); train with --run."""
-    flags: dict[str, Any] = {k: v for k, v in locals().items()
-                             if k not in ("ctx", "config", "run", "resume") and v is not None}
+    if grad_checkpoint is None:
+        grad_checkpoint = grad_checkpoint_old
+    if eval_iters is None:
+        eval_iters = eval_iters_old
+    flags: dict[str, Any] = {k: str(v) if isinstance(v, Path) else v for k, v in locals().items()
+                             if k not in ("ctx", "config", "run", "resume", "grad_checkpoint_old", "eval_iters_old")
+                             and v is not None}
     if ctx.invoked_subcommand is not None:
         return
     from lutq.pretrain.config import RUNTIME_FIELDS, PretrainConfig
@@ -92,9 +105,10 @@ def pretrain_command(
 def export_command(
     run: Path = typer.Argument(..., help="Run directory (uses best/, else last/) or a checkpoint directory."),
     out: Path = typer.Argument(..., help="Output directory."),
-    format: str = _O("hf", "--format", help="hf: a transformers LlamaForCausalLM directory."),
+    format: str = _O("hf", "--format", "-f", help="hf: a transformers LlamaForCausalLM directory."),
     checkpoint: str = _O("best", "--checkpoint", help="best or last (for a run directory)."),
-    tokenizer: str = _O(None, "--tokenizer", help="Tokenizer to ship when the checkpoint has none."),
+    tokenizer: str = _O(None, "--tokenizer", "-t", help="Tokenizer to ship when the checkpoint has none (gpt2, a "
+                        "model asset or an HF tokenizer directory)."),
     dtype: str = _O("fp32", "--dtype", help="fp32, bf16 or fp16 weights."),
 ) -> None:
     """Export a pretrained baseline/gqa model as a transformers directory (usable as a KD teacher)."""

@@ -14,6 +14,20 @@ store_app = typer.Typer(
 STORE_OPT = typer.Option(None, "--store", help="Store URL or directory (default: $LUTQ_STORE or LUTQ_HOME/store).")
 
 
+def _existing(store: str | None) -> str:
+    """A store that a read-only command (list, pull) names: a local directory given with --store must exist (the
+    Store would otherwise create it, and a typo'd path would list as an empty store)."""
+    import os
+    from pathlib import Path
+
+    from lutq.core.errors import LutqError
+
+    if store and "://" not in store and not Path(os.path.expanduser(store)).is_dir():
+        raise LutqError(f"store {store}: no such directory (--store names an existing store; `lutq store push` "
+                        "creates one)")
+    return store or ""
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -57,7 +71,7 @@ def pull_one(
     from lutq.store import Store
 
     # no markup / emoji: "ckpt:x: path" would print as "ckpt❌ path", a "[b]" in a path would vanish
-    console.print(f"{name}: {Store(store or '').pull(name, dest, force=force)}", markup=False, emoji=False)
+    console.print(f"{name}: {Store(_existing(store)).pull(name, dest, force=force)}", markup=False, emoji=False)
 
 
 @store_app.command("list")
@@ -67,7 +81,7 @@ def list_artefacts(store: str = STORE_OPT) -> None:
 
     from lutq.store import Store
 
-    s = Store(store or "")
+    s = Store(_existing(store))
     short: dict[str, list[str]] = {}
     for k, v in s.shortcuts().items():
         short.setdefault(v.name, []).append(k)
@@ -114,7 +128,7 @@ def pull_many(
     """Set up a machine in one command: pull every named artefact to its default destination."""
     from lutq.store import Store
 
-    s = Store(store or "")
+    s = Store(_existing(store))
     for name in names:
         console.print(f"{name}: {s.pull(name, force=force)}", markup=False, emoji=False)
 

@@ -7,34 +7,39 @@ from pathlib import Path
 import typer
 
 from lutq.core.console import console
+from lutq.core.device import DEVICE_HELP
 from lutq.core.errors import LutqError
 
 
 def train_command(
-    cache: Path = typer.Option(None, "--cache", help="KD cache directory (from `lutq cache`)."),
-    out: Path = typer.Option(None, "--out", help="Run directory to create (run.json, logs, best/, last/)."),
-    model: str = typer.Option(None, "--model", help="FP model to quantize (default: the cache's teacher)."),
-    preset: str = typer.Option(None, "--preset", help="Quantization preset for --model: q2a4, q4a4, ..."),
+    cache: Path = typer.Option(None, "--cache", "-c", help="KD cache directory (from `lutq cache`)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Run directory to create (run.json, logs, best/, last/)."),
+    model: str = typer.Option(None, "--model", "-m", help="FP model to quantize (default: the cache's teacher)."),
+    preset: str = typer.Option(None, "--preset", "-p", help="Quantization preset for --model: q2a4 (default), q4a4, "
+                               "q4a4_r32, q2a2."),
     init: Path = typer.Option(None, "--init", help="Start from this quantized lutq checkpoint instead."),
     resume: Path = typer.Option(None, "--resume", help="Continue this run directory exactly from its last/."),
     config: Path = typer.Option(None, "--config", help="TrainConfig as .toml/.json (flags override it)."),
-    mode: str = typer.Option(None, "--mode", help="What trains: all, mlp-only, attn-only, g-only, freeze-g, lut."),
+    mode: str = typer.Option(None, "--mode", help="What trains: all (default), mlp-only, attn-only, g-only, freeze-g, "
+                             "lut."),
     init_lut: str = typer.Option(None, "--init-lut", help="--model init: uniform or kmeans LUTs (kmeans)."),
     init_tighten: int = typer.Option(None, "--init-tighten", help="--model init: scale tighten rounds (4)."),
     init_calib_sequences: int = typer.Option(None, "--init-calib-sequences",
                                              help="--model init: GPTQ on this many cache sequences, 0 = off (256)."),
-    train_lut: bool = typer.Option(None, "--train-lut/--no-train-lut", help="Also train the LUT entries."),
+    train_lut: bool = typer.Option(None, "--train-lut/--no-train-lut",
+                                   help="Also train the LUT entries (default: off)."),
     latent: bool = typer.Option(None, "--latent/--no-latent", help="Train the weights (straight-through), "
                                 "starting from W_eff; scales and LUT stay fixed. Latent weights are in scale units "
-                                "(W / S), so the default --lr is 2e-3 (docs/train.md)."),
+                                "(W / S), so the default --lr is 2e-3 (docs/train.md). Default: off."),
     steps: int = typer.Option(None, "--steps", help="Optimizer steps (default 1000)."),
-    batch_size: int = typer.Option(None, "--batch-size", help="Sequences per micro-batch, over all ranks (8)."),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Sequences per micro-batch, over all ranks (8)."),
     grad_accum: int = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step (1)."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate (1e-4; 2e-3 with --latent)."),
     warmup: int = typer.Option(None, "--warmup", help="Linear warmup steps (100)."),
     min_lr_ratio: float = typer.Option(None, "--min-lr-ratio", help="Cosine floor as a fraction of --lr (0.1)."),
     weight_decay: float = typer.Option(None, "--weight-decay", help="AdamW weight decay (0)."),
-    clip: float = typer.Option(None, "--clip", help="Gradient norm clip, 0 = off (1.0)."),
+    clip: float = typer.Option(None, "--grad-clip", help="Gradient norm clip, 0 = off (1.0)."),
+    clip_old: float = typer.Option(None, "--clip", hidden=True, help="Old spelling of --grad-clip."),
     temperature: float = typer.Option(None, "--temperature", help="KD softmax temperature (KDLossConfig: 2.0)."),
     kd_weight: float = typer.Option(None, "--kd-weight", help="Weight of T²·KL over the teacher's top-K (1)."),
     hard_top1_weight: float = typer.Option(None, "--hard-top1-weight",
@@ -51,15 +56,17 @@ def train_command(
     ppl_text: list[str] = typer.Option(None, "--ppl-text", help="Held-out corpus for perplexity at eval, "
                                        "e.g. shakespeare:val (repeatable)."),
     seed: int = typer.Option(None, "--seed", help="Seed for data order and RNG (0)."),
-    device: str = typer.Option(None, "--device", help="auto (cuda if present), cpu, cuda, cuda:1, mps."),
+    device: str = typer.Option(None, "--device", help=DEVICE_HELP + " Default: auto."),
     precision: str = typer.Option(None, "--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU), fast "
                                   "(bf16 autocast where the device has native bf16: CUDA, AVX512-BF16/AMX CPUs), "
-                                  "fp32, bf16."),
+                                  "fp32, bf16. Default: auto."),
     grad_checkpointing: bool = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing",
-                                            help="Recompute activations in backward (less memory)."),
+                                            help="Recompute activations in backward (less memory; default: off)."),
     compile: bool = typer.Option(None, "--compile/--no-compile",
-                                 help="torch.compile each decoder layer (one compile, reused by every layer)."),
-    logger: list[str] = typer.Option(None, "--logger", help="wandb, trackio or tensorboard (repeatable)."),
+                                 help="torch.compile each decoder layer (one compile, reused by every layer; default: "
+                                 "off)."),
+    logger: list[str] = typer.Option(None, "--logger", help="wandb, trackio or tensorboard (repeatable; default: "
+                                     "none)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory at --out."),
 ) -> None:
     """Train a LUT student with KD against a teacher cache; `torchrun --nproc_per_node N` runs DDP.
@@ -71,6 +78,8 @@ def train_command(
     from lutq.train.run_dir import RunDir
     from lutq.train.trainer import train
 
+    if clip is None:
+        clip = clip_old
     flags = {
         "cache": cache, "out": out, "model": model, "preset": preset, "init": init, "mode": mode,
         "init_lut": init_lut, "init_tighten": init_tighten, "init_calib_sequences": init_calib_sequences,
@@ -103,7 +112,7 @@ def train_command(
 
 def plot_command(
     runs: list[Path] = typer.Argument(..., help="Run directories (from lutq train)."),
-    out: Path = typer.Option(Path("loss.png"), "--out", help="PNG file to write."),
+    out: Path = typer.Option(Path("loss.png"), "--out", "-o", help="PNG file to write."),
     logy: bool = typer.Option(False, "--logy", help="Logarithmic loss axis."),
 ) -> None:
     """Draw train and validation loss curves (the training objective) of one or several runs into a PNG."""
