@@ -54,3 +54,13 @@ def test_cli_starts_without_torch() -> None:
             "import lutq.kd; assert lutq.kd.KDCache.__name__ == 'KDCache'; "
             "assert lutq.kd.cache.__name__ == 'lutq.kd.cache'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_python_dash_m_lutq_is_the_cli() -> None:
+    import subprocess
+    import sys
+
+    from lutq import __version__
+
+    out = subprocess.run([sys.executable, "-m", "lutq", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"lutq {__version__}"
