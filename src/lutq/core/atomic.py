@@ -89,21 +89,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def remove_stale_scratch(path: Path) -> None:
+    """Remove the scratch files and directories that killed processes left next to `path`: `.NAME.PID.*.tmp` (this
+    module's, `lutq.data.tokens`') and `.NAME.PID.*.raw`, whose process PID no longer runs (those of running
+    processes are kept)."""
+    scratch = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\..*\.(tmp|raw)")
+    for entry in path.parent.iterdir():
+        if (m := scratch.fullmatch(entry.name)) and not _pid_alive(int(m.group(1))):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
 def _recover(path: Path) -> None:
     """Undo what a killed `atomic_dir` on `path` left: the old directory parked as `.NAME.old-PID` when the kill
-    came between its two renames (restored if `path` is missing), and the temporary or parked directories of
-    processes that no longer run (removed)."""
-    name = re.escape(path.name)
-    parked = re.compile(rf"\.{name}\.old-(\d+)")
-    scratch = re.compile(rf"\.{name}\.(\d+)\..*\.tmp")
+    came between its two renames (restored if `path` is missing, else removed once its process is gone), and
+    stale scratch (`remove_stale_scratch`)."""
+    parked = re.compile(rf"\.{re.escape(path.name)}\.old-(\d+)")
     for entry in sorted(path.parent.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True):
         if m := parked.fullmatch(entry.name):
             if not path.exists():
                 os.replace(entry, path)
             elif not _pid_alive(int(m.group(1))):
                 shutil.rmtree(entry, ignore_errors=True)
-        elif (m := scratch.fullmatch(entry.name)) and entry.is_dir() and not _pid_alive(int(m.group(1))):
-            shutil.rmtree(entry, ignore_errors=True)
+    remove_stale_scratch(path)
 
 
 @contextlib.contextmanager

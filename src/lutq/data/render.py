@@ -28,11 +28,14 @@ from lutq.assets.corpora import Document
 from lutq.core.errors import LutqError
 
 THINKING_MODES = ("off", "on", "both", "none")
-_THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
+# A block holds no other "<think>": a literal "<think>" in a user's text (no closing tag) must not start a match
+# that runs through the following turns to the next answer's "</think>".
+_THINK_BLOCK = re.compile(r"<think>(?:(?!<think>).)*?</think>\s*", re.DOTALL)
 
 
 def strip_thinking(text: str) -> str:
-    """Remove `<think>...</think>` blocks and the whitespace that follows each."""
+    """Remove `<think>...</think>` blocks (the innermost `<think>` before each `</think>`) and the whitespace
+    that follows each."""
     return _THINK_BLOCK.sub("", text)
 
 

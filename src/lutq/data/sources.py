@@ -76,19 +76,27 @@ def _split_suffix(spec: str) -> tuple[str, str | None]:
 # --- files ----------------------------------------------------------------------------------------
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LutqError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); convert it, e.g. "
+                        f"iconv -f latin1 -t utf-8") from e
+
+
 def _path_documents(path: Path) -> list[Document]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
             raise LutqError(f"{path}: directory holds no .txt files")
-        return [Document(id=str(p.relative_to(path)), text=p.read_text(encoding="utf-8")) for p in files]
+        return [Document(id=str(p.relative_to(path)), text=_read_text(p)) for p in files]
     if path.suffix == ".txt":
-        return [Document(id=path.name, text=path.read_text(encoding="utf-8"))]
+        return [Document(id=path.name, text=_read_text(path))]
     if path.suffix == ".jsonl":
         return list(records_to_documents(_jsonl_records(path), path.name))
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(_read_text(path))
         except json.JSONDecodeError as e:
             raise LutqError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
         if isinstance(data, dict):
@@ -103,8 +111,12 @@ def _path_documents(path: Path) -> list[Document]:
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise LutqError(f"{path}:{n}: not UTF-8 text (byte {e.start} of the line: {e.reason})") from e
             if not line.strip():
                 continue
             try:

@@ -30,7 +30,7 @@ import numpy as np
 from rich.progress import TextColumn
 
 from lutq import __version__
-from lutq.core.atomic import atomic_dir, atomic_write_json, sha256_file
+from lutq.core.atomic import atomic_dir, atomic_write_json, remove_stale_scratch, sha256_file
 from lutq.core.console import console, progress
 from lutq.core.errors import LutqError
 from lutq.core.formats import read_versioned_json
@@ -179,17 +179,37 @@ def _chunks(texts: Sequence[str], size: int) -> Iterator[list[str]]:
 
 
 def _encoded(texts: Sequence[str], tokenizer_json: str, workers: int) -> Iterator[list[np.ndarray]]:
-    """Token id arrays of `texts`, chunk by chunk, in order (a process pool when workers > 1)."""
+    """Token id arrays of `texts`, chunk by chunk, in order (a process pool when workers > 1).
+
+    At most 4 chunks per worker are in flight, so memory stays bounded however far the workers run ahead. A
+    worker that dies (killed, out of memory, failed start) is an error: `multiprocessing.Pool` would wait for it
+    forever."""
     if workers <= 1:
         _init_worker(tokenizer_json)
         os.environ.pop("TOKENIZERS_PARALLELISM", None)
         yield from map(_encode_chunk, _chunks(texts, CHUNK_DOCS))
         return
     import multiprocessing
+    from collections import deque
+    from concurrent.futures import Future, ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     ctx = multiprocessing.get_context("spawn")  # fork is unsafe with torch / tokenizer threads
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_json,)) as pool:
-        yield from pool.imap(_encode_chunk, _chunks(texts, CHUNK_DOCS))
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(tokenizer_json,))
+    pending: deque[Future[list[np.ndarray]]] = deque()
+    try:
+        for chunk in _chunks(texts, CHUNK_DOCS):
+            pending.append(pool.submit(_encode_chunk, chunk))
+            if len(pending) >= 4 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    except BrokenProcessPool as e:
+        raise LutqError(f"a tokenizer worker process died ({e}); run with --workers 1 to see its error, or fewer "
+                        "workers if memory ran out (a script calling prepare_tokens with workers > 1 needs an "
+                        "`if __name__ == '__main__':` guard)") from e
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _document_texts(sources: Sequence[str], tokenizer: Any) -> tuple[list[str], int]:
@@ -229,7 +249,8 @@ def prepare_tokens(
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise LutqError(f"tokenizer {name!r} is not a fast (tokenizers-backed) tokenizer")
-    vocab_size = len(tokenizer)
+    # Ids need not be dense (len() can be below the largest id + 1): the dtype must hold the largest one.
+    vocab_size = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
     dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
     eos = separator_id(tokenizer)
     texts, n_val_docs = _document_texts(sources, tokenizer)
@@ -237,7 +258,8 @@ def prepare_tokens(
         raise LutqError(f"sources {list(sources)} hold no text")
     workers = workers or min(8, os.cpu_count() or 1)
     out.parent.mkdir(parents=True, exist_ok=True)
-    raw_fd, raw_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".raw", dir=out.parent)
+    remove_stale_scratch(out)  # what killed prepares of `out` left (possibly GBs)
+    raw_fd, raw_name = tempfile.mkstemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".raw", dir=out.parent)
     raw = Path(raw_name)
     try:
         with os.fdopen(raw_fd, "wb") as f:
@@ -285,9 +307,12 @@ def _write_stream(f: Any, texts: Sequence[str], tokenizer_json: str, workers: in
 
 
 def _raw_to_npy(raw: Path, out: Path, dtype: np.dtype, n_tokens: int, meta: dict[str, Any]) -> None:
-    """Copy the raw stream into `out` via open_memmap at a temporary name, write the meta, then rename both."""
-    tmp_npy = out.with_name(f".{out.name}.tmp")
-    tmp_meta = meta_path(out).with_name(f".{meta_path(out).name}.tmp")
+    """Copy the raw stream into `out` via open_memmap at a temporary name, write the meta, then rename both.
+
+    The old meta is removed before the new token file takes its place, so a kill between the two renames leaves
+    a token file without meta (refused by `TokenData.open`), never new tokens described by the old meta."""
+    tmp_npy = out.with_name(f".{out.name}.{os.getpid()}.npy.tmp")
+    tmp_meta = out.with_name(f".{out.name}.{os.getpid()}.meta.tmp")
     try:
         arr = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=dtype, shape=(n_tokens,))
         src = np.memmap(raw, dtype=dtype, mode="r", shape=(n_tokens,)) if n_tokens else np.zeros(0, dtype)
@@ -297,6 +322,7 @@ def _raw_to_npy(raw: Path, out: Path, dtype: np.dtype, n_tokens: int, meta: dict
         arr.flush()
         del arr, src
         tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
+        meta_path(out).unlink(missing_ok=True)
         os.replace(tmp_npy, out)
         os.replace(tmp_meta, meta_path(out))
     except BaseException:
@@ -344,6 +370,9 @@ class TokenData:
                             "(truncated or replaced file)")
         if meta["vocab_size"] > np.iinfo(tokens.dtype).max + 1:
             raise LutqError(f"{mpath}: vocab_size {meta['vocab_size']} does not fit dtype {meta['dtype']}")
+        if not 0 <= meta["eos_id"] < meta["vocab_size"]:
+            raise LutqError(f"{mpath}: eos_id {meta['eos_id']} is outside the vocabulary (vocab_size "
+                            f"{meta['vocab_size']})")
         return cls(path=path, meta=meta, tokens=tokens)
 
     def __len__(self) -> int:

@@ -5,6 +5,8 @@ can provide it)."""
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,7 @@ def load_model(
     from lutq.assets.registry import ASSETS
 
     dtype = parse_dtype(dtype)
+    device = resolve_device(device)  # a bad device fails before a long load
     spec_str = str(spec)
     if spec_str in ASSETS:
         from lutq.assets.fetch import asset_path, is_fetched
@@ -72,25 +75,103 @@ def load_model(
         cfg = path / "config.json"
         if not cfg.is_file():
             raise LutqError(f"{path}: not a model directory (no config.json)")
-        if _is_lutq_checkpoint(cfg):
+        fmt = _lutq_format(cfg)
+        if fmt == "lutq-checkpoint":
             from lutq.models.checkpoint import load_checkpoint
 
             model, tok, _ = load_checkpoint(path, dtype=dtype, device=device)
             return model, tok
+        if fmt is not None:
+            raise LutqError(f"{path}: a {fmt} directory, not a model; {_OTHER_FORMATS.get(fmt, 'see docs/formats.md')}")
         return _load_hf(path, dtype, device)
     if spec_str.count("/") == 1 and not spec_str.startswith((".", "/", "~")):
-        return _load_hf(spec_str, dtype, device)
+        return _load_hf(spec_str, dtype, device, **_hub_source(spec_str))
     models = ", ".join(a for a, x in ASSETS.items() if x.kind == "model")
     raise LutqError(
         f"cannot resolve model {spec_str!r}: not an asset ({models}), not an existing path, not a hub id (org/name)"
     )
 
 
-def _is_lutq_checkpoint(cfg: Path) -> bool:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+# lutq directories with a config.json that are not models load_model reads, and what to do with them.
+_OTHER_FORMATS = {
+    "lutq-pretrain": "export it first: lutq pretrain export RUN --format hf OUT (baseline / gqa), then load OUT",
+    "lutq-ane": "load it with lutq.export.load_ane_artefact",
+}
+
+
+def _lutq_format(cfg: Path) -> str | None:
+    """The `format` of a lutq directory's config.json ('lutq-checkpoint', 'lutq-pretrain', ...), None for HF."""
     try:
-        return json.loads(cfg.read_text()).get("format") == "lutq-checkpoint"
-    except (json.JSONDecodeError, OSError) as e:
+        data = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
         raise LutqError(f"{cfg}: unreadable config ({e})") from e
+    fmt = data.get("format") if isinstance(data, dict) else None
+    return fmt if isinstance(fmt, str) and fmt.startswith("lutq-") else None
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").strip().upper()
+    return bool(constants.HF_HUB_OFFLINE) or env in ("1", "ON", "YES", "TRUE")
+
+
+def _unreachable(url: str, timeout: float = 3.0) -> str | None:
+    """Why `url`'s host (or the HTTPS proxy in use) cannot be reached within `timeout` seconds, or None.
+
+    A TCP connect in a daemon thread, so neither a slow DNS resolver nor dropped packets can hang the caller; the
+    hub client's own retries would take ~25 s to give up."""
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    proxy = urllib.request.getproxies().get("https")
+    target = urllib.parse.urlsplit(proxy if proxy and "://" in proxy else f"http://{proxy}" if proxy else url)
+    host, port = target.hostname, target.port or (443 if target.scheme == "https" else 80)
+    if not host:
+        return f"no host in {url!r}"
+    result: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(None)
+        except OSError as e:
+            result.append(f"{type(e).__name__}: {e}")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return result[0] if result else f"no answer from {host}:{port} within {timeout:.0f}s"
+
+
+def _hub_source(repo_id: str) -> dict[str, Any]:
+    """How to load hub id `repo_id`: from the local Hugging Face cache when it holds the model (no network at all),
+    else from the hub when it answers; else, within seconds, a LutqError naming the id and the ways out."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    from lutq.assets.registry import ASSETS
+
+    try:
+        cached = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError as e:  # huggingface_hub's HFValidationError: not a valid repo id
+        raise LutqError(f"cannot resolve model {repo_id!r}: no such local path, and not a valid hub id "
+                        f"({str(e).splitlines()[0]})") from e
+    if isinstance(cached, str):
+        return {"local_files_only": True}
+    models = ", ".join(a for a, x in ASSETS.items() if x.kind == "model")
+    ways = (f"use an asset ({models}), a local HF directory, a .gguf file or a lutq checkpoint, or download the "
+            "model into the Hugging Face cache where the hub is reachable")
+    where = f"no such local path, not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+    if _hub_offline():
+        raise LutqError(f"model {repo_id!r}: {where}, and HF_HUB_OFFLINE is set; {ways}")
+    reason = _unreachable(constants.ENDPOINT)
+    if reason is not None:
+        raise LutqError(f"model {repo_id!r}: {where}, and the hub {constants.ENDPOINT} is unreachable ({reason}); "
+                        f"{ways}")
+    return {}
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -105,19 +186,70 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def _load_hf(
-    where: str | Path, dtype: torch.dtype | None, device: str | torch.device, gguf_file: str | None = None
+    where: str | Path, dtype: torch.dtype | None, device: str | torch.device, gguf_file: str | None = None,
+    local_files_only: bool = False,
 ) -> tuple[torch.nn.Module, Any]:
+    """Model + tokenizer through transformers: `where` is a local directory (a Path; with `gguf_file`, the file's
+    directory) or a hub id (a str)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kw: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    if local_files_only:
+        kw["local_files_only"] = True
+    # A GGUF file is parsed by transformers' GGUF reader, whose failures on a damaged file are not OSErrors.
+    errors: tuple[type[BaseException], ...] = (Exception,) if gguf_file else (OSError, ValueError)
+    what = Path(where) / gguf_file if gguf_file else where
     try:
         config = AutoConfig.from_pretrained(where, **kw)
-    except (OSError, ValueError) as e:
-        raise LutqError(f"cannot load a model config from {where}: {str(e).splitlines()[0]}") from e
+    except errors as e:
+        raise LutqError(f"cannot load a model config from {what}: {_first_line(e)}") from e
     architecture_of(config)
+    # Without tokenizer files transformers builds an empty tokenizer from the model type, which encodes any text
+    # to no tokens at all.
+    local_dir = Path(where) if not gguf_file and isinstance(where, Path) else None
+    if local_dir is not None and not any((local_dir / f).is_file() for f in TOKENIZER_FILES):
+        raise LutqError(f"{local_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the model's "
+                        "tokenizer into it (tokenizer.save_pretrained)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kw)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
-    except (OSError, ValueError) as e:
-        raise LutqError(f"cannot load model from {where}: {str(e).splitlines()[0]}") from e
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw, **gguf_dense_kwargs(gguf_file))
+    except errors as e:
+        raise LutqError(f"cannot load model from {what}: {_first_line(e)}") from e
+    if gguf_file:
+        model = plain_copy(model)
     return model.to(resolve_device(device)).eval(), tokenizer
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def gguf_dense_kwargs(gguf_file: str | None) -> dict[str, Any]:
+    """Ask transformers for dense weights from a GGUF file where it can keep them packed (GgufConfig(dequantize))."""
+    if not gguf_file:
+        return {}
+    import inspect
+
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    if "dequantize" not in inspect.signature(GgufConfig.__init__).parameters:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def plain_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The same model without transformers' GGUF quantizer: a GGUF-loaded model keeps it (even with dense
+    weights), and then refuses save_pretrained and dtype casts. Rebuilt from its config without
+    quantization_config, with the weights copied; in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    dtype = next(model.parameters()).dtype
+    plain = AutoModelForCausalLM.from_config(type(model.config).from_dict(cfg), dtype=dtype)
+    plain.load_state_dict(model.state_dict())
+    plain.tie_weights()
+    return plain.eval()
