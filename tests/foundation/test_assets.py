@@ -101,6 +101,14 @@ def test_verify_detects_corruption(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert verify("bible") == []
     (root / "train.jsonl").write_text('{"id": "a", "text": "y"}\n')
     assert "sha256 mismatch" in verify("bible")[0]
+    from typer.testing import CliRunner
+
+    from lutq.cli import app
+    from lutq.core.errors import LutqError
+
+    result = CliRunner().invoke(app, ["assets", "verify"])  # the error names the asset to fetch again
+    assert isinstance(result.exception, LutqError)
+    assert "1 file(s) failed verification in bible; re-run: lutq assets fetch --force bible" in str(result.exception)
 
 
 def test_missing_asset_error_says_how_to_fetch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

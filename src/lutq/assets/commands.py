@@ -42,13 +42,15 @@ def verify_assets(names: list[str] = typer.Argument(None, help="Assets to verify
     """Re-hash fetched assets against their manifests."""
     from lutq.assets import ASSETS, is_fetched, verify
 
-    bad = 0
+    bad: dict[str, int] = {}
     for name in names or [n for n in ASSETS if is_fetched(n)]:
         problems = verify(name)
-        bad += len(problems)
+        if problems:
+            bad[name] = len(problems)
         console.print(f"{name}: " + ("[green]ok[/]" if not problems else "[red]" + "; ".join(problems) + "[/]"))
     if bad:
-        raise LutqError(f"{bad} file(s) failed verification; re-run: lutq assets fetch --force NAME")
+        raise LutqError(f"{sum(bad.values())} file(s) failed verification in {', '.join(bad)}; re-run: "
+                        f"lutq assets fetch --force {' '.join(bad)}")
 
 
 def register(app: typer.Typer) -> None:
