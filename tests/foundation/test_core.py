@@ -90,6 +90,7 @@ def test_atomic_dir_swaps_in_one_step_and_leaves_nothing_behind(tmp_path: Path, 
             assert (target / "f").read_text() == text
             assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
             assert target.stat().st_mode & 0o777 == 0o755  # readable by all, not mkdtemp's 0700
+    assert atomic_write_json(tmp_path / "m.json", {}).stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
 
 
 def test_atomic_dir_puts_right_what_a_kill_left(tmp_path: Path) -> None:
