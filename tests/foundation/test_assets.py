@@ -60,6 +60,14 @@ def test_normalize_conversation() -> None:
         {"role": "user", "content": "q"},
         {"role": "assistant", "content": "a"},
     ]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {}},
+                                          "and answer"]},
+             {"role": "assistant", "content": [{"type": "text", "text": "a cat"}]},
+             {"role": "user", "content": None}]
+    assert normalize_conversation(parts) == [  # OpenAI-style parts: the text kept, images left out
+        {"role": "user", "content": "look\nand answer"},
+        {"role": "assistant", "content": "a cat"},
+    ]
 
 
 def test_corpus_spec() -> None:

@@ -118,15 +118,27 @@ def sharegpt_conversations(path: Path) -> Iterator[dict[str, Any]]:
         yield obj
 
 
+def _text_of(content: Any) -> str:
+    """A message's text: a string, or the text parts of an OpenAI-style list of parts ({"type": "text", "text": ...}
+    or plain strings, joined by newlines; images and other parts are left out); "" for anything else."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [p if isinstance(p, str) else p.get("text") for p in content
+                 if isinstance(p, str) or (isinstance(p, dict) and p.get("type", "text") == "text")]
+        return "\n".join(p for p in parts if isinstance(p, str))
+    return ""
+
+
 def normalize_conversation(turns: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """ShareGPT turns ({from, value}) or chat messages ({role, content}) -> [{role, content}] that
-    alternate user/assistant (optionally after one system message); unknown roles are dropped and the
-    conversation is cut at the first break in alternation."""
+    """ShareGPT turns ({from, value}) or chat messages ({role, content}; content a string or a list of text parts)
+    -> [{role, content}] that alternate user/assistant (optionally after one system message); unknown roles are
+    dropped and the conversation is cut at the first break in alternation."""
     out: list[dict[str, str]] = []
     for t in turns:
         role = _ROLE.get(str(t.get("from", t.get("role", ""))).lower())
-        content = t.get("value", t.get("content"))
-        if role is None or not isinstance(content, str) or not content.strip():
+        content = _text_of(t.get("value", t.get("content")))
+        if role is None or not content.strip():
             continue
         if role == "system":
             if out:
