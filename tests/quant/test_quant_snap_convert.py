@@ -51,6 +51,15 @@ def test_snap_uses_given_probe_and_refuses_latent() -> None:
     quantize(model, get_preset("q4a4").replace(mode="latent"), progress=False)
     with pytest.raises(LutqError, match="latent-to-frozen"):
         snap_model(model)
+    mixed = tiny_model("llama")  # frozen layers before one latent layer: refused before any layer is snapped
+    quantize(mixed, "q4a4", progress=False)
+    layers = dict(lut_layers(mixed))
+    layers["model.layers.1.mlp.down_proj"].unfreeze()
+    before = {k: v.clone() for k, v in mixed.state_dict().items()}
+    with pytest.raises(LutqError, match=r"model\.layers\.1\.mlp\.down_proj is latent.*nothing was snapped"):
+        snap_model(mixed)
+    assert not any(la.snapped for la in layers.values())
+    assert all(torch.equal(before[k], v) for k, v in mixed.state_dict().items())
     assert freeze_latent(model) == 14 and quant_config_of(model).mode == "frozen"
     assert freeze_latent(model) == 0
     report = snap_model(model, IDS)

@@ -52,22 +52,19 @@ def _probe(model: nn.Module, seq_len: int = 32) -> torch.Tensor:
 
 
 def snapped_lut_model(model: nn.Module, where: str = "the model") -> str | None:
-    """Snap a LUT model to FP16 in place unless it already is; returns the snap summary (None if it was).
-    A latent layer (no fixed indices) is refused before anything is snapped."""
+    """Snap a LUT model to FP16 in place unless it already is; returns the snap summary (None if it was). Errors
+    (a latent layer: no fixed indices) name `where`."""
     from lutq.quant import lut_layers, snap_model
     from lutq.quant.storage import is_snapped
 
-    layers = list(lut_layers(model))
-    if not layers:
+    if not any(True for _ in lut_layers(model)):
         raise LutqError(f"{where}: this export needs a LUT (quantized) model; got a dense model — use --format hf")
-    latent = [name for name, layer in layers if layer.mode == "latent"]
-    if latent:
-        more = f" (and {len(latent) - 1} more)" if len(latent) > 1 else ""
-        raise LutqError(f"{where}: LUT layer {latent[0]}{more} is latent, with no fixed indices to export; "
-                        "run `lutq convert latent-to-frozen` first")
     if is_snapped(model):
         return None
-    return snap_model(model).summary()
+    try:
+        return snap_model(model).summary()  # refuses latent layers before it snaps any
+    except LutqError as e:
+        raise LutqError(f"{where}: {e}") from e
 
 
 EXPORT_MARKERS = ("lutq_export.json", "coreml.json")  # hf / coreml; ane: config.json with format lutq-ane

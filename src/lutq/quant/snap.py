@@ -85,6 +85,11 @@ def snap_model(model: nn.Module, probe_input_ids: torch.Tensor | None = None) ->
     layers = list(lut_layers(model))
     if not layers:
         raise LutqError("snap: the model has no LUT layers")
+    latent = [name for name, layer in layers if layer.mode == "latent"]
+    if latent:  # checked for all layers first: snapping in place must not stop half-way
+        more = f" (and {len(latent) - 1} more)" if len(latent) > 1 else ""
+        raise LutqError(f"snap: LUT layer {latent[0]}{more} is latent, with no fixed indices; run `lutq convert "
+                        "latent-to-frozen` first (nothing was snapped)")
     device = next(model.parameters()).device
     probe = (_default_probe(model) if probe_input_ids is None else probe_input_ids).to(device)
     was_training = model.training
