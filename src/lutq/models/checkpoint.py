@@ -246,3 +246,13 @@ def load_trainer_state(path: str | os.PathLike[str], keys: tuple[str, ...] = ())
     if missing:
         raise LutqError(f"{f}: incomplete trainer state (missing {', '.join(missing)})")
     return state
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], ckpt: str | os.PathLike[str],
+                         hint: str) -> None:
+    """`optimizer.load_state_dict(state["optimizer"])` of a trainer state from `ckpt`; a state whose parameter
+    groups do not fit this run is a LutqError naming the checkpoint, with `hint` (what to change)."""
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as e:
+        raise LutqError(f"{ckpt}: the saved optimizer state does not fit this run's parameters ({e}); {hint}") from e

@@ -33,6 +33,7 @@ from lutq.core.console import console, progress
 from lutq.core.errors import LutqError
 from lutq.data.tokens import TokenData
 from lutq.models import load_trainer_state
+from lutq.models.checkpoint import load_optimizer_state
 from lutq.models.runtime import AUTO_PRECISIONS, auto_picks_bf16
 from lutq.pretrain.checkpoint import load_weights_into, save_pretrain_checkpoint
 from lutq.pretrain.config import RUNTIME_FIELDS, Plan, PretrainConfig, make_plan, unused_seq_len_note
@@ -248,11 +249,8 @@ def _restore(ckpt: Path, model: GPT, optimizer: torch.optim.Optimizer, device: t
     """Load weights, optimizer, RNG and counters from the checkpoint `ckpt` (RUN/last/)."""
     load_weights_into(model, ckpt)
     state = load_trainer_state(ckpt, keys=("optimizer", "rng", "step", "tokens", "best_val", "elapsed"))
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-    except ValueError as e:  # e.g. a --null-attn run saved before the null slots left the weight-decay group
-        raise LutqError(f"{ckpt}: the saved optimizer state does not fit this run's parameter groups ({e}); "
-                        "it was saved by another lutq version or optimizer setup") from e
+    # e.g. a --null-attn run saved before the null slots left the weight-decay group
+    load_optimizer_state(optimizer, state, ckpt, "it was saved by another lutq version or optimizer setup")
     for group in optimizer.param_groups:
         if "fused" in group:
             group["fused"] = device.type == "cuda" or None

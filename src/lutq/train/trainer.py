@@ -27,6 +27,7 @@ from lutq.core.console import console, progress
 from lutq.core.errors import LutqError
 from lutq.kd import KDCache, KDStudent, evaluate_kd
 from lutq.models import load_checkpoint, load_model, load_trainer_state, save_checkpoint
+from lutq.models.checkpoint import load_optimizer_state
 from lutq.models.runtime import (
     AUTO_PRECISIONS,
     auto_picks_bf16,
@@ -131,11 +132,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
     step, tokens, elapsed0 = 0, 0, 0.0
     best = {"eval_loss": math.inf, "step": None}
     if resume:
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-        except ValueError as e:
-            raise LutqError(f"{ckpt}: the saved optimizer state does not fit the parameters this run trains ({e}); "
-                            "resume with the run's own --mode / --train-lut / --latent") from e
+        load_optimizer_state(optimizer, state, ckpt, "resume with the run's own --mode / --train-lut / --latent")
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         step, tokens, elapsed0 = int(state["step"]), int(state["tokens"]), float(state["elapsed"])
