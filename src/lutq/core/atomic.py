@@ -107,13 +107,13 @@ def _recover(path: Path) -> None:
     """Undo what a killed `atomic_dir` on `path` left: the old directory parked as `.NAME.old-PID` when the kill
     came between its two renames (restored if `path` is missing, else removed once its process is gone), and
     stale scratch (`remove_stale_scratch`)."""
-    parked = re.compile(rf"\.{re.escape(path.name)}\.old-(\d+)")
-    for entry in sorted(path.parent.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True):
-        if m := parked.fullmatch(entry.name):
-            if not path.exists():
-                os.replace(entry, path)
-            elif not _pid_alive(int(m.group(1))):
-                shutil.rmtree(entry, ignore_errors=True)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.old-(\d+)")
+    parked = [(e, int(m.group(1))) for e in path.parent.iterdir() if (m := pattern.fullmatch(e.name))]
+    for entry, pid in sorted(parked, key=lambda p: p[0].stat().st_mtime, reverse=True):  # newest restored first
+        if not path.exists():
+            os.replace(entry, path)
+        elif not _pid_alive(pid):
+            shutil.rmtree(entry, ignore_errors=True)
     remove_stale_scratch(path)
 
 
