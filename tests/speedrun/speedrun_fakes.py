@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ def _check_write(ctx: StageContext, p: WriteParams) -> None:
 class StepsParams(ConfigBase):
     steps: int = 5
     fail_at: int = -1  # raise once on reaching this step (a flag file in the run dir remembers it)
+    kill_at: int = -1  # SIGKILL this process once on reaching this step (likewise remembered)
     sleep: float = 0.0
 
 
@@ -50,6 +53,10 @@ def _run_steps(ctx: StageContext, p: StepsParams) -> dict:
         if i == p.fail_at and not flag.exists():
             flag.touch()
             raise RuntimeError(f"boom at step {i}")
+        killed = ctx.run_dir / f"{ctx.name}.killed"
+        if i == p.kill_at and not killed.exists():
+            killed.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(p.sleep)
         (ctx.out / f"step_{i:04d}").touch()
     return {"started_at": start, "steps": p.steps}

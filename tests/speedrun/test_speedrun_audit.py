@@ -35,31 +35,6 @@ WRITE, TABLE = fakes.WRITE, fakes.TABLE
 
 
 # -- kinds (also used by the subprocess) ---------------------------------------------------------------------
-@dataclass
-class KillStepsParams(ConfigBase):
-    steps: int = 6
-    kill_at: int = -1  # SIGKILL this process on reaching this step, once (a flag file in the run dir remembers it)
-
-
-def _run_kill_steps(ctx: StageContext, p: KillStepsParams) -> dict:
-    ctx.out.mkdir(parents=True, exist_ok=True)
-    start = len(list(ctx.out.glob("step_*")))
-    for i in range(start, p.steps):
-        flag = ctx.run_dir / f"{ctx.name}.killed"
-        if i == p.kill_at and not flag.exists():
-            flag.touch()
-            os.kill(os.getpid(), signal.SIGKILL)
-        (ctx.out / f"step_{i:04d}").touch()
-    return {"started_at": start, "steps": p.steps}
-
-
-def _check_kill_steps(ctx: StageContext, p: KillStepsParams) -> None:
-    n = len(list(ctx.out.glob("step_*")))
-    if n != p.steps:
-        raise LutqError(f"{ctx.out}: {n} of {p.steps} steps")
-
-
-KSTEPS = register_kind(StageKind("audit-steps", KillStepsParams, _run_kill_steps, _check_kill_steps, scaled=("steps",)))
 
 
 @dataclass
@@ -133,7 +108,7 @@ n = 3
 
 [[stages]]
 name = "train"
-kind = "test_speedrun_audit:KSTEPS"
+kind = "speedrun_fakes:STEPS"
 [stages.params]
 steps = 6
 kill_at = {kill_at}
