@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,13 +70,14 @@ EXPORT_MARKERS = ("lutq_export.json", "coreml.json")  # hf / coreml; ane: config
 
 
 def _is_lutq_export(path: Path) -> bool:
+    from lutq.export.ane import FORMAT
+    from lutq.models.load import lutq_format
+
     if any((path / m).is_file() for m in EXPORT_MARKERS):
         return True
     try:
-        from lutq.export.ane import FORMAT
-
-        return json.loads((path / "config.json").read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+        return (path / "config.json").is_file() and lutq_format(path / "config.json") == FORMAT
+    except LutqError:  # an unreadable config.json: not an export
         return False
 
 

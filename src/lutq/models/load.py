@@ -75,7 +75,7 @@ def load_model(
         cfg = path / "config.json"
         if not cfg.is_file():
             raise LutqError(f"{path}: not a model directory (no config.json)")
-        fmt = _lutq_format(cfg)
+        fmt = lutq_format(cfg)
         if fmt == "lutq-checkpoint":
             from lutq.models.checkpoint import load_checkpoint
 
@@ -101,7 +101,7 @@ _OTHER_FORMATS = {
 }
 
 
-def _lutq_format(cfg: Path) -> str | None:
+def lutq_format(cfg: Path) -> str | None:
     """The `format` of a lutq directory's config.json ('lutq-checkpoint', 'lutq-pretrain', ...), None for HF."""
     try:
         data = json.loads(cfg.read_text())
