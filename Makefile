@@ -15,6 +15,7 @@ speedrun: assets
 
 test: assets
 	$(BIN)/python -m ruff check src tests
+	$(BIN)/python -m ruff format --check src tests
 	$(BIN)/python -m pytest -q
 
 lint: setup

@@ -59,10 +59,15 @@ def _log_level(value: str) -> str:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print the version and exit."),
-    log_level: str = typer.Option("WARNING", "--log-level", callback=_log_level,
-                                  help="Python logging level: " + ", ".join(LOG_LEVELS) + " (any case)."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    log_level: str = typer.Option(
+        "WARNING",
+        "--log-level",
+        callback=_log_level,
+        help="Python logging level: " + ", ".join(LOG_LEVELS) + " (any case).",
+    ),
 ) -> None:
     setup_logging(log_level)
 

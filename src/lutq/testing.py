@@ -34,20 +34,38 @@ def tiny_tokenizer() -> Any:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                 bos_token=None, unk_token=None)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None, unk_token=None
+    )
     hf.chat_template = CHAT_TEMPLATE
     return hf
 
 
-def tiny_config(arch: str = "qwen3", *, vocab_size: int = 320, hidden: int = 64, layers: int = 2,
-                intermediate: int = 128, heads: int = 4, kv_heads: int = 2) -> Any:
+def tiny_config(
+    arch: str = "qwen3",
+    *,
+    vocab_size: int = 320,
+    hidden: int = 64,
+    layers: int = 2,
+    intermediate: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+) -> Any:
     """Config of a tiny model of `arch`; dimensions are multiples of 32 so group-32 scale init applies."""
-    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
-                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                  head_dim=hidden // heads, max_position_embeddings=512, tie_word_embeddings=True,
-                  bos_token_id=None, eos_token_id=SPECIAL_TOKENS.index("<|im_end|>") + 256,
-                  pad_token_id=256)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=SPECIAL_TOKENS.index("<|im_end|>") + 256,
+        pad_token_id=256,
+    )
     if arch == "qwen3":
         from transformers import Qwen3Config
 
@@ -84,8 +102,31 @@ def sharp_tiny_teacher() -> torch.nn.Module:
     return model
 
 
-WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards",
-         "quietly", "hex", "jolly", "bakers", "and", "bright", "vixens", "climb", "past", "eight", "humble")
+WORDS = (
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "wizards",
+    "quietly",
+    "hex",
+    "jolly",
+    "bakers",
+    "and",
+    "bright",
+    "vixens",
+    "climb",
+    "past",
+    "eight",
+    "humble",
+)
 
 
 def write_teacher_and_docs(root: Path, num_docs: int = 60, seed: int = 0) -> tuple[torch.nn.Module, Any]:
@@ -107,9 +148,24 @@ def write_teacher_and_docs(root: Path, num_docs: int = 60, seed: int = 0) -> tup
 
 # A tiny `lutq pretrain` run (PretrainConfig fields): a 2-layer d32 model, 6 steps of 2 x 2 x 16 tokens on the CPU.
 TINY_PRETRAIN: dict[str, Any] = {
-    "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "seq_len": 16, "micro_batch": 2, "grad_accum": 2,
-    "steps": 6, "warmup": 2, "lr": 1e-2, "eval_every": 3, "eval_iters": 2, "log_every": 1, "save_every": 0,
-    "sample_tokens": 0, "seed": 7, "device": "cpu", "compile": False,
+    "d_model": 32,
+    "n_layers": 2,
+    "n_heads": 2,
+    "d_ff": 64,
+    "seq_len": 16,
+    "micro_batch": 2,
+    "grad_accum": 2,
+    "steps": 6,
+    "warmup": 2,
+    "lr": 1e-2,
+    "eval_every": 3,
+    "eval_iters": 2,
+    "log_every": 1,
+    "save_every": 0,
+    "sample_tokens": 0,
+    "seed": 7,
+    "device": "cpu",
+    "compile": False,
 }
 
 
@@ -119,14 +175,24 @@ def tiny_cache_config(root: Path, **settings: Any) -> Any:
     override any field."""
     from lutq.kd import CacheConfig
 
-    base: dict[str, Any] = {"model": str(root / "teacher"), "source": str(root / "docs.jsonl"), "thinking": "none",
-                            "seq_len": 32, "top_k": 8, "num_sequences": 48, "val_fraction": 0.1, "batch_size": 8,
-                            "device": "cpu", "out": root / "cache"}
+    base: dict[str, Any] = {
+        "model": str(root / "teacher"),
+        "source": str(root / "docs.jsonl"),
+        "thinking": "none",
+        "seq_len": 32,
+        "top_k": 8,
+        "num_sequences": 48,
+        "val_fraction": 0.1,
+        "batch_size": 8,
+        "device": "cpu",
+        "out": root / "cache",
+    }
     return CacheConfig(**{**base, **settings})
 
 
-def tiny_cache(root: Path, *, num_docs: int = 60, teacher: tuple[torch.nn.Module, Any] | None = None,
-               **settings: Any) -> Path:
+def tiny_cache(
+    root: Path, *, num_docs: int = 60, teacher: tuple[torch.nn.Module, Any] | None = None, **settings: Any
+) -> Path:
     """Build the tiny KD cache of `tiny_cache_config(root, **settings)`; writes the teacher and documents first
     (`write_teacher_and_docs(root, num_docs)`) unless `root/teacher` exists. Returns the cache directory."""
     from lutq.kd import build_cache

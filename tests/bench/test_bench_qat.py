@@ -14,11 +14,24 @@ from lutq.core.errors import LutqError
 
 
 def test_variants_train_and_report() -> None:
-    cfg = QATBenchConfig(shape="tiny", seq_lens=(16,), batch=2, topk=8, steps=1, warmup=0, device="cpu",
-                         dtypes=("fp32",), grad_ckpt=(False, True))
+    cfg = QATBenchConfig(
+        shape="tiny",
+        seq_lens=(16,),
+        batch=2,
+        topk=8,
+        steps=1,
+        warmup=0,
+        device="cpu",
+        dtypes=("fp32",),
+        grad_ckpt=(False, True),
+    )
     res = bench_qat(cfg)
-    assert [r.label.split()[2:4] for r in res.rows] == [["materialized", "no-ckpt"], ["materialized", "ckpt"],
-                                                       ["factored", "no-ckpt"], ["factored", "ckpt"]]
+    assert [r.label.split()[2:4] for r in res.rows] == [
+        ["materialized", "no-ckpt"],
+        ["materialized", "ckpt"],
+        ["factored", "no-ckpt"],
+        ["factored", "ckpt"],
+    ]
     for r in res.rows:
         assert r.batch == 2 and r.seq_len == 16 and r.step_s > 0 and r.mfu is None  # no CPU peak
         assert r.tokens_per_s == pytest.approx(2 * 16 / r.step_s)
@@ -37,9 +50,20 @@ def test_step_updates_only_trainable_scales_and_bf16_runs() -> None:
 
 def test_find_max_batch_path_runs_real_steps() -> None:
     """On CPU nothing runs out of memory, so the search stops at the upper bound after real probes."""
-    cfg = QATBenchConfig(shape="tiny", seq_lens=(8,), topk=4, steps=1, device="cpu", dtypes=("fp32",),
-                         forwards=("materialized",), grad_ckpt=(False,), find_max_batch=True, max_batch_lo=2,
-                         max_batch_hi=8, max_batch_multiple=4)
+    cfg = QATBenchConfig(
+        shape="tiny",
+        seq_lens=(8,),
+        topk=4,
+        steps=1,
+        device="cpu",
+        dtypes=("fp32",),
+        forwards=("materialized",),
+        grad_ckpt=(False,),
+        find_max_batch=True,
+        max_batch_lo=2,
+        max_batch_hi=8,
+        max_batch_multiple=4,
+    )
     seen = []
     res = bench_qat(cfg, on_probe=lambda label, p: seen.append(p.batch))
     (mb,) = res.max_batch.values()
@@ -58,8 +82,18 @@ def test_profile_and_compile_options(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(torch, "compile", eager_compile)
     path = tmp_path / "profile.txt"
-    base = dict(shape="tiny", seq_lens=(8, 16), batch=2, topk=4, steps=1, warmup=0, device="cpu", dtypes=("fp32",),
-                forwards=("materialized",), grad_ckpt=(False,))
+    base = dict(
+        shape="tiny",
+        seq_lens=(8, 16),
+        batch=2,
+        topk=4,
+        steps=1,
+        warmup=0,
+        device="cpu",
+        dtypes=("fp32",),
+        forwards=("materialized",),
+        grad_ckpt=(False,),
+    )
     eager = bench_qat(QATBenchConfig(**base, profile=str(path)))
     text = path.read_text()
     assert text.count("## tiny q2a4 materialized no-ckpt fp32 batch 2 L") == 2 and "aten::mm" in text
@@ -74,8 +108,15 @@ def test_profile_and_compile_options(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_qwen3_06b_shape_and_flops() -> None:
     spec = SHAPES["qwen3-0.6b"]
-    assert (spec["hidden_size"], spec["num_hidden_layers"], spec["num_attention_heads"], spec["num_key_value_heads"],
-            spec["head_dim"], spec["intermediate_size"], spec["vocab_size"]) == (1024, 28, 16, 8, 128, 3072, 151936)
+    assert (
+        spec["hidden_size"],
+        spec["num_hidden_layers"],
+        spec["num_attention_heads"],
+        spec["num_key_value_heads"],
+        spec["head_dim"],
+        spec["intermediate_size"],
+        spec["vocab_size"],
+    ) == (1024, 28, 16, 8, 128, 3072, 151936)
     with torch.device("meta"):
         model = build_model("qwen3-0.6b", "meta")
     assert model.config.tie_word_embeddings
@@ -95,17 +136,67 @@ def test_cli_writes_json(tmp_path: Path) -> None:
     from lutq.cli import app
 
     out = tmp_path / "b.json"
-    res = CliRunner().invoke(app, ["bench", "qat", "--shape", "tiny", "--seq-len", "8", "--batch", "2", "--topk", "4",
-                                   "--steps", "1", "--warmup", "0", "--forward", "materialized", "--grad-ckpt", "off",
-                                   "--device", "cpu", "--json", str(out)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "qat",
+            "--shape",
+            "tiny",
+            "--seq-len",
+            "8",
+            "--batch",
+            "2",
+            "--topk",
+            "4",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--forward",
+            "materialized",
+            "--grad-ckpt",
+            "off",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     assert data["bench"] == "qat" and data["device"].startswith("CPU") and "date" in data and "command" in data
     assert len(data["results"]["rows"]) == 1 and data["results"]["rows"][0]["seq_len"] == 8
     # the loss's full-vocabulary terms are part of the timed step, and count the lm_head in the FLOPs
-    res = CliRunner().invoke(app, ["bench", "qat", "--shape", "tiny", "--seq-len", "8", "--batch", "2", "--topk", "4",
-                                   "--steps", "1", "--warmup", "0", "--forward", "materialized", "--grad-ckpt", "off",
-                                   "--device", "cpu", "--full-kl-weight", "1", "--json", str(out)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "qat",
+            "--shape",
+            "tiny",
+            "--seq-len",
+            "8",
+            "--batch",
+            "2",
+            "--topk",
+            "4",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--forward",
+            "materialized",
+            "--grad-ckpt",
+            "off",
+            "--device",
+            "cpu",
+            "--full-kl-weight",
+            "1",
+            "--json",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     row = json.loads(out.read_text())["results"]["rows"][0]
     assert row["extra"]["flops_per_step"] > data["results"]["rows"][0]["extra"]["flops_per_step"]
@@ -116,13 +207,49 @@ def test_cli_delegates_lut_linear_and_pretrain(tmp_path: Path) -> None:
     from lutq.cli import app
 
     r = CliRunner()
-    res = r.invoke(app, ["bench", "lut-linear", "--out", "64", "--in", "32", "--tokens", "16", "--rank", "4",
-                         "--steps", "1", "--device", "cpu", "--json", str(tmp_path / "l.json")])
+    res = r.invoke(
+        app,
+        [
+            "bench",
+            "lut-linear",
+            "--out",
+            "64",
+            "--in",
+            "32",
+            "--tokens",
+            "16",
+            "--rank",
+            "4",
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+            "--json",
+            str(tmp_path / "l.json"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "l.json").read_text())
     assert data["bench"] == "lut-linear" and data["results"]["materialized_ms"] > 0
-    res = r.invoke(app, ["bench", "pretrain", "--seq-len", "8", "--micro-batch", "1", "--steps", "1", "--warmup", "0",
-                         "--device", "cpu", "--json", str(tmp_path / "p.json")])
+    res = r.invoke(
+        app,
+        [
+            "bench",
+            "pretrain",
+            "--seq-len",
+            "8",
+            "--micro-batch",
+            "1",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+            "--json",
+            str(tmp_path / "p.json"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "p.json").read_text())
     assert data["bench"] == "pretrain" and data["results"]["tokens_per_s"] > 0

@@ -10,18 +10,23 @@ from lutq.core import LutqError
 from lutq.data import iter_render, pack, render, render_text, strip_thinking, tokenizer_fingerprint
 from lutq.testing import tiny_tokenizer
 
-CHAT = Document(id="c", messages=[
-    {"role": "user", "content": "What is 2+2?"},
-    {"role": "assistant", "content": "<think>\nadd them\n</think>\n\nIt is 4."},
-])
+CHAT = Document(
+    id="c",
+    messages=[
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "<think>\nadd them\n</think>\n\nIt is 4."},
+    ],
+)
 
 
 def test_thinking_modes_on_qwen3_like_template(tokenizer):
     on = render_text(CHAT, tokenizer, "on")
     off = render_text(CHAT, tokenizer, "off")
     # (the tiny template's whitespace control drops the newline after each <|im_end|>)
-    assert on == ["<|im_start|>user\nWhat is 2+2?<|im_end|><|im_start|>assistant\n"
-                  "<think>\nadd them\n</think>\n\nIt is 4.<|im_end|>"]
+    assert on == [
+        "<|im_start|>user\nWhat is 2+2?<|im_end|><|im_start|>assistant\n"
+        "<think>\nadd them\n</think>\n\nIt is 4.<|im_end|>"
+    ]
     assert off == ["<|im_start|>user\nWhat is 2+2?<|im_end|><|im_start|>assistant\nIt is 4.<|im_end|>"]
     assert render_text(CHAT, tokenizer, "both") == off + on
     assert render_text(CHAT, tokenizer, "none") == ["What is 2+2?\n\n<think>\nadd them\n</think>\n\nIt is 4."]
@@ -31,8 +36,10 @@ def test_thinking_modes_on_qwen3_like_template(tokenizer):
 
 def test_enable_thinking_reaches_the_template_and_is_optional():
     tok = tiny_tokenizer()
-    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}|{% endfor %}"
-                         "{% if enable_thinking is defined %}think={{ enable_thinking }}{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}|{% endfor %}"
+        "{% if enable_thinking is defined %}think={{ enable_thinking }}{% endif %}"
+    )
     off, on = render_text(CHAT, tok, "both")
     assert off == "What is 2+2?|It is 4.|think=False"
     assert on == "What is 2+2?|<think>\nadd them\n</think>\n\nIt is 4.|think=True"
@@ -106,8 +113,7 @@ def test_tokenizer_fingerprint_sees_vocab_specials_and_template():
 @pytest.mark.slow
 def test_smollm2_template_renders_off_and_on(teacher):
     _, tok = teacher
-    doc = Document(id="s", messages=[{"role": "user", "content": "hi"},
-                                     {"role": "assistant", "content": "hello"}])
+    doc = Document(id="s", messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
     off, on = render_text(doc, tok, "both")
     assert off == on  # SmolLM2's template has no thinking; nothing to strip
     assert off.startswith("<|im_start|>system\n") and off.endswith("<|im_start|>assistant\nhello<|im_end|>\n")

@@ -30,21 +30,28 @@ def test_txt_file_and_directory(tmp_path):
 
 
 def test_record_formats_detected_per_record(tmp_path):
-    path = _jsonl(tmp_path / "mix.jsonl", [
-        {"id": "sg", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
-        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q"},
-                      {"role": "assistant", "content": "a"}]},
-        {"instruction": "Add", "input": "2+2", "output": "4"},
-        {"instruction": "Say hi", "input": "", "output": "hi"},
-        {"text": "plain words"},
-        {"conversations": [{"from": "human", "value": "unanswered"}]},  # normalizes to nothing: skipped
-    ])
+    path = _jsonl(
+        tmp_path / "mix.jsonl",
+        [
+            {"id": "sg", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+            {
+                "messages": [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "a"},
+                ]
+            },
+            {"instruction": "Add", "input": "2+2", "output": "4"},
+            {"instruction": "Say hi", "input": "", "output": "hi"},
+            {"text": "plain words"},
+            {"conversations": [{"from": "human", "value": "unanswered"}]},  # normalizes to nothing: skipped
+        ],
+    )
     docs = load_documents(str(path))
     assert [d.id for d in docs] == ["sg", "mix.jsonl:1", "mix.jsonl:2", "mix.jsonl:3", "mix.jsonl:4"]
     assert docs[0].messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     assert [m["role"] for m in docs[1].messages] == ["system", "user", "assistant"]
-    assert docs[2].messages == [{"role": "user", "content": "Add\n\n2+2"},
-                                {"role": "assistant", "content": "4"}]
+    assert docs[2].messages == [{"role": "user", "content": "Add\n\n2+2"}, {"role": "assistant", "content": "4"}]
     assert docs[3].messages[0] == {"role": "user", "content": "Say hi"}
     assert docs[4].text == "plain words" and not docs[4].messages
 
@@ -96,8 +103,10 @@ def test_hf_source_through_datasets(monkeypatch):
 
     def load_dataset(name, split):
         calls.append((name, split))
-        return [{"instruction": "q", "input": "", "output": "a"},
-                {"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]}]
+        return [
+            {"instruction": "q", "input": "", "output": "a"},
+            {"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]},
+        ]
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     docs = load_documents("hf:tatsu-lab/alpaca:test")

@@ -41,7 +41,16 @@ def eval_cache(eval_dir: Path) -> Path:
 
     with open(eval_dir / "docs.jsonl", "w") as f:
         for i in range(20):
-            f.write(json.dumps({"id": f"doc{i}", "text": TEXT[i * 60:i * 60 + 120]}) + "\n")
-    cfg = CacheConfig(model=str(eval_dir / "fp"), source=str(eval_dir / "docs.jsonl"), thinking="none", seq_len=32,
-                      top_k=8, num_sequences=12, batch_size=4, val_fraction=0.25, out=eval_dir / "cache")
+            f.write(json.dumps({"id": f"doc{i}", "text": TEXT[i * 60 : i * 60 + 120]}) + "\n")
+    cfg = CacheConfig(
+        model=str(eval_dir / "fp"),
+        source=str(eval_dir / "docs.jsonl"),
+        thinking="none",
+        seq_len=32,
+        top_k=8,
+        num_sequences=12,
+        batch_size=4,
+        val_fraction=0.25,
+        out=eval_dir / "cache",
+    )
     return build_cache(cfg)

@@ -76,8 +76,9 @@ def test_lut_models_chat(tokenizer, snap: bool) -> None:
     assert isinstance(generate_reply(model, tokenizer, MSG, ChatConfig(greedy=True, max_new_tokens=5)), str)
 
 
-@pytest.mark.parametrize("kw", [{"max_new_tokens": 0}, {"temperature": 0.0}, {"top_p": 0.0},
-                                {"repetition_penalty": 0.0}])
+@pytest.mark.parametrize(
+    "kw", [{"max_new_tokens": 0}, {"temperature": 0.0}, {"top_p": 0.0}, {"repetition_penalty": 0.0}]
+)
 def test_bad_config_raises(tokenizer, kw: dict) -> None:
     with pytest.raises(LutqError):
         generate_reply(tiny_model("qwen3"), tokenizer, MSG, ChatConfig(**kw))
@@ -87,17 +88,36 @@ def test_chat_cli_one_shot_and_interactive(eval_dir) -> None:
     from lutq.cli import app
 
     runner = CliRunner()
-    one = runner.invoke(app, ["chat", "--model", str(eval_dir / "q2"), "--prompt", "hi", "--greedy",
-                              "--max-new-tokens", "6", "--no-thinking"])
+    one = runner.invoke(
+        app,
+        [
+            "chat",
+            "--model",
+            str(eval_dir / "q2"),
+            "--prompt",
+            "hi",
+            "--greedy",
+            "--max-new-tokens",
+            "6",
+            "--no-thinking",
+        ],
+    )
     assert one.exit_code == 0, one.output
-    loop = runner.invoke(app, ["chat", "--model", str(eval_dir / "fp"), "--greedy", "--max-new-tokens", "4"],
-                         input="hello\n/reset\nagain\n\n")
+    loop = runner.invoke(
+        app,
+        ["chat", "--model", str(eval_dir / "fp"), "--greedy", "--max-new-tokens", "4"],
+        input="hello\n/reset\nagain\n\n",
+    )
     assert loop.exit_code == 0, loop.output
 
 
 @pytest.mark.slow
 def test_teacher_knows_the_capital_of_france(teacher) -> None:
     model, tok = teacher
-    reply = generate_reply(model, tok, [{"role": "user", "content": "What is the capital of France?"}],
-                           ChatConfig(greedy=True, max_new_tokens=12))
+    reply = generate_reply(
+        model,
+        tok,
+        [{"role": "user", "content": "What is the capital of France?"}],
+        ChatConfig(greedy=True, max_new_tokens=12),
+    )
     assert "Paris" in reply

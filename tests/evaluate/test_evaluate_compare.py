@@ -31,8 +31,13 @@ def test_model_size_fp_and_lut(tokenizer) -> None:
 
 def test_compare_rows_markdown_json(eval_dir, eval_cache) -> None:
     text = str(eval_dir / "text.txt")
-    res = compare({"fp": str(eval_dir / "fp"), "q2a4": str(eval_dir / "q2")}, texts=[text], cache=eval_cache,
-                  kd_max_batches=2, **PPL)
+    res = compare(
+        {"fp": str(eval_dir / "fp"), "q2a4": str(eval_dir / "q2")},
+        texts=[text],
+        cache=eval_cache,
+        kd_max_batches=2,
+        **PPL,
+    )
     fp_row, q_row = res.rows()
     from lutq.data import load_documents
     from lutq.models import load_model
@@ -65,16 +70,47 @@ def test_eval_cli(eval_dir, eval_cache, tmp_path) -> None:
 
     runner = CliRunner()
     text = str(eval_dir / "text.txt")
-    ppl = runner.invoke(app, ["eval", "ppl", "--model", str(eval_dir / "q2"), "--text", text, "--max-length", "64",
-                              "--stride", "32", "--json", str(tmp_path / "ppl.json")])
+    ppl = runner.invoke(
+        app,
+        [
+            "eval",
+            "ppl",
+            "--model",
+            str(eval_dir / "q2"),
+            "--text",
+            text,
+            "--max-length",
+            "64",
+            "--stride",
+            "32",
+            "--json",
+            str(tmp_path / "ppl.json"),
+        ],
+    )
     assert ppl.exit_code == 0, ppl.output
     saved = json.loads((tmp_path / "ppl.json").read_text())
     assert f"{text}: ppl {saved['ppl'][text]['ppl']:.4f}" in ppl.output
     kd = runner.invoke(app, ["eval", "kd", "--model", str(eval_dir / "q2"), "--cache", str(eval_cache)])
     assert kd.exit_code == 0 and "top1_agree" in kd.output, kd.output
-    cmp = runner.invoke(app, ["eval", "compare", str(eval_dir / "fp"), str(eval_dir / "q2"), "--text", text,
-                              "--max-length", "64", "--stride", "32", "--json", str(tmp_path / "c.json"),
-                              "--markdown", str(tmp_path / "c.md")])
+    cmp = runner.invoke(
+        app,
+        [
+            "eval",
+            "compare",
+            str(eval_dir / "fp"),
+            str(eval_dir / "q2"),
+            "--text",
+            text,
+            "--max-length",
+            "64",
+            "--stride",
+            "32",
+            "--json",
+            str(tmp_path / "c.json"),
+            "--markdown",
+            str(tmp_path / "c.md"),
+        ],
+    )
     assert cmp.exit_code == 0, cmp.output
     assert (tmp_path / "c.md").read_text() in cmp.output
     assert [r["label"] for r in json.loads((tmp_path / "c.json").read_text())["rows"]] == ["fp", "q2"]

@@ -58,8 +58,10 @@ def test_strided_windows_equal_hand_rolled_reference(tokenizer, text) -> None:
         assert res.nll_sum == pytest.approx(total, rel=1e-5)
 
 
-@pytest.mark.parametrize("n,max_length,stride", [(10, 16, 8), (16, 16, 8), (17, 16, 8), (100, 16, 5),
-                                                 (100, 16, 15), (2, 2, 1), (1000, 128, 64)])
+@pytest.mark.parametrize(
+    "n,max_length,stride",
+    [(10, 16, 8), (16, 16, 8), (17, 16, 8), (100, 16, 5), (100, 16, 15), (2, 2, 1), (1000, 128, 64)],
+)
 def test_every_token_after_the_first_is_scored_once(n: int, max_length: int, stride: int) -> None:
     scored: list[int] = []
     for w in windows(n, max_length, stride):
@@ -78,8 +80,10 @@ def test_documents_are_joined_with_a_blank_line(tokenizer) -> None:
     assert a.nll_sum == b.nll_sum and a.tokens == b.tokens
     chat = [Document(id="c", messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])]
     rendered = tokenizer.apply_chat_template(chat[0].messages, tokenize=False)
-    assert perplexity(model, tokenizer, chat, max_length=64, stride=32).nll_sum == \
-        perplexity(model, tokenizer, rendered, max_length=64, stride=32).nll_sum
+    assert (
+        perplexity(model, tokenizer, chat, max_length=64, stride=32).nll_sum
+        == perplexity(model, tokenizer, rendered, max_length=64, stride=32).nll_sum
+    )
 
 
 def test_max_tokens_caps_the_text(tokenizer, text) -> None:
@@ -87,8 +91,7 @@ def test_max_tokens_caps_the_text(tokenizer, text) -> None:
     assert res.text_tokens == 100 and res.tokens == 99
 
 
-@pytest.mark.parametrize("kw", [{"stride": 64}, {"stride": 0}, {"max_length": 1}, {"batch_size": 0},
-                                {"max_tokens": 1}])
+@pytest.mark.parametrize("kw", [{"stride": 64}, {"stride": 0}, {"max_length": 1}, {"batch_size": 0}, {"max_tokens": 1}])
 def test_bad_options_raise(kw: dict, text) -> None:
     opts = {"max_length": 64, "stride": 32, **kw}
     with pytest.raises(LutqError):
@@ -126,8 +129,20 @@ def test_eval_takes_device_auto(tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "fp", tiny_model("llama", layers=2), tiny_tokenizer())
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog " * 20)
-    out = _cli("eval", "ppl", "-m", str(tmp_path / "fp"), "-t", str(text), "--max-length", "32", "--stride", "16",
-               "--device", "auto")
+    out = _cli(
+        "eval",
+        "ppl",
+        "-m",
+        str(tmp_path / "fp"),
+        "-t",
+        str(text),
+        "--max-length",
+        "32",
+        "--stride",
+        "16",
+        "--device",
+        "auto",
+    )
     assert "ppl" in out
     with pytest.raises(LutqError, match="unknown device 'gpu0'"):
         _cli("eval", "ppl", "-m", str(tmp_path / "fp"), "-t", str(text), "--device", "gpu0")

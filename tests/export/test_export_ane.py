@@ -67,8 +67,19 @@ def test_config_describes_every_tensor_and_the_packing(tokenizer, tmp_path) -> N
     assert cfg["tied"] == {"lm_head.weight": "model.embed_tokens.weight"} and "lm_head.weight" not in tensors
     for name, entry in cfg["tensors"].items():
         assert list(tensors[name].shape) == entry["shape"] and tensors[name].dtype.name == entry["dtype"], name
-        assert entry["role"] in {"lut", "indices", "scale_ag", "scale_b", "bias", "embedding", "norm", "lm_head",
-                                 "linear_weight", "linear_bias", "other"}
+        assert entry["role"] in {
+            "lut",
+            "indices",
+            "scale_ag",
+            "scale_b",
+            "bias",
+            "embedding",
+            "norm",
+            "lm_head",
+            "linear_weight",
+            "linear_bias",
+            "other",
+        }
     layers = dict(lut_layers(model))
     assert set(cfg["lut_layers"]) == set(layers)
     for name, spec in cfg["lut_layers"].items():

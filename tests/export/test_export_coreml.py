@@ -92,8 +92,11 @@ def test_coreml_rejects_unsupported_models(qwen3_snapped, tmp_path) -> None:
     from lutq.export.ane import AneArtefact
     from lutq.export.coreml import check_supported
 
-    for bad in ({"model_type": "gemma3_text"}, {"model_type": "llama", "hidden_act": "gelu"},
-                {"model_type": "qwen3", "use_sliding_window": True}):
+    for bad in (
+        {"model_type": "gemma3_text"},
+        {"model_type": "llama", "hidden_act": "gelu"},
+        {"model_type": "qwen3", "use_sliding_window": True},
+    ):
         with pytest.raises(LutqError, match="Core ML export"):
             check_supported(AneArtefact({"model_config": bad}))
     with pytest.raises(LutqError, match="iOS18"):

@@ -43,8 +43,10 @@ def test_split_always_holds_out_one_document() -> None:
 
 
 def test_sharegpt_reader_tolerates_truncation(tmp_path: Path) -> None:
-    records = [{"id": str(i), "conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]}
-               for i in range(3)]
+    records = [
+        {"id": str(i), "conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]}
+        for i in range(3)
+    ]
     text = json.dumps(records)
     truncated = text[: text.rindex("{") + 10]  # cut inside the last record
     (tmp_path / "s.json").write_text(truncated)
@@ -53,17 +55,26 @@ def test_sharegpt_reader_tolerates_truncation(tmp_path: Path) -> None:
 
 
 def test_normalize_conversation() -> None:
-    turns = [{"from": "system", "value": "be nice"}, {"from": "gpt", "value": "hi"},  # assistant before user: dropped
-             {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}, {"from": "human", "value": "dangling"}]
+    turns = [
+        {"from": "system", "value": "be nice"},
+        {"from": "gpt", "value": "hi"},  # assistant before user: dropped
+        {"from": "human", "value": "q"},
+        {"from": "gpt", "value": "a"},
+        {"from": "human", "value": "dangling"},
+    ]
     assert normalize_conversation(turns) == [
         {"role": "system", "content": "be nice"},
         {"role": "user", "content": "q"},
         {"role": "assistant", "content": "a"},
     ]
-    parts = [{"role": "user", "content": [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {}},
-                                          "and answer"]},
-             {"role": "assistant", "content": [{"type": "text", "text": "a cat"}]},
-             {"role": "user", "content": None}]
+    parts = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {}}, "and answer"],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": "a cat"}]},
+        {"role": "user", "content": None},
+    ]
     assert normalize_conversation(parts) == [  # OpenAI-style parts: the text kept, images left out
         {"role": "user", "content": "look\nand answer"},
         {"role": "assistant", "content": "a cat"},

@@ -32,8 +32,7 @@ def fx(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
 
     root = tmp_path_factory.mktemp("bad")
     model, tok = write_teacher_and_docs(root, num_docs=30)
-    cfg = tiny_cache_config(root, seq_len=16, top_k=4, num_sequences=16, val_fraction=0.25, batch_size=4,
-                            shard_size=4)
+    cfg = tiny_cache_config(root, seq_len=16, top_k=4, num_sequences=16, val_fraction=0.25, batch_size=4, shard_size=4)
     build_cache(cfg, teacher=(model, tok))
     student = copy.deepcopy(model)
     quantize(student, "q2a4", progress=False)

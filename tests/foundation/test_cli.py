@@ -30,13 +30,30 @@ def test_every_command_has_help(path: tuple[str, ...]) -> None:
 
 def test_all_stages_registered() -> None:
     names = {p[0] for p in _all_commands(get_command(app)) if p}
-    assert {"assets", "cache", "quantize", "convert", "snap", "train", "plot", "eval", "chat", "export",
-            "pretrain", "data", "bench", "speedrun", "store", "pull"} <= names
+    assert {
+        "assets",
+        "cache",
+        "quantize",
+        "convert",
+        "snap",
+        "train",
+        "plot",
+        "eval",
+        "chat",
+        "export",
+        "pretrain",
+        "data",
+        "bench",
+        "speedrun",
+        "store",
+        "pull",
+    } <= names
 
 
 def test_error_is_one_line_exit_1(tmp_path) -> None:
-    res = subprocess.run([sys.executable, "-m", "lutq.cli", "assets", "fetch", "no-such-asset"],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "lutq.cli", "assets", "fetch", "no-such-asset"], capture_output=True, text=True
+    )
     assert res.returncode == 1
     assert "unknown asset 'no-such-asset'" in res.stderr
     assert "Traceback" not in res.stderr
@@ -48,11 +65,13 @@ def test_cli_starts_without_torch() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, lutq.cli; heavy = sorted({'torch', 'transformers'} & set(sys.modules)); "
-            "assert not heavy, heavy; from lutq.evaluate.compare import load_text; "
-            "from lutq.evaluate import compare, perplexity; assert callable(compare) and callable(perplexity); "
-            "import lutq.kd; assert lutq.kd.KDCache.__name__ == 'KDCache'; "
-            "assert lutq.kd.cache.__name__ == 'lutq.kd.cache'")
+    code = (
+        "import sys, lutq.cli; heavy = sorted({'torch', 'transformers'} & set(sys.modules)); "
+        "assert not heavy, heavy; from lutq.evaluate.compare import load_text; "
+        "from lutq.evaluate import compare, perplexity; assert callable(compare) and callable(perplexity); "
+        "import lutq.kd; assert lutq.kd.KDCache.__name__ == 'KDCache'; "
+        "assert lutq.kd.cache.__name__ == 'lutq.kd.cache'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

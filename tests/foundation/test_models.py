@@ -53,10 +53,14 @@ def test_bad_specs(tmp_path: Path) -> None:
 def test_real_teacher_answers(teacher) -> None:
     model, tok = teacher
     assert architecture_of(model) == "llama"
-    enc = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    enc = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     out = model.generate(**enc, max_new_tokens=12, do_sample=False)
-    reply = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    reply = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in reply
 
 

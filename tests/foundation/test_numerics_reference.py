@@ -54,8 +54,17 @@ L_CACHE, K_CACHE, R_CACHE = 24, 8, 4
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A KD cache of the sharp tiny teacher over plain-text documents: L=24, K=8, R=4, 7 train + 3 val."""
     root = tmp_path_factory.mktemp("numerics_kd")
-    return tiny_cache(root, num_docs=30, seq_len=L_CACHE, top_k=K_CACHE, negatives=R_CACHE, num_sequences=10,
-                      val_fraction=0.3, batch_size=4, shard_size=3)
+    return tiny_cache(
+        root,
+        num_docs=30,
+        seq_len=L_CACHE,
+        top_k=K_CACHE,
+        negatives=R_CACHE,
+        num_sequences=10,
+        val_fraction=0.3,
+        batch_size=4,
+        shard_size=3,
+    )
 
 
 @pytest.fixture(scope="module")

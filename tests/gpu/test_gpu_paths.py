@@ -22,6 +22,7 @@ from lutq.testing import WORDS, tiny_model, tiny_tokenizer, write_teacher_and_do
 
 pytestmark = pytest.mark.gpu
 
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().float().cpu(), b.detach().float().cpu()
     return float((a - b).norm() / b.norm())
@@ -35,9 +36,21 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cache(root: Path, name: str, device: str, dtype: str) -> Path:
-    return build_cache(CacheConfig(model=str(root / "teacher"), source=str(root / "docs.jsonl"), thinking="none",
-                                   seq_len=32, top_k=8, num_sequences=48, val_fraction=0.125, batch_size=16,
-                                   device=device, dtype=dtype, out=root / name))
+    return build_cache(
+        CacheConfig(
+            model=str(root / "teacher"),
+            source=str(root / "docs.jsonl"),
+            thinking="none",
+            seq_len=32,
+            top_k=8,
+            num_sequences=48,
+            val_fraction=0.125,
+            batch_size=16,
+            device=device,
+            dtype=dtype,
+            out=root / name,
+        )
+    )
 
 
 @pytest.fixture
@@ -94,10 +107,25 @@ def test_kd_qat_on_cuda_in_bf16_trains_and_reads_back_on_the_cpu(teacher_dir: Pa
     from lutq.train.trainer import train
 
     cache = _cache(teacher_dir, "train-cache", "cpu", "fp32")
-    cfg = TrainConfig(cache=cache, out=tmp_path / "run", model=str(teacher_dir / "teacher"), preset="q2a4",
-                      steps=12, batch_size=4, lr=1e-2, warmup=1, log_every=1, eval_every=6, eval_batches=2,
-                      save_every=6, device="cuda", precision="fast", init_lut="uniform", init_tighten=0,
-                      init_calib_sequences=0)
+    cfg = TrainConfig(
+        cache=cache,
+        out=tmp_path / "run",
+        model=str(teacher_dir / "teacher"),
+        preset="q2a4",
+        steps=12,
+        batch_size=4,
+        lr=1e-2,
+        warmup=1,
+        log_every=1,
+        eval_every=6,
+        eval_batches=2,
+        save_every=6,
+        device="cuda",
+        precision="fast",
+        init_lut="uniform",
+        init_tighten=0,
+        init_calib_sequences=0,
+    )
     result = train(cfg)
     run = RunDir(result.run_dir)
     assert run.read_config()["precision"] == "bf16"
@@ -117,11 +145,29 @@ def test_kd_qat_with_compiled_decoder_layers_on_cuda_tracks_eager(teacher_dir: P
     from lutq.train.trainer import train
 
     cache = _cache(teacher_dir, "train-cache", "cpu", "fp32")
-    base = dict(cache=cache, model=str(teacher_dir / "teacher"), preset="q2a4", steps=4, batch_size=4, lr=1e-2,
-                warmup=1, log_every=1, eval_every=4, eval_batches=1, save_every=4, device="cuda", precision="fast",
-                init_lut="uniform", init_tighten=0, init_calib_sequences=0, seed=0)
-    runs = {name: RunDir(train(TrainConfig(out=tmp_path / name, compile=name == "compiled", **base)).run_dir)
-            for name in ("eager", "compiled")}
+    base = dict(
+        cache=cache,
+        model=str(teacher_dir / "teacher"),
+        preset="q2a4",
+        steps=4,
+        batch_size=4,
+        lr=1e-2,
+        warmup=1,
+        log_every=1,
+        eval_every=4,
+        eval_batches=1,
+        save_every=4,
+        device="cuda",
+        precision="fast",
+        init_lut="uniform",
+        init_tighten=0,
+        init_calib_sequences=0,
+        seed=0,
+    )
+    runs = {
+        name: RunDir(train(TrainConfig(out=tmp_path / name, compile=name == "compiled", **base)).run_dir)
+        for name in ("eager", "compiled")
+    }
     eager, compiled = ([r["loss"] for r in runs[k].rows() if "loss" in r] for k in ("eager", "compiled"))
     assert len(compiled) == len(eager) == 4
     assert compiled == pytest.approx(eager, rel=5e-2)
@@ -133,16 +179,27 @@ def test_ptq_on_cuda_matches_the_cpu_ptq(tmp_path: Path, ieee_fp32_matmuls: None
     percent (SVD / k-means / GPTQ ties may round differently on the two devices), close logits."""
     save_checkpoint(tmp_path / "fp", tiny_model("llama", layers=2), tiny_tokenizer())
     calib = tmp_path / "calib.jsonl"
-    calib.write_text("".join(json.dumps({"text": " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(60))})
-                             + "\n" for i in range(24)))
+    calib.write_text(
+        "".join(
+            json.dumps({"text": " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(60))}) + "\n" for i in range(24)
+        )
+    )
     kw = {"calib": str(calib), "calib_sequences": 8, "calib_len": 32, "show_progress": False}
     reports = {}
     for dev in ("cpu", "cuda"):
         reports["q4", dev] = quantize_checkpoint(str(tmp_path / "fp"), tmp_path / f"q4-{dev}", "q4a4", device=dev, **kw)
-        reports["q2", dev] = quantize_checkpoint(str(tmp_path / "fp"), tmp_path / f"q2-{dev}", "q2a4", device=dev,
-                                                 blockwise={"steps": 5}, **kw)
-        convert_checkpoint(tmp_path / f"q4-{dev}", tmp_path / f"c2-{dev}", calib=str(calib), calib_sequences=8,
-                           calib_len=32, device=dev, show=False)
+        reports["q2", dev] = quantize_checkpoint(
+            str(tmp_path / "fp"), tmp_path / f"q2-{dev}", "q2a4", device=dev, blockwise={"steps": 5}, **kw
+        )
+        convert_checkpoint(
+            tmp_path / f"q4-{dev}",
+            tmp_path / f"c2-{dev}",
+            calib=str(calib),
+            calib_sequences=8,
+            calib_len=32,
+            device=dev,
+            show=False,
+        )
     assert load_checkpoint(tmp_path / "q2-cuda")[2].extra["device"] == "cuda"
     for kind in ("q4", "q2"):
         cpu, cuda = reports[kind, "cpu"], reports[kind, "cuda"]
@@ -168,10 +225,28 @@ def test_pretrain_on_cuda_in_bf16(tmp_path: Path) -> None:
     for i in range(20):
         (corpus / f"{i}.txt").write_text(" ".join(WORDS[(i + j) % len(WORDS)] for j in range(80)))
     data = prepare_tokens(str(tmp_path / "tok"), [str(corpus)], tmp_path / "data.npy", workers=1).path
-    cfg = PretrainConfig(data=str(data), out=str(tmp_path / "run"), d_model=64, n_layers=2, n_heads=2, d_ff=128,
-                         seq_len=32, micro_batch=8, grad_accum=1, steps=30, warmup=3, lr=3e-3, eval_every=15,
-                         eval_iters=2, log_every=5, save_every=0, sample_tokens=0, seed=0, device="cuda",
-                         precision="bf16")
+    cfg = PretrainConfig(
+        data=str(data),
+        out=str(tmp_path / "run"),
+        d_model=64,
+        n_layers=2,
+        n_heads=2,
+        d_ff=128,
+        seq_len=32,
+        micro_batch=8,
+        grad_accum=1,
+        steps=30,
+        warmup=3,
+        lr=3e-3,
+        eval_every=15,
+        eval_iters=2,
+        log_every=5,
+        save_every=0,
+        sample_tokens=0,
+        seed=0,
+        device="cuda",
+        precision="bf16",
+    )
     pretrain(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "train.jsonl").read_text().splitlines()]
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]

@@ -20,19 +20,36 @@ def kd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok.save_pretrained(root / "teacher")
     with open(root / "chat.jsonl", "w") as f:
         for i in range(40):
-            f.write(json.dumps({"id": f"conv{i}", "conversations": [
-                {"from": "human", "value": f"question {i}: " + "why? " * (i % 5 + 1)},
-                {"from": "gpt", "value": f"<think>thinking about {i}</think>answer {i} " * 3},
-            ]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": f"conv{i}",
+                        "conversations": [
+                            {"from": "human", "value": f"question {i}: " + "why? " * (i % 5 + 1)},
+                            {"from": "gpt", "value": f"<think>thinking about {i}</think>answer {i} " * 3},
+                        ],
+                    }
+                )
+                + "\n"
+            )
     return root
 
 
 @pytest.fixture(scope="session")
 def kd_cfg(kd_dir: Path) -> CacheConfig:
     """L=32, K=8, R=4, 20 sequences (19 train + 1 val) in shards of 6."""
-    return CacheConfig(model=str(kd_dir / "teacher"), source=str(kd_dir / "chat.jsonl"), seq_len=32, top_k=8,
-                       negatives=4, num_sequences=20, batch_size=4, shard_size=6, val_fraction=0.05,
-                       out=kd_dir / "cache")
+    return CacheConfig(
+        model=str(kd_dir / "teacher"),
+        source=str(kd_dir / "chat.jsonl"),
+        seq_len=32,
+        top_k=8,
+        negatives=4,
+        num_sequences=20,
+        batch_size=4,
+        shard_size=6,
+        val_fraction=0.05,
+        out=kd_dir / "cache",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -89,8 +89,9 @@ def test_sample_negatives_is_uniform_over_the_complement():
     u = (torch.arange(7, dtype=torch.float64) / 7 + 1e-9)[None]  # every allowed slot once
     assert sample_negatives(topk, u, vocab=10).tolist() == [[1, 2, 4, 5, 6, 8, 9]]
     # ids at or past the limit exclude nothing
-    assert sample_negatives(torch.tensor([[12, 1]]), u[:, :4] * 0 + torch.tensor([[0.0, 0.3, 0.6, 0.99]]),
-                            vocab=5).tolist() == [[0, 2, 3, 4]]
+    assert sample_negatives(
+        torch.tensor([[12, 1]]), u[:, :4] * 0 + torch.tensor([[0.0, 0.3, 0.6, 0.99]]), vocab=5
+    ).tolist() == [[0, 2, 3, 4]]
 
 
 def test_resume_after_kill_is_byte_identical(kd_cfg, kd_teacher, kd_cache, tmp_path, monkeypatch):
@@ -135,7 +136,10 @@ def test_two_ranks_read_like_one_process(kd_cfg, kd_teacher, kd_cache, tmp_path)
     cfg = kd_cfg.replace(out=tmp_path / "c")
     out, _ = write_shards(cfg, kd_teacher, rank=0, world_size=2)
     assert sorted(p.name for p in out.glob("*.safetensors")) == [
-        "train-00000.safetensors", "train-00002.safetensors", "val-00000.safetensors"]
+        "train-00000.safetensors",
+        "train-00002.safetensors",
+        "val-00000.safetensors",
+    ]
     with pytest.raises(LutqError, match="not written yet"):
         finalize_cache(out)
     write_shards(cfg, kd_teacher, rank=1, world_size=2)
@@ -156,8 +160,9 @@ def test_max_tokens_plain_text_and_no_val(kd_cfg, kd_teacher, tmp_path, monkeypa
     (tmp_path / "txt").mkdir()
     for i in range(5):
         (tmp_path / "txt" / f"{i}.txt").write_text(f"document {i} " * 30)
-    cfg = dataclasses.replace(kd_cfg, source=str(tmp_path / "txt"), max_tokens=32 * 7, val_fraction=0.0,
-                              negatives=0, out=None)
+    cfg = dataclasses.replace(
+        kd_cfg, source=str(tmp_path / "txt"), max_tokens=32 * 7, val_fraction=0.0, negatives=0, out=None
+    )
     monkeypatch.setenv("LUTQ_HOME", str(tmp_path / "home"))
     out = build_cache(cfg, kd_teacher)
     assert out == tmp_path / "home" / "caches" / "txt_text_L32_K8_R0"

@@ -62,8 +62,9 @@ def test_candidate_logits_gradients_match_plain_gather():
     ours = candidate_logits(h, w, ids, chunk=2)
     ref = (w[ids] * h[:, None]).sum(-1)
     torch.testing.assert_close(ours, ref)
-    torch.testing.assert_close(torch.autograd.grad((ours * up).sum(), (h, w)),
-                               torch.autograd.grad((ref * up).sum(), (h, w)))
+    torch.testing.assert_close(
+        torch.autograd.grad((ours * up).sum(), (h, w)), torch.autograd.grad((ref * up).sum(), (h, w))
+    )
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])
@@ -137,13 +138,15 @@ def test_full_kl_term_in_kd_loss_and_its_cache_requirement():
     assert out.metrics["full_kl"] == pytest.approx(ref_kl.item(), rel=1e-5)
     ref = base.loss + 0.5 * ref_kl
     torch.testing.assert_close(out.loss, ref)
-    torch.testing.assert_close(torch.autograd.grad(out.loss, hidden), torch.autograd.grad(ref, hidden),
-                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        torch.autograd.grad(out.loss, hidden), torch.autograd.grad(ref, hidden), rtol=1e-4, atol=1e-6
+    )
     # unweighted, it is an evaluation metric: measured without gradients, skipped in a training step
     assert "full_kl" not in kd_loss(hidden, weight, batch, KDLossConfig()).metrics
     with torch.no_grad():
-        assert kd_loss(hidden, weight, batch, KDLossConfig()).metrics["full_kl"] == pytest.approx(ref_kl.item(),
-                                                                                              rel=1e-5)
+        assert kd_loss(hidden, weight, batch, KDLossConfig()).metrics["full_kl"] == pytest.approx(
+            ref_kl.item(), rel=1e-5
+        )
     # the candidates' KL can be weighted down to nothing: the tail-bucket KL alone trains
     alone = kd_loss(hidden, weight, batch, cfg.replace(kd_weight=0.0))
     torch.testing.assert_close(alone.loss, 0.5 * ref_kl)

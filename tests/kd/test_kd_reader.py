@@ -58,8 +58,9 @@ def test_dataloader_workers_and_pickle(kd_cache):
     cache.read("train", [0])  # opens memmaps in this process
     clone = pickle.loads(pickle.dumps(cache))
     assert torch.equal(clone.read("train", [5, 17])["topk_ids"], cache.read("train", [5, 17])["topk_ids"])
-    loader = torch.utils.data.DataLoader(cache.dataset("train"), batch_size=5, num_workers=2,
-                                         multiprocessing_context="fork")
+    loader = torch.utils.data.DataLoader(
+        cache.dataset("train"), batch_size=5, num_workers=2, multiprocessing_context="fork"
+    )
     got = torch.cat([b["topk_logits"] for b in loader])
     assert torch.equal(got, cache.read("train", np.arange(19))["topk_logits"])
 

@@ -12,8 +12,18 @@ from lutq.testing import require_asset, tiny_tokenizer
 @pytest.mark.slow
 def test_real_teacher_sharegpt_cache(teacher, tmp_path):
     require_asset("sharegpt")
-    cfg = CacheConfig(model="smollm2-135m-instruct", source="sharegpt", thinking="off", seq_len=32, top_k=16,
-                      negatives=2, num_sequences=2, val_fraction=0.0, batch_size=4, out=tmp_path / "c")
+    cfg = CacheConfig(
+        model="smollm2-135m-instruct",
+        source="sharegpt",
+        thinking="off",
+        seq_len=32,
+        top_k=16,
+        negatives=2,
+        num_sequences=2,
+        val_fraction=0.0,
+        batch_size=4,
+        out=tmp_path / "c",
+    )
     out = build_cache(cfg, teacher)
     cache = KDCache(out)
     assert cache.meta["name"] == "sharegpt_think_off_L32_K16_R2"

@@ -50,9 +50,30 @@ def test_verify_passes_then_catches_a_wrong_logit(kd_cache, kd_teacher, tmp_path
 def test_cli_builds_and_verifies(kd_dir, kd_cache, tmp_path):
     out = tmp_path / "cli-cache"
     runner = CliRunner()
-    res = runner.invoke(app, ["cache", "--model", str(kd_dir / "teacher"), "--source",
-                              str(kd_dir / "chat.jsonl"), "-L", "32", "-K", "8", "-R", "4", "--sequences",
-                              "20", "--batch-size", "4", "--shard-size", "6", "--out", str(out)])
+    res = runner.invoke(
+        app,
+        [
+            "cache",
+            "--model",
+            str(kd_dir / "teacher"),
+            "--source",
+            str(kd_dir / "chat.jsonl"),
+            "-L",
+            "32",
+            "-K",
+            "8",
+            "-R",
+            "4",
+            "--sequences",
+            "20",
+            "--batch-size",
+            "4",
+            "--shard-size",
+            "6",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "bytes/token: " in res.output and "tokens/s: " in res.output
     for f in ("meta.json", "val-00000.safetensors"):

@@ -33,8 +33,15 @@ def _checkpoint(path: Path, **kw) -> GPT:
     return model.eval()
 
 
-@pytest.mark.parametrize("kw", [{"variant": "baseline"}, {"variant": "gqa", "kv_heads": 2},
-                                {"variant": "gqa", "kv_heads": 1, "learned_temp": False}], ids=str)
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"variant": "baseline"},
+        {"variant": "gqa", "kv_heads": 2},
+        {"variant": "gqa", "kv_heads": 1, "learned_temp": False},
+    ],
+    ids=str,
+)
 def test_hf_export_logits_match(tmp_path: Path, kw: dict) -> None:
     ours = _checkpoint(tmp_path / "ckpt", **kw)
     out = export_hf(tmp_path / "ckpt", tmp_path / "hf")
@@ -45,11 +52,16 @@ def test_hf_export_logits_match(tmp_path: Path, kw: dict) -> None:
         torch.testing.assert_close(hf(ids).logits, ours(ids)[0], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize(("kw", "reason"), [({"variant": "decoupled"}, "no transformers architecture"),
-                                            ({"variant": "bottleneck"}, "no transformers architecture"),
-                                            ({"null_attn": True}, "no null key/value slot"),
-                                            ({"tie_qk": True}, "separate query and key"),
-                                            ({"norm": "layernorm"}, "Llama uses RMSNorm")])
+@pytest.mark.parametrize(
+    ("kw", "reason"),
+    [
+        ({"variant": "decoupled"}, "no transformers architecture"),
+        ({"variant": "bottleneck"}, "no transformers architecture"),
+        ({"null_attn": True}, "no null key/value slot"),
+        ({"tie_qk": True}, "separate query and key"),
+        ({"norm": "layernorm"}, "Llama uses RMSNorm"),
+    ],
+)
 def test_export_refuses_variants_llama_cannot_express(tmp_path: Path, kw: dict, reason: str) -> None:
     _checkpoint(tmp_path / "ckpt", **kw)
     with pytest.raises(LutqError, match=reason):
@@ -59,14 +71,16 @@ def test_export_refuses_variants_llama_cannot_express(tmp_path: Path, kw: dict, 
 
 def test_export_cli_from_a_run_directory(tmp_path: Path) -> None:
     ours = _checkpoint(tmp_path / "run" / "last")
-    res = CliRunner().invoke(app, ["pretrain", "export", str(tmp_path / "run"), "--format", "hf",
-                                   str(tmp_path / "hf"), "--dtype", "bf16"])
+    res = CliRunner().invoke(
+        app, ["pretrain", "export", str(tmp_path / "run"), "--format", "hf", str(tmp_path / "hf"), "--dtype", "bf16"]
+    )
     assert res.exit_code == 0, res.output
     hf, _ = load_model(tmp_path / "hf", dtype=None)
     assert hf.dtype == torch.bfloat16
     assert hf.config.num_hidden_layers == ours.config.n_layers
-    res = CliRunner().invoke(app, ["pretrain", "export", str(tmp_path / "run"), str(tmp_path / "x"),
-                                   "--format", "gguf"])
+    res = CliRunner().invoke(
+        app, ["pretrain", "export", str(tmp_path / "run"), str(tmp_path / "x"), "--format", "gguf"]
+    )
     assert res.exit_code != 0 and "--format 'gguf'" in str(res.exception)
 
 
@@ -81,8 +95,18 @@ def test_checkpoint_corruption_is_detected(tmp_path: Path) -> None:
 
 
 def test_bench_pretrain_reports_throughput() -> None:
-    r = bench_pretrain("tiny", "gqa", seq_len=32, micro_batch=2, steps=2, device="cpu", warmup=1, vocab_size=300,
-                       d_model=64, n_layers=2)
+    r = bench_pretrain(
+        "tiny",
+        "gqa",
+        seq_len=32,
+        micro_batch=2,
+        steps=2,
+        device="cpu",
+        warmup=1,
+        vocab_size=300,
+        d_model=64,
+        n_layers=2,
+    )
     assert r["tokens_per_s"] > 0 and r["step_time_s"] > 0 and r["peak_mem_bytes"] > 0
     assert r["mfu"] is None and r["peak_flops"] is None  # CPU: MFU n/a
     assert r["flops_per_token"] > 6 * r["params"] and r["precision"] == "fp32"
@@ -104,17 +128,48 @@ def test_compile_flag_trains_through_the_compiled_module(tmp_path: Path, monkeyp
     tiny_tokenizer().save_pretrained(tmp_path / "tok")
     (tmp_path / "a.txt").write_text("to be or not to be " * 120)
     data = prepare_tokens(str(tmp_path / "tok"), [str(tmp_path / "a.txt")], tmp_path / "d.npy", workers=1)
-    result = pretrain(PretrainConfig(data=str(data.path), out=str(tmp_path / "run"), d_model=32, n_layers=1,
-                                     n_heads=2, d_ff=32, seq_len=16, micro_batch=2, grad_accum=1, steps=2, warmup=0,
-                                     eval_iters=1, sample_tokens=0, val_fraction=0.2, compile=True))
+    result = pretrain(
+        PretrainConfig(
+            data=str(data.path),
+            out=str(tmp_path / "run"),
+            d_model=32,
+            n_layers=1,
+            n_heads=2,
+            d_ff=32,
+            seq_len=16,
+            micro_batch=2,
+            grad_accum=1,
+            steps=2,
+            warmup=0,
+            eval_iters=1,
+            sample_tokens=0,
+            val_fraction=0.2,
+            compile=True,
+        )
+    )
     assert len(compiled) == 1 and isinstance(compiled[0], GPT)
     assert result["final_step"] == 2
     model, _ = load_pretrain_checkpoint(tmp_path / "run" / "last")  # saved without the compile wrapper's prefix
     assert model.config.n_layers == 1
     # left unset, compile is on with CUDA only: this CPU run trains eager and run.json records the choice
     compiled.clear()
-    pretrain(PretrainConfig(data=str(data.path), out=str(tmp_path / "run2"), d_model=32, n_layers=1, n_heads=2,
-                            d_ff=32, seq_len=16, micro_batch=2, grad_accum=1, steps=1, warmup=0, eval_iters=1,
-                            sample_tokens=0, val_fraction=0.2))
+    pretrain(
+        PretrainConfig(
+            data=str(data.path),
+            out=str(tmp_path / "run2"),
+            d_model=32,
+            n_layers=1,
+            n_heads=2,
+            d_ff=32,
+            seq_len=16,
+            micro_batch=2,
+            grad_accum=1,
+            steps=1,
+            warmup=0,
+            eval_iters=1,
+            sample_tokens=0,
+            val_fraction=0.2,
+        )
+    )
     assert not compiled
     assert json.loads((tmp_path / "run2" / "run.json").read_text())["pretrain"]["compile"] is False

@@ -14,8 +14,15 @@ T = 12
 
 
 def small_config(variant: str, **kw) -> ModelConfig:
-    base = {"vocab_size": 97, "d_model": 128, "n_layers": 2, "n_heads": 4, "d_ff": 96, "block_size": 32,
-            "variant": variant}
+    base = {
+        "vocab_size": 97,
+        "d_model": 128,
+        "n_layers": 2,
+        "n_heads": 4,
+        "d_ff": 96,
+        "block_size": 32,
+        "variant": variant,
+    }
     return ModelConfig(**(base | kw)).resolved()
 
 
@@ -147,14 +154,17 @@ def test_model_is_causal_and_checkpointing_gives_same_gradients() -> None:
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize(("kw", "message"), [
-    ({"variant": "gqa", "tie_qk": True}, "tie_qk is not possible with gqa"),
-    ({"variant": "gqa", "kv_heads": 3}, "not divisible by kv_heads"),
-    ({"variant": "nope"}, "unknown attention variant"),
-    ({"variant": "decoupled", "geo_dim": 12}, "RoPE head dim 3 must be even"),
-    ({"variant": "bottleneck", "attn_dim": 30}, "multiple of n_heads"),
-    ({"norm": "batchnorm"}, "unknown norm"),
-])
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"variant": "gqa", "tie_qk": True}, "tie_qk is not possible with gqa"),
+        ({"variant": "gqa", "kv_heads": 3}, "not divisible by kv_heads"),
+        ({"variant": "nope"}, "unknown attention variant"),
+        ({"variant": "decoupled", "geo_dim": 12}, "RoPE head dim 3 must be even"),
+        ({"variant": "bottleneck", "attn_dim": 30}, "multiple of n_heads"),
+        ({"norm": "batchnorm"}, "unknown norm"),
+    ],
+)
 def test_bad_configs_are_refused(kw: dict, message: str) -> None:
     with pytest.raises(LutqError, match=message):
         small_config(**({"variant": "baseline"} | kw))
@@ -162,8 +172,10 @@ def test_bad_configs_are_refused(kw: dict, message: str) -> None:
 
 def test_1b_parameter_counts_match_the_seed() -> None:
     """The seed launcher's final 1B shape (vocab 50,257; the seed used LayerNorm with bias)."""
-    counts = {v: params_of(ModelConfig.preset("1b", variant=v, norm="layernorm", learned_temp=False))
-              for v in ("baseline", "gqa", "decoupled")}
+    counts = {
+        v: params_of(ModelConfig.preset("1b", variant=v, norm="layernorm", learned_temp=False))
+        for v in ("baseline", "gqa", "decoupled")
+    }
     assert round(counts["baseline"] / 1e6) == 1233
     assert round(counts["gqa"] / 1e6) == 1095  # kv_heads 8
     assert round(counts["decoupled"] / 1e6) == 934  # sem 128 / geo 256 / attn 384

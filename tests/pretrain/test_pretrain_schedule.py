@@ -18,8 +18,10 @@ from lutq.pretrain.schedule import (
 SEED_DEFAULT = parse_seq_schedule("1024@0,2048@10000")
 
 
-@pytest.mark.parametrize(("text", "value"), [("100M", 10**8), ("1.5B", 1_500_000_000), ("2000", 2000),
-                                             ("10k", 10_000), (" 3 b ", 3 * 10**9), (".5M", 500_000)])
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("100M", 10**8), ("1.5B", 1_500_000_000), ("2000", 2000), ("10k", 10_000), (" 3 b ", 3 * 10**9), (".5M", 500_000)],
+)
 def test_parse_count(text: str, value: int) -> None:
     assert parse_count(text) == value
 
@@ -67,7 +69,11 @@ def test_plan_with_gpu_mem_preset_target_tokens_and_epoch_warning() -> None:
     cfg = PretrainConfig(size="1b", variant="gqa", gpu_mem=40, target_tokens="1B").resolve()
     preset = GPU_MEM_PRESETS[40]
     assert (cfg.seq_len, cfg.seq_schedule, cfg.grad_accum, cfg.micro_batch) == (
-        preset["seq_len"], preset["seq_schedule"], preset["grad_accum"], preset["micro_batch"])
+        preset["seq_len"],
+        preset["seq_schedule"],
+        preset["grad_accum"],
+        preset["micro_batch"],
+    )
     plan = make_plan(cfg, n_tokens=100_000_000, vocab_size=50257)
     assert plan.global_batch == 16
     assert plan.planned_tokens >= 10**9 > planned_tokens(plan.steps - 1, 16, plan.schedule, cfg.seq_len)
@@ -81,8 +87,9 @@ def test_plan_with_gpu_mem_preset_target_tokens_and_epoch_warning() -> None:
 
 
 def test_block_size_covers_the_schedule_of_the_solved_steps() -> None:
-    cfg = PretrainConfig(size="tiny", seq_len=128, seq_schedule="128@0,512@5000", micro_batch=1, grad_accum=1,
-                         target_tokens="10M").resolve()
+    cfg = PretrainConfig(
+        size="tiny", seq_len=128, seq_schedule="128@0,512@5000", micro_batch=1, grad_accum=1, target_tokens="10M"
+    ).resolve()
     plan = make_plan(cfg, n_tokens=10**6, vocab_size=100)
     assert plan.steps > 5000 and plan.model.block_size == plan.eval_seq_len == 512
 

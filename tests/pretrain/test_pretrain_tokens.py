@@ -54,8 +54,9 @@ def test_eos_between_documents_and_meta(tok_dir: Path, files: list[str], tmp_pat
     assert data.eos_id == eos and data.tokens.dtype == np.uint16
     # every source's training documents first, then the held-out ones (here doc1.txt hashes into val)
     held_out = [bool(document_splits(f)["val"]) for f in files]
-    order = [t for t, h in zip(TEXTS, held_out, strict=True) if not h] + \
-        [t for t, h in zip(TEXTS, held_out, strict=True) if h]
+    order = [t for t, h in zip(TEXTS, held_out, strict=True) if not h] + [
+        t for t, h in zip(TEXTS, held_out, strict=True) if h
+    ]
     expected = [tok(t, add_special_tokens=False)["input_ids"] for t in order]
     assert _split_at(np.asarray(data.tokens), eos) == expected
     m = json.loads(meta_path(tmp_path / "data.npy").read_text())
@@ -97,7 +98,8 @@ def test_uint32_for_large_vocabularies(tmp_path: Path) -> None:
     raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", unk_token="<unk>").save_pretrained(
-        tmp_path / "big")
+        tmp_path / "big"
+    )
     (tmp_path / "a.txt").write_text("w1 w69999 w5")
     data = prepare_tokens(str(tmp_path / "big"), [str(tmp_path / "a.txt")], tmp_path / "big.npy", workers=1)
     assert data.tokens.dtype == np.uint32
@@ -144,9 +146,25 @@ def test_bad_inputs_are_clear_errors(tok_dir: Path, files: list[str], tmp_path: 
 
 def test_cli_data_prepare(tok_dir: Path, files: list[str], tmp_path: Path) -> None:
     out = tmp_path / "cli.npy"
-    res = CliRunner().invoke(app, ["data", "prepare", "--tokenizer", str(tok_dir), "--source", files[0],
-                                   "--source", f"{files[1]}", "--tokens", "0.02K", "--out", str(out),
-                                   "--workers", "1"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "data",
+            "prepare",
+            "--tokenizer",
+            str(tok_dir),
+            "--source",
+            files[0],
+            "--source",
+            f"{files[1]}",
+            "--tokens",
+            "0.02K",
+            "--out",
+            str(out),
+            "--workers",
+            "1",
+        ],
+    )
     assert res.exit_code == 0, res.output
     data = TokenData.open(out)
     assert len(data) == 20 and data.meta["sources"] == files[:2]
@@ -163,9 +181,14 @@ def test_gpt2_tokenizer_is_built_offline_and_matches_tiktoken(tmp_path: Path) ->
 
     tok, name = load_tokenizer("gpt2")
     assert name == "gpt2" and len(tok) == 50257
-    enc = tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, special_tokens={"<|endoftext|>": 50256},
-                            mergeable_ranks=load_tiktoken_bpe(str(gpt2_tokenizer_dir() / "gpt2.tiktoken"),
-                                                              expected_hash=GPT2_TIKTOKEN_SHA256))
+    enc = tiktoken.Encoding(
+        name="gpt2",
+        pat_str=r50k_pat_str,
+        special_tokens={"<|endoftext|>": 50256},
+        mergeable_ranks=load_tiktoken_bpe(
+            str(gpt2_tokenizer_dir() / "gpt2.tiktoken"), expected_hash=GPT2_TIKTOKEN_SHA256
+        ),
+    )
     text = "To be, or not to be, that is the question:\n  Whether 'tis nobler in the mind — 1603"
     assert tok(text, add_special_tokens=False)["input_ids"] == enc.encode_ordinary(text)
     (tmp_path / "a.txt").write_text(text)

@@ -96,8 +96,19 @@ def test_resume_after_interruption_is_exact(token_file: Path, tmp_path: Path) ->
 def test_bf16_params_with_lion_keep_norm_gains_trainable(token_file: Path, tmp_path: Path) -> None:
     """The seed's bf16 + Lion run froze LayerNorm gains (updates < half a bf16 ulp at 1.0)."""
     run = tmp_path / "bf16"
-    pretrain(cfg_for(token_file, run, precision="bf16", optimizer="lion", lr=2e-4, warmup=0, steps=3,
-                     eval_every=0, grad_checkpoint=True))
+    pretrain(
+        cfg_for(
+            token_file,
+            run,
+            precision="bf16",
+            optimizer="lion",
+            lr=2e-4,
+            warmup=0,
+            steps=3,
+            eval_every=0,
+            grad_checkpoint=True,
+        )
+    )
     tensors = load_file(run / "last" / "model.safetensors")
     assert tensors["layers.0.attn.q_proj.weight"].dtype == torch.bfloat16
     gain = tensors["layers.0.attn_norm.weight"]
@@ -109,15 +120,68 @@ def test_ddp_on_cpu_matches_one_process(token_file: Path, tmp_path: Path) -> Non
     single = tmp_path / "single"
     pretrain(cfg_for(token_file, single, steps=3, eval_every=0))
     ddp = tmp_path / "ddp"
-    flags = ["--data", str(token_file), "--out", str(ddp), "--d-model", "32", "--layers", "2", "--heads", "2",
-             "--d-ff", "64", "--seq-len", "16", "--micro-batch", "2", "--grad-accum", "1", "--steps", "3",
-             "--warmup", "2", "--lr", "1e-2", "--eval-every", "0", "--eval-iters", "2", "--log-every", "1",
-             "--save-every", "0", "--sample-tokens", "0", "--seed", "7", "--device", "cpu", "--run"]
+    flags = [
+        "--data",
+        str(token_file),
+        "--out",
+        str(ddp),
+        "--d-model",
+        "32",
+        "--layers",
+        "2",
+        "--heads",
+        "2",
+        "--d-ff",
+        "64",
+        "--seq-len",
+        "16",
+        "--micro-batch",
+        "2",
+        "--grad-accum",
+        "1",
+        "--steps",
+        "3",
+        "--warmup",
+        "2",
+        "--lr",
+        "1e-2",
+        "--eval-every",
+        "0",
+        "--eval-iters",
+        "2",
+        "--log-every",
+        "1",
+        "--save-every",
+        "0",
+        "--sample-tokens",
+        "0",
+        "--seed",
+        "7",
+        "--device",
+        "cpu",
+        "--run",
+    ]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     # `--` stops torchrun from reading our --run as an abbreviation of its own --run-path
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "--", "lutq.cli", "pretrain", *flags], capture_output=True, text=True, env=env,
-                         timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "--",
+            "lutq.cli",
+            "pretrain",
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((ddp / "run.json").read_text())["world_size"] == 2
     a, b = rows(single), rows(ddp)
@@ -129,16 +193,50 @@ def test_ddp_on_cpu_matches_one_process(token_file: Path, tmp_path: Path) -> Non
 
 def test_cli_dry_run_resume_and_errors(token_file: Path, tmp_path: Path) -> None:
     runner = CliRunner()
-    base = ["pretrain", "--data", str(token_file), "--d-model", "32", "--layers", "2", "--heads", "2",
-            "--d-ff", "64", "--seq-len", "16", "--micro-batch", "2", "--grad-accum", "1", "--warmup", "1",
-            "--eval-every", "0", "--eval-iters", "1", "--sample-tokens", "0", "--log-every", "1",
-            "--variant", "decoupled", "--sem-dim", "8", "--geo-dim", "8", "--attn-dim", "16"]
+    base = [
+        "pretrain",
+        "--data",
+        str(token_file),
+        "--d-model",
+        "32",
+        "--layers",
+        "2",
+        "--heads",
+        "2",
+        "--d-ff",
+        "64",
+        "--seq-len",
+        "16",
+        "--micro-batch",
+        "2",
+        "--grad-accum",
+        "1",
+        "--warmup",
+        "1",
+        "--eval-every",
+        "0",
+        "--eval-iters",
+        "1",
+        "--sample-tokens",
+        "0",
+        "--log-every",
+        "1",
+        "--variant",
+        "decoupled",
+        "--sem-dim",
+        "8",
+        "--geo-dim",
+        "8",
+        "--attn-dim",
+        "16",
+    ]
     run = tmp_path / "cli"
     res = runner.invoke(app, [*base, "--out", str(run), "--steps", "4", "--seq-schedule", "8@0,16@2"])
     assert res.exit_code == 0, res.output
     assert not run.exists()  # dry run by default
-    res = runner.invoke(app, [*base, "--out", str(run), "--steps", "4", "--seq-schedule", "8@0,16@2",
-                              "--stop-after", "2", "--run"])
+    res = runner.invoke(
+        app, [*base, "--out", str(run), "--steps", "4", "--seq-schedule", "8@0,16@2", "--stop-after", "2", "--run"]
+    )
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["pretrain", "--resume", str(run), "--lr", "5", "--run"])
     assert res.exit_code == 0, res.output
@@ -148,10 +246,39 @@ def test_cli_dry_run_resume_and_errors(token_file: Path, tmp_path: Path) -> None
     res = runner.invoke(app, [*base, "--out", str(tmp_path / "bad"), "--seq-schedule", "16@0,oops"])
     assert res.exit_code != 0 and "oops" in str(res.exception)
     cfg_file = tmp_path / "cfg.json"  # --config gives the base, flags override it
-    cfg_file.write_text(json.dumps({"data": str(token_file), "d_model": 32, "n_layers": 1, "n_heads": 2,
-                                    "seq_len": 16, "steps": 3, "optimizer": "lion", "sample_tokens": 0}))
-    res = runner.invoke(app, ["pretrain", "--config", str(cfg_file), "--out", str(tmp_path / "c"), "--steps", "2",
-                              "--micro-batch", "1", "--grad-accum", "1", "--eval-iters", "1", "--run"])
+    cfg_file.write_text(
+        json.dumps(
+            {
+                "data": str(token_file),
+                "d_model": 32,
+                "n_layers": 1,
+                "n_heads": 2,
+                "seq_len": 16,
+                "steps": 3,
+                "optimizer": "lion",
+                "sample_tokens": 0,
+            }
+        )
+    )
+    res = runner.invoke(
+        app,
+        [
+            "pretrain",
+            "--config",
+            str(cfg_file),
+            "--out",
+            str(tmp_path / "c"),
+            "--steps",
+            "2",
+            "--micro-batch",
+            "1",
+            "--grad-accum",
+            "1",
+            "--eval-iters",
+            "1",
+            "--run",
+        ],
+    )
     assert res.exit_code == 0, res.output
     saved = load_run_config(tmp_path / "c")
     assert (saved.steps, saved.optimizer, saved.n_layers, saved.lr) == (2, "lion", 1, 1e-4)

@@ -54,12 +54,27 @@ def test_presets_registry() -> None:
         LayerSpec(300, 4)
 
 
-@pytest.mark.parametrize("name", ["model.layers.0.mlp.gate_proj", "model.layers.11.self_attn.o_proj",
-                                  "model.language_model.layers.3.mlp.down_proj", "lm_head", "model.embed_tokens",
-                                  "model.layers.0.input_layernorm", "model.layers.0.mlp", "model.layers.0.mlp.act_fn"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "model.layers.0.mlp.gate_proj",
+        "model.layers.11.self_attn.o_proj",
+        "model.language_model.layers.3.mlp.down_proj",
+        "lm_head",
+        "model.embed_tokens",
+        "model.layers.0.input_layernorm",
+        "model.layers.0.mlp",
+        "model.layers.0.mlp.act_fn",
+    ],
+)
 def test_group_patterns(name: str) -> None:
-    expect = {"gate_proj": "mlp", "o_proj": "attn", "down_proj": "mlp", "lm_head": "lm_head",
-              "embed_tokens": "embed"}.get(name.rsplit(".", 1)[-1])
+    expect = {
+        "gate_proj": "mlp",
+        "o_proj": "attn",
+        "down_proj": "mlp",
+        "lm_head": "lm_head",
+        "embed_tokens": "embed",
+    }.get(name.rsplit(".", 1)[-1])
     assert group_of(name) == expect
 
 

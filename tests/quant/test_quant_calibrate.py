@@ -94,7 +94,8 @@ def test_collect_hessians_matches_the_inputs_and_shares_siblings() -> None:
     ids = torch.randint(0, 320, (3, 12), generator=torch.Generator().manual_seed(0))
     seen: dict[str, torch.Tensor] = {}
     handle = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(
-        lambda _m, args: seen.setdefault("x", args[0].detach().reshape(-1, args[0].shape[-1])))
+        lambda _m, args: seen.setdefault("x", args[0].detach().reshape(-1, args[0].shape[-1]))
+    )
     with torch.no_grad():
         model(input_ids=ids[:1])
     handle.remove()
@@ -119,8 +120,11 @@ def test_collect_hessians_matches_the_inputs_and_shares_siblings() -> None:
 def test_quantize_with_hessians_beats_nearest_on_the_calibration_inputs(arch: str, calib_source: str) -> None:
     fp = tiny_model(arch)
     ids = torch.randint(0, 320, (8, 16), generator=torch.Generator().manual_seed(0))
-    hs = hessians_for(fp, "q2a4", calib_source, tiny_tokenizer(), num_sequences=8, seq_len=16,
-                      show_progress=False) if arch == "llama" else collect_hessians(fp, ids, show_progress=False)
+    hs = (
+        hessians_for(fp, "q2a4", calib_source, tiny_tokenizer(), num_sequences=8, seq_len=16, show_progress=False)
+        if arch == "llama"
+        else collect_hessians(fp, ids, show_progress=False)
+    )
     assert "lm_head" not in hs or arch != "llama"  # hessians_for: only what the preset quantizes
     plain, calibrated = tiny_model(arch), tiny_model(arch)
     quantize(plain, "q2a4", progress=False)
@@ -148,18 +152,48 @@ def test_calibration_blocks_from_a_kd_cache(tmp_path: Path, calib_source: str) -
     model, tok = tiny_model("llama"), tiny_tokenizer()
     model.save_pretrained(tmp_path / "teacher")
     tok.save_pretrained(tmp_path / "teacher")
-    cache = build_cache(CacheConfig(model=str(tmp_path / "teacher"), source=calib_source, thinking="none",
-                                    seq_len=16, top_k=4, num_sequences=12, out=tmp_path / "cache", device="cpu"))
+    cache = build_cache(
+        CacheConfig(
+            model=str(tmp_path / "teacher"),
+            source=calib_source,
+            thinking="none",
+            seq_len=16,
+            top_k=4,
+            num_sequences=12,
+            out=tmp_path / "cache",
+            device="cpu",
+        )
+    )
     blocks = calibration_blocks(str(cache), tok, num_sequences=6)
     assert blocks.shape == (6, 16)
 
 
 def test_quantize_cli_with_calibration(tmp_path: Path, calib_source: str) -> None:
     save_checkpoint(tmp_path / "fp", tiny_model("qwen3"), tiny_tokenizer())
-    result = CliRunner().invoke(app, ["quantize", "--model", str(tmp_path / "fp"), "--preset", "q4a4", "--out",
-                                      str(tmp_path / "q4"), "--calib", calib_source, "--calib-sequences", "4",
-                                      "--calib-len", "24", "--damp", "0.05", "--act-power", "0.25", "--summary"],
-                            catch_exceptions=False)
+    result = CliRunner().invoke(
+        app,
+        [
+            "quantize",
+            "--model",
+            str(tmp_path / "fp"),
+            "--preset",
+            "q4a4",
+            "--out",
+            str(tmp_path / "q4"),
+            "--calib",
+            calib_source,
+            "--calib-sequences",
+            "4",
+            "--calib-len",
+            "24",
+            "--damp",
+            "0.05",
+            "--act-power",
+            "0.25",
+            "--summary",
+        ],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     assert "output error" in result.output
     q4, _, info = load_checkpoint(tmp_path / "q4")
@@ -189,15 +223,43 @@ def test_convert_cli_with_calibration(tmp_path: Path, calib_source: str) -> None
     model = tiny_model("qwen3")
     quantize(model, "q4a4", progress=False)
     save_checkpoint(tmp_path / "q4", model, tiny_tokenizer())
-    result = CliRunner().invoke(app, ["convert", "q4-to-q2", str(tmp_path / "q4"), str(tmp_path / "q2"), "--calib",
-                                      calib_source, "--calib-sequences", "4", "--calib-len", "24", "--act-power",
-                                      "0.25"], catch_exceptions=False)
+    result = CliRunner().invoke(
+        app,
+        [
+            "convert",
+            "q4-to-q2",
+            str(tmp_path / "q4"),
+            str(tmp_path / "q2"),
+            "--calib",
+            calib_source,
+            "--calib-sequences",
+            "4",
+            "--calib-len",
+            "24",
+            "--act-power",
+            "0.25",
+        ],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     assert "output error" in result.output
     assert load_checkpoint(tmp_path / "q2")[2].extra["converted"]["calibration"]["act_power"] == 0.25
-    result = CliRunner().invoke(app, ["convert", "q4-to-q2", str(tmp_path / "q4"), str(tmp_path / "q2b"), "--calib",
-                                      calib_source, "--calib-sequences", "4", "--calib-len", "24"],
-                                catch_exceptions=False)
+    result = CliRunner().invoke(
+        app,
+        [
+            "convert",
+            "q4-to-q2",
+            str(tmp_path / "q4"),
+            str(tmp_path / "q2b"),
+            "--calib",
+            calib_source,
+            "--calib-sequences",
+            "4",
+            "--calib-len",
+            "24",
+        ],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output  # without the flag: the q4 checkpoint's init_act_power
     assert load_checkpoint(tmp_path / "q2b")[2].extra["converted"]["calibration"]["act_power"] == 0.5
 

@@ -24,8 +24,20 @@ def _run(*args: str) -> str:
 
 def test_quantize_convert_snap_cli(tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "fp", tiny_model("llama"), tiny_tokenizer())
-    out = _run("quantize", "--model", str(tmp_path / "fp"), "--preset", "q4a4", "--out", str(tmp_path / "q4"),
-               "--tighten", "1", "--lut", "kmeans", "--summary")
+    out = _run(
+        "quantize",
+        "--model",
+        str(tmp_path / "fp"),
+        "--preset",
+        "q4a4",
+        "--out",
+        str(tmp_path / "q4"),
+        "--tighten",
+        "1",
+        "--lut",
+        "kmeans",
+        "--summary",
+    )
     assert "mlp: 6 layers" in out and "saved" in out
     _, _, info = load_checkpoint(tmp_path / "q4")
     assert info.extra["quantize"]["mlp"]["layers"] == 6
@@ -63,8 +75,18 @@ def test_bench_lut_linear_small() -> None:
 
 def test_quantize_and_convert_device_flag(tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "fp", tiny_model("llama", layers=2), tiny_tokenizer())
-    _run("quantize", "-m", str(tmp_path / "fp"), "-p", "q4a4", "-o", str(tmp_path / "q4"), "--device", "auto",
-         "--summary")
+    _run(
+        "quantize",
+        "-m",
+        str(tmp_path / "fp"),
+        "-p",
+        "q4a4",
+        "-o",
+        str(tmp_path / "q4"),
+        "--device",
+        "auto",
+        "--summary",
+    )
     _, _, info = load_checkpoint(tmp_path / "q4")
     assert info.extra["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     _run("convert", "q4-to-q2", str(tmp_path / "q4"), str(tmp_path / "q2"), "--device", "cpu")
@@ -74,4 +96,3 @@ def test_quantize_and_convert_device_flag(tmp_path: Path) -> None:
         with pytest.raises(LutqError, match="device 'cuda': this torch sees no CUDA device"):
             _run("convert", "q4-to-q2", str(tmp_path / "q4"), str(tmp_path / "bad"), "--device", "cuda")
     assert not (tmp_path / "bad").exists()
-

@@ -16,8 +16,12 @@ from lutq.quant.lut import is_fp16_exact, nearest_index
 def _weight(out: int = 64, n_in: int = 96, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     # rows and columns of different magnitude, heavy-ish tails: like real layers
-    return torch.randn(out, n_in, generator=g) * (0.2 + torch.rand(out, 1, generator=g)) * (
-        0.5 + torch.rand(1, n_in, generator=g)) * torch.randn(out, n_in, generator=g).abs().sqrt()
+    return (
+        torch.randn(out, n_in, generator=g)
+        * (0.2 + torch.rand(out, 1, generator=g))
+        * (0.5 + torch.rand(1, n_in, generator=g))
+        * torch.randn(out, n_in, generator=g).abs().sqrt()
+    )
 
 
 def test_group_max_abs_pads_the_last_group() -> None:
@@ -31,7 +35,7 @@ def test_group_max_abs_pads_the_last_group() -> None:
 
 def test_svd_scales_reproduce_a_rank_one_map() -> None:
     rows, cols = torch.rand(16) + 0.5, torch.rand(4) + 0.5
-    w = (rows[:, None] * cols.repeat_interleave(32)[None, :])  # group map is exactly rank 1
+    w = rows[:, None] * cols.repeat_interleave(32)[None, :]  # group map is exactly rank 1
     a, b, g = svd_scales(w, 3, 32)
     assert torch.allclose(a.norm(dim=0), torch.ones(3), atol=1e-5)
     assert torch.allclose(b.norm(dim=1), torch.ones(3), atol=1e-5)

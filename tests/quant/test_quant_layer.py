@@ -12,8 +12,16 @@ from lutq.quant.lut import is_fp16_exact, kmeans_lut, nearest_index
 from lutq.quant.snap import snap_layer_
 
 
-def _layer(out: int = 24, n_in: int = 40, lut: int = 16, rank: int = 4, *, bias: bool = True,
-           dtype: torch.dtype = torch.float32, **kw) -> tuple[LUTLinear, torch.Tensor]:
+def _layer(
+    out: int = 24,
+    n_in: int = 40,
+    lut: int = 16,
+    rank: int = 4,
+    *,
+    bias: bool = True,
+    dtype: torch.dtype = torch.float32,
+    **kw,
+) -> tuple[LUTLinear, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
     w = (torch.randn(out, n_in, generator=g) * torch.rand(out, 1, generator=g)).to(dtype)
     layer = LUTLinear(n_in, out, lut, rank, bias=bias, dtype=dtype, **kw)
@@ -85,8 +93,16 @@ def test_bf16_input_under_autocast() -> None:
     assert layer.scale_A.grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize(("switch", "expect"), [("all", {"scale_A", "scale_B", "scale_g"}), ("g", {"scale_g"}),
-                                                ("ab", {"scale_A", "scale_B"}), ("lut", {"lut"}), ("none", set())])
+@pytest.mark.parametrize(
+    ("switch", "expect"),
+    [
+        ("all", {"scale_A", "scale_B", "scale_g"}),
+        ("g", {"scale_g"}),
+        ("ab", {"scale_A", "scale_B"}),
+        ("lut", {"lut"}),
+        ("none", set()),
+    ],
+)
 def test_trainable_switches(switch: str, expect: set[str]) -> None:
     layer, _ = _layer()
     layer.set_trainable(switch)

@@ -50,7 +50,7 @@ def test_uniform_lut(n: int) -> None:
 def test_kmeans_lut_weighted_and_valid() -> None:
     g = torch.Generator().manual_seed(0)
     centers = torch.tensor([-2.0, -0.5, 0.25, 3.0])
-    values = (centers[torch.randint(0, 4, (50_000,), generator=g)] + 0.01 * torch.randn(50_000, generator=g))
+    values = centers[torch.randint(0, 4, (50_000,), generator=g)] + 0.01 * torch.randn(50_000, generator=g)
     lut = kmeans_lut(values, None, 4)
     assert _valid(lut) and torch.allclose(lut, centers, atol=0.01)
     # a heavy weight on one point pulls a centroid onto it

@@ -148,9 +148,29 @@ def test_quantize_cli_blockwise(tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "fp", tiny_model("llama", layers=2), tiny_tokenizer())
     calib = tmp_path / "calib.jsonl"
     calib.write_text("".join(json.dumps({"text": f"line {i} " * 20}) + "\n" for i in range(20)))
-    args = ["quantize", "-m", str(tmp_path / "fp"), "-p", "q2a4", "-o", str(tmp_path / "q2"), "--summary",
-            "--calib", str(calib), "--calib-sequences", "8", "--calib-len", "32", "--blockwise", "--recon-steps", "3",
-            "--recon-latent-steps", "2", "--recon-latent-start", "fp"]
+    args = [
+        "quantize",
+        "-m",
+        str(tmp_path / "fp"),
+        "-p",
+        "q2a4",
+        "-o",
+        str(tmp_path / "q2"),
+        "--summary",
+        "--calib",
+        str(calib),
+        "--calib-sequences",
+        "8",
+        "--calib-len",
+        "32",
+        "--blockwise",
+        "--recon-steps",
+        "3",
+        "--recon-latent-steps",
+        "2",
+        "--recon-latent-start",
+        "fp",
+    ]
     result = CliRunner().invoke(app, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     _, _, info = load_checkpoint(tmp_path / "q2")
@@ -158,8 +178,11 @@ def test_quantize_cli_blockwise(tmp_path: Path) -> None:
     assert cal["method"] == "blockwise" and cal["recon"]["steps"] == 3 and len(cal["blocks"]) == 2
     assert cal["recon"]["latent_steps"] == 2 and cal["recon"]["latent_start"] == "fp"
     with pytest.raises(LutqError, match="--blockwise needs --calib"):
-        CliRunner().invoke(app, ["quantize", "-m", str(tmp_path / "fp"), "-o", str(tmp_path / "x"), "--blockwise"],
-                           catch_exceptions=False)
+        CliRunner().invoke(
+            app,
+            ["quantize", "-m", str(tmp_path / "fp"), "-o", str(tmp_path / "x"), "--blockwise"],
+            catch_exceptions=False,
+        )
 
 
 @pytest.mark.parametrize("start", ["weff", "fp"])
@@ -186,15 +209,32 @@ def test_reconstruct_latent_phase_moves_indices_and_ends_frozen(start: str) -> N
 def test_convert_cli_blockwise_against_the_fp_reference(tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "fp", tiny_model("qwen3", layers=2), tiny_tokenizer())
     calib = tmp_path / "calib.jsonl"
-    calib.write_text("".join(json.dumps({"text": f"row {i} of the calibration text, {i * 7}"}) + "\n"
-                             for i in range(40)))
+    calib.write_text(
+        "".join(json.dumps({"text": f"row {i} of the calibration text, {i * 7}"}) + "\n" for i in range(40))
+    )
     run = CliRunner()
-    result = run.invoke(app, ["quantize", "-m", str(tmp_path / "fp"), "-p", "q4a4", "-o", str(tmp_path / "q4"),
-                              "--summary"], catch_exceptions=False)
+    result = run.invoke(
+        app,
+        ["quantize", "-m", str(tmp_path / "fp"), "-p", "q4a4", "-o", str(tmp_path / "q4"), "--summary"],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     common = ["--calib", str(calib), "--calib-sequences", "8", "--calib-len", "32"]
-    result = run.invoke(app, ["convert", "q4-to-q2", str(tmp_path / "q4"), str(tmp_path / "q2"), *common,
-                              "--reference", str(tmp_path / "fp"), "--recon-steps", "4"], catch_exceptions=False)
+    result = run.invoke(
+        app,
+        [
+            "convert",
+            "q4-to-q2",
+            str(tmp_path / "q4"),
+            str(tmp_path / "q2"),
+            *common,
+            "--reference",
+            str(tmp_path / "fp"),
+            "--recon-steps",
+            "4",
+        ],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     q2, _, info = load_checkpoint(tmp_path / "q2")
     assert {(la.lut_size, la.rank) for n, la in lut_layers(q2) if ".mlp." in n} == {(4, 32)}
@@ -204,12 +244,26 @@ def test_convert_cli_blockwise_against_the_fp_reference(tmp_path: Path) -> None:
     other.add_tokens(["<not-in-the-student>"])
     save_checkpoint(tmp_path / "fp-other-tok", tiny_model("qwen3", layers=2), other)
     with pytest.raises(LutqError, match="another tokenizer"):
-        run.invoke(app, ["convert", "q4-to-q2", str(tmp_path / "q4"), str(tmp_path / "y"), *common,
-                         "--reference", str(tmp_path / "fp-other-tok")], catch_exceptions=False)
+        run.invoke(
+            app,
+            [
+                "convert",
+                "q4-to-q2",
+                str(tmp_path / "q4"),
+                str(tmp_path / "y"),
+                *common,
+                "--reference",
+                str(tmp_path / "fp-other-tok"),
+            ],
+            catch_exceptions=False,
+        )
     assert not (tmp_path / "y").exists()  # nothing half-written
     with pytest.raises(LutqError, match="pass calib too"):
-        run.invoke(app, ["convert", "q4-to-q2", str(tmp_path / "q4"), str(tmp_path / "x"), "--reference",
-                         str(tmp_path / "fp")], catch_exceptions=False)
+        run.invoke(
+            app,
+            ["convert", "q4-to-q2", str(tmp_path / "q4"), str(tmp_path / "x"), "--reference", str(tmp_path / "fp")],
+            catch_exceptions=False,
+        )
 
 
 def test_reconstruct_takes_gptq_damping_from_the_quant_config() -> None:
@@ -218,8 +272,16 @@ def test_reconstruct_takes_gptq_damping_from_the_quant_config() -> None:
     for damp in (0.01, 10.0):
         model = tiny_model("llama", layers=1)
         reference = copy.deepcopy(model)
-        quantize(model, {"preset": "q4a4", "mlp": {"lut_size": 16, "rank": 4}, "attn": {"lut_size": 16, "rank": 4},
-                         "gptq_damp": damp}, progress=False)
+        quantize(
+            model,
+            {
+                "preset": "q4a4",
+                "mlp": {"lut_size": 16, "rank": 4},
+                "attn": {"lut_size": 16, "rank": 4},
+                "gptq_damp": damp,
+            },
+            progress=False,
+        )
         report = reconstruct_(model, reference, ids, ReconstructConfig(steps=0), show_progress=False)
         outs.append([r.out_error for r in report.rows])
     assert outs[0] != outs[1]
@@ -232,8 +294,11 @@ def test_quantize_blockwise_activation_aware_reinit() -> None:
     luts = {}
     for power in (0.0, 1.0):
         model = tiny_model("llama", layers=2)
-        cfg = {"mlp": {"lut_size": 4, "rank": 4, "lut_kind": "kmeans"},
-               "attn": {"lut_size": 16, "rank": 2, "lut_kind": "kmeans"}, "init_act_power": power}
+        cfg = {
+            "mlp": {"lut_size": 4, "rank": 4, "lut_kind": "kmeans"},
+            "attn": {"lut_size": 16, "rank": 2, "lut_kind": "kmeans"},
+            "init_act_power": power,
+        }
         report = quantize_blockwise(model, cfg, ids, ReconstructConfig(steps=3), show_progress=False)
         assert all(b["loss_after"] <= b["loss_before"] for b in report.blocks)
         luts[power] = {n: m.lut.clone() for n, m in lut_layers(model)}
@@ -245,9 +310,14 @@ def test_blockwise_reinit_skips_the_thrown_away_plain_init_without_changing_the_
     layers: the model is bit-identical to plain init + re-init, biases included, and a quantized lm_head (outside
     the blocks) still gets its plain init."""
     ids = _ids(8)
-    cfg = {"mlp": {"lut_size": 4, "rank": 4, "lut_kind": "kmeans"}, "attn": {"lut_size": 16, "rank": 2,
-           "lut_kind": "kmeans"}, "lm_head": {"lut_size": 16, "rank": 2, "lut_kind": "kmeans"},
-           "quantize_lm_head": True, "init_act_power": 0.5, "tighten_rounds": 1}
+    cfg = {
+        "mlp": {"lut_size": 4, "rank": 4, "lut_kind": "kmeans"},
+        "attn": {"lut_size": 16, "rank": 2, "lut_kind": "kmeans"},
+        "lm_head": {"lut_size": 16, "rank": 2, "lut_kind": "kmeans"},
+        "quantize_lm_head": True,
+        "init_act_power": 0.5,
+        "tighten_rounds": 1,
+    }
     recon = ReconstructConfig(steps=2)
     config = tiny_config("qwen3", layers=2)
     config.attention_bias = True  # q/k/v/o with biases: the skipped init must not drop them

@@ -18,7 +18,7 @@ from lutq.speedrun.stages import ConvertParams, QuantizeParams
 from lutq.testing import tiny_model, tiny_tokenizer
 from lutq.train import RunDir
 
-TRAIN = 'batch_size = 4\nwarmup = 1\nlog_every = 1\neval_every = 2\neval_batches = 1\nsave_every = 2\nlr = 1e-3\n'
+TRAIN = "batch_size = 4\nwarmup = 1\nlog_every = 1\neval_every = 2\neval_batches = 1\nsave_every = 2\nlr = 1e-3\n"
 
 
 RECIPE = """
@@ -122,8 +122,24 @@ def mini_recipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tiny_tokenizer().save_pretrained(model_dir)
     docs = root / "docs"
     docs.mkdir()
-    words = ("the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "seven", "wizards",
-             "quietly", "hum", "a", "tune")
+    words = (
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "the",
+        "lazy",
+        "dog",
+        "while",
+        "seven",
+        "wizards",
+        "quietly",
+        "hum",
+        "a",
+        "tune",
+    )
     for i in range(24):
         text = " ".join(words[(i + j) % len(words)] for j in range(60))
         (docs / f"doc{i:02d}.txt").write_text(f"Document {i}. {text}.\n")

@@ -76,13 +76,15 @@ def test_invalid_output_is_rerun_and_force(tmp_path: Path) -> None:
     res = run_stages(_stages(), tmp_path)  # first re-made -> second (uses it) and table (uses second) re-run
     assert {r.name: r.status for r in res} == {"first": "ran", "train": "skipped", "second": "ran", "table": "ran"}
     res = run_stages(_stages(), tmp_path, force=("train",))
-    assert {r.name: r.status for r in res} == {"first": "skipped", "train": "ran", "second": "skipped",
-                                               "table": "ran"}
+    assert {r.name: r.status for r in res} == {"first": "skipped", "train": "ran", "second": "skipped", "table": "ran"}
 
 
 def test_budget_scales_declared_params(tmp_path: Path) -> None:
-    assert scale_params({"steps": 10, "lr": 0.1, "flag": True}, ("steps", "flag", "lr"), 0.25) == \
-        {"steps": 2, "lr": 0.025, "flag": True}
+    assert scale_params({"steps": 10, "lr": 0.1, "flag": True}, ("steps", "flag", "lr"), 0.25) == {
+        "steps": 2,
+        "lr": 0.025,
+        "flag": True,
+    }
     assert scale_params({"steps": 1, "warmup": 0}, ("steps", "warmup"), 0.01) == {"steps": 1, "warmup": 0}
     res = run_stages(_stages(), tmp_path, factor=0.5)
     assert res[1].summary["steps"] == 3 and res[0].summary["length"] == 2  # n=3 -> 2 ("a"*2)
@@ -97,8 +99,12 @@ def test_recipe_validation_errors(tmp_path: Path) -> None:
     with pytest.raises(LutqError, match="unknown stage kind 'nope'"):
         parse_recipe(recipe({"name": "a", "kind": "nope"}))
     with pytest.raises(LutqError, match="refers to @later"):
-        parse_recipe(recipe({"name": "a", "kind": "fake-write", "params": {"source": "@later"}},
-                            {"name": "later", "kind": "fake-write"}))
+        parse_recipe(
+            recipe(
+                {"name": "a", "kind": "fake-write", "params": {"source": "@later"}},
+                {"name": "later", "kind": "fake-write"},
+            )
+        )
     with pytest.raises(LutqError, match=r"unknown key\(s\) \['txt'\]"):
         parse_recipe(recipe({"name": "a", "kind": "fake-write", "params": {"txt": "x"}}))
     with pytest.raises(LutqError, match="used twice"):
@@ -131,17 +137,29 @@ inputs = ["@train"]
 
 
 def test_set_overrides_stage_params() -> None:
-    base = parse_recipe({"name": "t", "stages": [
-        {"name": "first", "kind": "fake-write", "params": {"text": "a", "n": 3}},
-        {"name": "train", "kind": "fake-steps", "params": {"steps": 6}}]})
-    r = with_overrides(base, ["first.text=zz", 'first.n = 5', "train.steps=2", "train.sleep=0.5"])
+    base = parse_recipe(
+        {
+            "name": "t",
+            "stages": [
+                {"name": "first", "kind": "fake-write", "params": {"text": "a", "n": 3}},
+                {"name": "train", "kind": "fake-steps", "params": {"steps": 6}},
+            ],
+        }
+    )
+    r = with_overrides(base, ["first.text=zz", "first.n = 5", "train.steps=2", "train.sleep=0.5"])
     assert r.stages[0].params == {"text": "zz", "n": 5} and r.stages[1].params == {"steps": 2, "sleep": 0.5}
     assert base.stages[0].params == {"text": "a", "n": 3}  # the recipe itself is untouched
     assert r.meta["overrides"][0] == "first.text=zz" and with_overrides(base, []) is base
     # TOML values: quoted strings, @refs (checked like the recipe's own), tables, lists
-    three = parse_recipe({"name": "t", "stages": [
-        *[{"name": s.name, "kind": s.kind, "params": s.params} for s in base.stages],
-        {"name": "table", "kind": "fake-table", "params": {"inputs": ["@train"]}}]})
+    three = parse_recipe(
+        {
+            "name": "t",
+            "stages": [
+                *[{"name": s.name, "kind": s.kind, "params": s.params} for s in base.stages],
+                {"name": "table", "kind": "fake-table", "params": {"inputs": ["@train"]}},
+            ],
+        }
+    )
     r = with_overrides(three, ['first.text="b c"', 'table.inputs=["@first", "@train"]'])
     assert r.stages[0].params["text"] == "b c" and r.stages[2].params["inputs"] == ["@first", "@train"]
     with pytest.raises(LutqError, match="refers to @table, which is not an earlier stage"):
@@ -149,8 +167,9 @@ def test_set_overrides_stage_params() -> None:
     # nested keys extend a table param, or create it (the built-in recipe's real stage kinds type-check them)
     import lutq.speedrun.stages  # noqa: F401  (registers the built-in stage kinds)
 
-    d = load_recipe("default", ["q2a4.kd.full_kl_weight=0.5", "q2a4_init.blockwise.lr=3e-3",
-                                "q4a4_init.preset=q4a4_r32"])  # load_recipe applies them through with_overrides
+    d = load_recipe(
+        "default", ["q2a4.kd.full_kl_weight=0.5", "q2a4_init.blockwise.lr=3e-3", "q4a4_init.preset=q4a4_r32"]
+    )  # load_recipe applies them through with_overrides
     by_name = {s.name: s.params for s in d.stages}
     assert by_name["q2a4"]["kd"] == {"hard_top1_weight": 0.0, "full_kl_weight": 0.5}
     assert by_name["q2a4_init"]["blockwise"] == {"steps": 100, "lr": 3e-3}
@@ -174,8 +193,9 @@ def test_speedrun_prints_table_and_appends_log(tmp_path: Path) -> None:
     res = speedrun(cfg)
     assert res.rows == [{"model": "train", "files": 2}]  # budget 5 of 10 min: 4 steps -> 2
     speedrun(cfg)
-    over = speedrun(SpeedrunConfig(recipe=str(path), run_dir=tmp_path / "runs" / "sr", budget=5,
-                                   overrides=("train.steps=8",)))  # --set: the changed stage and its dependents
+    over = speedrun(
+        SpeedrunConfig(recipe=str(path), run_dir=tmp_path / "runs" / "sr", budget=5, overrides=("train.steps=8",))
+    )  # --set: the changed stage and its dependents
     assert over.rows == [{"model": "train", "files": 4}] and [r.status for r in over.stages] == ["ran", "ran"]
     lines = (tmp_path / "runs" / "log.jsonl").read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[2])["overrides"] == ["train.steps=8"]

@@ -42,8 +42,12 @@ def memory_url() -> str:
 def test_round_trip_local_dir(tmp_path: Path, artefact: Path, codec: str) -> None:
     store = Store(str(tmp_path / "store"))
     m = store.push("runs/q2_best", artefact, codec=codec, show_progress=False)
-    assert m.kind == "dir" and sorted(m.files) == ["config.json", "model.safetensors", "tokenizer.json",
-                                                   "trainer_state/state.pt"]
+    assert m.kind == "dir" and sorted(m.files) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "trainer_state/state.pt",
+    ]
     assert (tmp_path / "store" / "runs" / f"q2_best.tar.{codec}").is_file()
     assert m.archive_bytes < m.total_bytes  # the zero half compresses
     out = store.pull("runs/q2_best", tmp_path / "out", show_progress=False)
@@ -151,8 +155,9 @@ def test_cli_push_list_alias_pull(tmp_path: Path, artefact: Path, monkeypatch: p
     monkeypatch.chdir(tmp_path)
     url = str(tmp_path / "clistore")
     r = CliRunner()
-    res = r.invoke(app, ["store", "push", "q2_init", str(artefact), "--codec", "lz4", "--alias", "ckpt:q2_init",
-                         "--store", url])
+    res = r.invoke(
+        app, ["store", "push", "q2_init", str(artefact), "--codec", "lz4", "--alias", "ckpt:q2_init", "--store", url]
+    )
     assert res.exit_code == 0, res.output
     res = r.invoke(app, ["store", "list", "--store", url])
     assert res.exit_code == 0 and "q2_init" in res.output

@@ -23,9 +23,24 @@ class KDFixture:
         the plain one (uniform LUTs, nearest rounding) so that short runs have a clear gap to close."""
         from lutq.train.config import TrainConfig
 
-        base = dict(cache=self.cache, out=out, model=str(self.teacher), preset="q2a4", steps=6, batch_size=4,
-                    lr=1e-2, warmup=1, log_every=1, eval_every=1000, eval_batches=0, save_every=1000,
-                    device="cpu", init_lut="uniform", init_tighten=0, init_calib_sequences=0)
+        base = dict(
+            cache=self.cache,
+            out=out,
+            model=str(self.teacher),
+            preset="q2a4",
+            steps=6,
+            batch_size=4,
+            lr=1e-2,
+            warmup=1,
+            log_every=1,
+            eval_every=1000,
+            eval_batches=0,
+            save_every=1000,
+            device="cpu",
+            init_lut="uniform",
+            init_tighten=0,
+            init_calib_sequences=0,
+        )
         return TrainConfig.from_dict({**base, **changes})
 
 
@@ -34,4 +49,3 @@ def kd(tmp_path_factory: pytest.TempPathFactory) -> KDFixture:
     root = tmp_path_factory.mktemp("kd")
     cache = tiny_cache(root, num_docs=60, negatives=4, num_sequences=96, batch_size=32)
     return KDFixture(root=root, teacher=root / "teacher", cache=cache)
-

@@ -23,10 +23,41 @@ def test_help_texts():
 
 def test_cli_train_resume_extends_and_plot(kd, tmp_path):
     run = tmp_path / "run"
-    args = ["train", "--cache", str(kd.cache), "--model", str(kd.teacher), "--preset", "q4a4", "--out", str(run),
-            "--steps", "3", "--batch-size", "4", "--lr", "1e-2", "--warmup", "1", "--log-every", "1",
-            "--eval-every", "3", "--eval-batches", "1", "--save-every", "3", "--device", "cpu",
-            "--temperature", "1.5", "--hard-top1-weight", "0", "--label-ce-weight", "0.3"]
+    args = [
+        "train",
+        "--cache",
+        str(kd.cache),
+        "--model",
+        str(kd.teacher),
+        "--preset",
+        "q4a4",
+        "--out",
+        str(run),
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--warmup",
+        "1",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "3",
+        "--eval-batches",
+        "1",
+        "--save-every",
+        "3",
+        "--device",
+        "cpu",
+        "--temperature",
+        "1.5",
+        "--hard-top1-weight",
+        "0",
+        "--label-ce-weight",
+        "0.3",
+    ]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     cfg = RunDir(run).read_config()["config"]
@@ -55,9 +86,31 @@ def test_cli_full_kl_weight_and_a_cache_without_teacher_lse(kd, tmp_path):
     import json
     import shutil
 
-    args = ["train", "--model", str(kd.teacher), "--preset", "q4a4", "--steps", "2", "--batch-size", "4",
-            "--warmup", "1", "--log-every", "1", "--eval-every", "2", "--eval-batches", "1", "--device", "cpu",
-            "--full-kl-weight", "0.5", "--kd-weight", "0.5"]
+    args = [
+        "train",
+        "--model",
+        str(kd.teacher),
+        "--preset",
+        "q4a4",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--warmup",
+        "1",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "2",
+        "--eval-batches",
+        "1",
+        "--device",
+        "cpu",
+        "--full-kl-weight",
+        "0.5",
+        "--kd-weight",
+        "0.5",
+    ]
     res = runner.invoke(app, [*args, "--cache", str(kd.cache), "--out", str(tmp_path / "run")])
     assert res.exit_code == 0, res.output
     kd_cfg = RunDir(tmp_path / "run").read_config()["config"]["kd"]
@@ -78,8 +131,16 @@ def test_cli_full_kl_weight_and_a_cache_without_teacher_lse(kd, tmp_path):
 
 def test_progressive_recipe_q4_to_q2(kd, tmp_path):
     base = kd.config(tmp_path / "unused", eval_every=1000, eval_batches=1)
-    cfg = ProgressiveConfig(out=tmp_path / "recipe", base=base, q4_steps=3, q2_mlp_steps=4, q2_all_steps=4,
-                            q4_lr=1e-3, q2_mlp_lr=3e-3, q2_all_lr=3e-3)
+    cfg = ProgressiveConfig(
+        out=tmp_path / "recipe",
+        base=base,
+        q4_steps=3,
+        q2_mlp_steps=4,
+        q2_all_steps=4,
+        q4_lr=1e-3,
+        q2_mlp_lr=3e-3,
+        q2_all_lr=3e-3,
+    )
     res = progressive(cfg)
     assert set(res.stages) == {"q4a4", "convert", "q2a4_mlp", "q2a4_all"}
     q4, _, _ = load_checkpoint(res.stages["q4a4"].checkpoint, load_tokenizer=False)

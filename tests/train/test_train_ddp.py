@@ -18,13 +18,55 @@ STEPS = 8
 
 def test_ddp_two_ranks_match_one_process(kd, tmp_path):
     ddp_dir = tmp_path / "ddp"
-    flags = ["--cache", str(kd.cache), "--model", str(kd.teacher), "--preset", "q2a4", "--steps", str(STEPS),
-             "--batch-size", "4", "--grad-accum", "2", "--lr", "1e-2", "--warmup", "1", "--log-every", "1",
-             "--eval-every", "4", "--eval-batches", "1", "--save-every", "4", "--device", "cpu"]
+    flags = [
+        "--cache",
+        str(kd.cache),
+        "--model",
+        str(kd.teacher),
+        "--preset",
+        "q2a4",
+        "--steps",
+        str(STEPS),
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "1e-2",
+        "--warmup",
+        "1",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "4",
+        "--eval-batches",
+        "1",
+        "--save-every",
+        "4",
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "lutq.cli", "train", *flags, "--out", str(ddp_dir)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "lutq.cli",
+            "train",
+            *flags,
+            "--out",
+            str(ddp_dir),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert RunDir(ddp_dir).read_config()["world_size"] == 2
 

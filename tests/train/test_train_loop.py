@@ -30,8 +30,21 @@ def test_train_learns_logs_and_checkpoints(kd, tmp_path):
     assert [int(r["step"]) for r in rows] == [0, *range(2, 21, 2)]
     header = list(rows[0])
     assert header[:2] == ["step", "tokens"]
-    for col in ("loss", "kd", "kl", "ce", "top1_agree", "eval_loss", "eval_kd", "eval_kl", "eval_top1_agree",
-                "lr", "grad_norm", "tokens_per_s", "elapsed"):
+    for col in (
+        "loss",
+        "kd",
+        "kl",
+        "ce",
+        "top1_agree",
+        "eval_loss",
+        "eval_kd",
+        "eval_kl",
+        "eval_top1_agree",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "elapsed",
+    ):
         assert col in header
     by_step = {int(r["step"]): r for r in rows}
     assert all(by_step[s]["eval_kd"] for s in (0, 10, 20)) and not by_step[4]["eval_kd"]
@@ -57,15 +70,20 @@ def test_train_learns_logs_and_checkpoints(kd, tmp_path):
     assert [r["step"] for r in run.rows()] == [1, 2]
 
 
-@pytest.mark.parametrize(("mode", "expected"), [
-    ("mlp-only", {("mlp", "scale_A"), ("mlp", "scale_B"), ("mlp", "scale_g")}),
-    ("attn-only", {("self_attn", "scale_A"), ("self_attn", "scale_B"), ("self_attn", "scale_g")}),
-    ("g-only", {("mlp", "scale_g"), ("self_attn", "scale_g")}),
-    ("freeze-g", {("mlp", "scale_A"), ("mlp", "scale_B"), ("self_attn", "scale_A"), ("self_attn", "scale_B")}),
-    ("lut", {("mlp", "lut"), ("self_attn", "lut")}),
-    ("mlp-only+lut", {("mlp", "scale_A"), ("mlp", "scale_B"), ("mlp", "scale_g"), ("mlp", "lut"),
-                      ("self_attn", "lut")}),
-])
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("mlp-only", {("mlp", "scale_A"), ("mlp", "scale_B"), ("mlp", "scale_g")}),
+        ("attn-only", {("self_attn", "scale_A"), ("self_attn", "scale_B"), ("self_attn", "scale_g")}),
+        ("g-only", {("mlp", "scale_g"), ("self_attn", "scale_g")}),
+        ("freeze-g", {("mlp", "scale_A"), ("mlp", "scale_B"), ("self_attn", "scale_A"), ("self_attn", "scale_B")}),
+        ("lut", {("mlp", "lut"), ("self_attn", "lut")}),
+        (
+            "mlp-only+lut",
+            {("mlp", "scale_A"), ("mlp", "scale_B"), ("mlp", "scale_g"), ("mlp", "lut"), ("self_attn", "lut")},
+        ),
+    ],
+)
 def test_modes_change_only_their_parameters(kd, tmp_path, mode, expected):
     mode, _, lut = mode.partition("+")
     cfg = kd.config(tmp_path / mode, mode=mode, train_lut=bool(lut), steps=2, lr=3e-2, warmup=0)
@@ -76,8 +94,10 @@ def test_modes_change_only_their_parameters(kd, tmp_path, mode, expected):
     b, a = before.state_dict(), after.state_dict()
     assert set(a) == set(b)
     changed = {name for name in a if not torch.equal(a[name], b[name])}
-    kinds = {(("mlp" if ".mlp." in n else "self_attn" if ".self_attn." in n else "other"), n.rsplit(".", 1)[1])
-             for n in changed}
+    kinds = {
+        (("mlp" if ".mlp." in n else "self_attn" if ".self_attn." in n else "other"), n.rsplit(".", 1)[1])
+        for n in changed
+    }
     assert kinds == expected, f"{mode}: changed {sorted(changed)}"
     # every tensor of the selected kinds moved (e.g. each of the 6 MLP scale_A of mlp-only)
     for group, leaf in expected:
@@ -96,11 +116,14 @@ def test_grad_accumulation_matches_a_larger_batch(kd, tmp_path):
     assert acc.tokens == big.tokens
 
 
-@pytest.mark.parametrize(("poison", "message"), [
-    ("loss", r"diverged at step 5: loss is nan"),
-    ("grad", r"diverged at step 5: gradient norm is nan"),
-    ("param", r"diverged at step 6: (loss is nan|parameter .* is not finite)"),
-])
+@pytest.mark.parametrize(
+    ("poison", "message"),
+    [
+        ("loss", r"diverged at step 5: loss is nan"),
+        ("grad", r"diverged at step 5: gradient norm is nan"),
+        ("param", r"diverged at step 6: (loss is nan|parameter .* is not finite)"),
+    ],
+)
 def test_nan_stops_and_keeps_last_good_checkpoint(kd, tmp_path, monkeypatch, poison, message):
     import lutq.kd.loss as loss_module
     import lutq.train.trainer as trainer
@@ -196,15 +219,23 @@ def test_heldout_perplexity_at_eval(kd, tmp_path):
 
     text = tmp_path / "held.txt"
     text.write_text("a jolly wizard bakes seven brown loaves while the lazy fox sleeps over the quartz\n" * 6)
-    cfg = kd.config(tmp_path / "run", steps=2, eval_every=2, eval_batches=1, ppl_texts=[str(text)],
-                    ppl_max_tokens=300, ppl_max_length=64)
+    cfg = kd.config(
+        tmp_path / "run",
+        steps=2,
+        eval_every=2,
+        eval_batches=1,
+        ppl_texts=[str(text)],
+        ppl_max_tokens=300,
+        ppl_max_length=64,
+    )
     res = train(cfg)
     assert "eval_ppl_held" in RunDir(res.run_dir).columns()
     rows = RunDir(res.run_dir).rows()
     assert [r["step"] for r in rows if "eval_ppl_held" in r] == [0, 2]
     model, tok, _ = load_checkpoint(res.last)
-    direct = perplexity(model, tok, load_documents(str(text)), max_length=64, stride=32, max_tokens=300,
-                        show_progress=False)
+    direct = perplexity(
+        model, tok, load_documents(str(text)), max_length=64, stride=32, max_tokens=300, show_progress=False
+    )
     assert rows[-1]["eval_ppl_held"] == pytest.approx(direct.ppl, rel=1e-5)
     assert rows[0]["eval_ppl_held"] != rows[-1]["eval_ppl_held"]
 
@@ -265,8 +296,11 @@ def test_default_init_is_calibrated_and_beats_the_plain_one(kd, tmp_path):
 
     cache = KDCache(kd.cache)
     plain = kd.config(tmp_path / "plain", eval_batches=2)
-    default = plain.replace(init_lut=TrainConfig.init_lut, init_tighten=TrainConfig.init_tighten,
-                            init_calib_sequences=TrainConfig.init_calib_sequences)
+    default = plain.replace(
+        init_lut=TrainConfig.init_lut,
+        init_tighten=TrainConfig.init_tighten,
+        init_calib_sequences=TrainConfig.init_calib_sequences,
+    )
     assert (default.init_lut, default.init_tighten, default.init_calib_sequences) == ("kmeans", 4, 256)
     from lutq.kd import evaluate_kd
 

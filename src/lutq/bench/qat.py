@@ -36,14 +36,46 @@ from lutq.models.runtime import compile_decoder_layers, set_grad_checkpointing
 # Random-weight model shapes (built from a config, nothing downloaded).
 SHAPES: dict[str, dict[str, Any]] = {
     # a small Qwen3-like model that steps in well under a second on 2 CPU cores
-    "small": dict(arch="qwen3", hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=64, intermediate_size=768, vocab_size=8192),
-    "tiny": dict(arch="qwen3", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 head_dim=16, intermediate_size=128, vocab_size=320),
-    "smollm2-135m": dict(arch="llama", hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, head_dim=64, intermediate_size=1536, vocab_size=49152),
-    "qwen3-0.6b": dict(arch="qwen3", hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
-                       num_key_value_heads=8, head_dim=128, intermediate_size=3072, vocab_size=151936),
+    "small": dict(
+        arch="qwen3",
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        intermediate_size=768,
+        vocab_size=8192,
+    ),
+    "tiny": dict(
+        arch="qwen3",
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        vocab_size=320,
+    ),
+    "smollm2-135m": dict(
+        arch="llama",
+        hidden_size=576,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        intermediate_size=1536,
+        vocab_size=49152,
+    ),
+    "qwen3-0.6b": dict(
+        arch="qwen3",
+        hidden_size=1024,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=3072,
+        vocab_size=151936,
+    ),
 }
 FORWARDS = ("materialized", "factored")
 DTYPES = ("fp32", "bf16")
@@ -118,8 +150,13 @@ def build_model(shape: str, device: str, seed: int = 0) -> Any:
     spec = dict(SHAPES[shape])
     arch = spec.pop("arch")
     cls = Qwen3Config if arch == "qwen3" else LlamaConfig
-    config = cls(**spec, tie_word_embeddings=True, max_position_embeddings=4096, rms_norm_eps=1e-6,
-                 architectures=[f"{'Qwen3' if arch == 'qwen3' else 'Llama'}ForCausalLM"])
+    config = cls(
+        **spec,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        architectures=[f"{'Qwen3' if arch == 'qwen3' else 'Llama'}ForCausalLM"],
+    )
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -136,8 +173,12 @@ def synthetic_batch(batch: int, seq_len: int, vocab: int, topk: int, device: str
     topk_ids = torch.randint(0, vocab, (batch, seq_len - 1, topk), generator=g)
     logits = (torch.randn(batch, seq_len - 1, topk, generator=g) * 3).sort(dim=-1, descending=True).values
     lse = logits.logsumexp(-1) + 0.5
-    return {"input_ids": ids.to(device), "topk_ids": topk_ids.to(device), "topk_logits": logits.to(device),
-            "teacher_lse": lse.to(device)}
+    return {
+        "input_ids": ids.to(device),
+        "topk_ids": topk_ids.to(device),
+        "topk_logits": logits.to(device),
+        "teacher_lse": lse.to(device),
+    }
 
 
 def _set_factored(model: Any, factored: bool) -> None:
@@ -178,8 +219,9 @@ class QATStep:
         self.trainable = set_trainable(self.model, cfg.mode)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        loss_cfg = KDLossConfig(temperature=cfg.temperature, hard_top1_weight=cfg.hard_top1_weight,
-                                full_kl_weight=cfg.full_kl_weight)
+        loss_cfg = KDLossConfig(
+            temperature=cfg.temperature, hard_top1_weight=cfg.hard_top1_weight, full_kl_weight=cfg.full_kl_weight
+        )
         if cfg.compile:
             compile_decoder_layers(self.model)
         self.student = KDStudent(self.model, loss_cfg)
@@ -207,20 +249,28 @@ class QATStep:
         return step
 
     def stats(self, label: str, batch: int, seq_len: int, dtype: str, *, warmup: int, steps: int) -> StepStats:
-        data = synthetic_batch(batch, seq_len, self.model.config.vocab_size, self.cfg.topk, self.device,
-                               self.cfg.seed)
+        data = synthetic_batch(batch, seq_len, self.model.config.vocab_size, self.cfg.topk, self.device, self.cfg.seed)
         reset_peak_memory(self.device)
         step = self.step_fn(data, dtype)
         step_s, loss = time_steps(step, warmup=warmup, steps=steps, device=self.device)
         if self.cfg.profile:
-            profile_steps(step, steps=steps, device=self.device, title=f"{label} batch {batch} L{seq_len}",
-                          path=self.cfg.profile)
+            profile_steps(
+                step, steps=steps, device=self.device, title=f"{label} batch {batch} L{seq_len}", path=self.cfg.profile
+            )
         full_vocab = self.cfg.hard_top1_weight > 0 or self.cfg.full_kl_weight > 0
         flops = model_flops_per_token(self.model, seq_len, full_vocab) * batch * seq_len
-        return StepStats(label=label, batch=batch, seq_len=seq_len, steps=steps, step_s=step_s,
-                         tokens_per_s=batch * seq_len / step_s, peak_mem_mb=peak_memory_mb(self.device),
-                         mfu=mfu(flops, step_s, self.device_name, dtype), loss=loss,
-                         extra={"flops_per_step": flops})
+        return StepStats(
+            label=label,
+            batch=batch,
+            seq_len=seq_len,
+            steps=steps,
+            step_s=step_s,
+            tokens_per_s=batch * seq_len / step_s,
+            peak_mem_mb=peak_memory_mb(self.device),
+            mfu=mfu(flops, step_s, self.device_name, dtype),
+            loss=loss,
+            extra={"flops_per_step": flops},
+        )
 
 
 @dataclass
@@ -231,8 +281,11 @@ class QATBenchResult:
     max_batch: dict[str, MaxBatchResult]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"device": self.device, "rows": [r.to_dict() for r in self.rows],
-                "max_batch": {k: v.to_dict() for k, v in self.max_batch.items()}}
+        return {
+            "device": self.device,
+            "rows": [r.to_dict() for r in self.rows],
+            "max_batch": {k: v.to_dict() for k, v in self.max_batch.items()},
+        }
 
 
 def bench_qat(cfg: QATBenchConfig, on_probe: Callable[[str, Probe], None] | None = None) -> QATBenchResult:
@@ -244,8 +297,9 @@ def bench_qat(cfg: QATBenchConfig, on_probe: Callable[[str, Probe], None] | None
     maxb: dict[str, MaxBatchResult] = {}
     combos = itertools.product(cfg.dtypes, cfg.forwards, cfg.grad_ckpt, cfg.seq_lens)
     for dtype, forward, ckpt, seq_len in combos:
-        label = (f"{cfg.shape} {cfg.preset} {forward} {'ckpt' if ckpt else 'no-ckpt'} {dtype}"
-                 + (" compiled" if cfg.compile else ""))
+        label = f"{cfg.shape} {cfg.preset} {forward} {'ckpt' if ckpt else 'no-ckpt'} {dtype}" + (
+            " compiled" if cfg.compile else ""
+        )
         runner.configure(forward == "factored", ckpt)
         if not cfg.find_max_batch:
             rows.append(runner.stats(label, cfg.batch, seq_len, dtype, warmup=cfg.warmup, steps=cfg.steps))
@@ -255,9 +309,14 @@ def bench_qat(cfg: QATBenchConfig, on_probe: Callable[[str, Probe], None] | None
         def run(batch: int, label: str = label, seq_len: int = seq_len, dtype: str = dtype) -> StepStats:
             return runner.stats(label, batch, seq_len, dtype, warmup=1, steps=cfg.steps)
 
-        res = find_max_batch(run, cfg.max_batch_lo, cfg.max_batch_hi, cfg.max_batch_multiple,
-                             on_probe=(lambda p, lab=f"{label} L{seq_len}": on_probe(lab, p)) if on_probe else None,
-                             cleanup_fn=lambda: cleanup(cfg.device))
+        res = find_max_batch(
+            run,
+            cfg.max_batch_lo,
+            cfg.max_batch_hi,
+            cfg.max_batch_multiple,
+            on_probe=(lambda p, lab=f"{label} L{seq_len}": on_probe(lab, p)) if on_probe else None,
+            cleanup_fn=lambda: cleanup(cfg.device),
+        )
         maxb[f"{label} L{seq_len}"] = res
         rows.append(res.best)
     return QATBenchResult(cfg, runner.device_name, rows, maxb)

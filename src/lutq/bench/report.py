@@ -44,9 +44,16 @@ def print_stats(title: str, rows: list[StepStats]) -> None:
     for col in ("config", "batch", "L", "step s", "tokens/s", "peak MB", "MFU", "loss"):
         table.add_column(col, justify="left" if col == "config" else "right")
     for r in rows:
-        table.add_row(r.label, str(r.batch), str(r.seq_len), f"{r.step_s:.4f}", f"{r.tokens_per_s:,.0f}",
-                      _fmt(r.peak_mem_mb, ",.0f"), "-" if r.mfu is None else f"{100 * r.mfu:.1f}%",
-                      _fmt(r.loss, ".3f"))
+        table.add_row(
+            r.label,
+            str(r.batch),
+            str(r.seq_len),
+            f"{r.step_s:.4f}",
+            f"{r.tokens_per_s:,.0f}",
+            _fmt(r.peak_mem_mb, ",.0f"),
+            "-" if r.mfu is None else f"{100 * r.mfu:.1f}%",
+            _fmt(r.loss, ".3f"),
+        )
     console.print(table)
 
 

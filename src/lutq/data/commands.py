@@ -21,14 +21,22 @@ def split_sources(values: list[str]) -> list[str]:
 
 @data_app.command("prepare")
 def prepare(
-    tokenizer: str = typer.Option("gpt2", "--tokenizer", "-t",
-                                  help="gpt2 (offline GPT-2 BPE), a model asset (smollm2-135m-instruct) or an HF "
-                                       "tokenizer directory."),
-    source: list[str] = typer.Option(..., "--source", "-s",
-                                     help="Corpus asset (shakespeare, bible, python-docs, sharegpt), .txt/.json/"
-                                          ".jsonl file or directory, or hf:NAME[:split]. Repeat or comma-separate."),
-    tokens: str = typer.Option(None, "--max-tokens", help="Stop after this many tokens (K/M/B suffixes: 100M, 1B; "
-                               "default: all)."),
+    tokenizer: str = typer.Option(
+        "gpt2",
+        "--tokenizer",
+        "-t",
+        help="gpt2 (offline GPT-2 BPE), a model asset (smollm2-135m-instruct) or an HF tokenizer directory.",
+    ),
+    source: list[str] = typer.Option(
+        ...,
+        "--source",
+        "-s",
+        help="Corpus asset (shakespeare, bible, python-docs, sharegpt), .txt/.json/"
+        ".jsonl file or directory, or hf:NAME[:split]. Repeat or comma-separate.",
+    ),
+    tokens: str = typer.Option(
+        None, "--max-tokens", help="Stop after this many tokens (K/M/B suffixes: 100M, 1B; default: all)."
+    ),
     tokens_old: str = typer.Option(None, "--tokens", hidden=True, help="Old spelling of --max-tokens."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .npy (its meta goes to OUT.meta.json)."),
     workers: int = typer.Option(0, "--workers", help="Tokenizer processes (0: min(8, CPUs); 1: in-process)."),
@@ -41,8 +49,10 @@ def prepare(
     max_tokens = parse_count(tokens, "--max-tokens") if tokens else None
     data = prepare_tokens(tokenizer, split_sources(source), out, max_tokens=max_tokens, workers=workers or None)
     m = data.meta
-    console.print(f"tokenizer {m['tokenizer']} (vocab {m['vocab_size']:,}, eos {m['eos_id']}), "
-                  f"{m['documents']:,} documents, {m['tokens']:,} tokens -> {data.path}")
+    console.print(
+        f"tokenizer {m['tokenizer']} (vocab {m['vocab_size']:,}, eos {m['eos_id']}), "
+        f"{m['documents']:,} documents, {m['tokens']:,} tokens -> {data.path}"
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -48,19 +48,22 @@ def render_text(doc: Document, tokenizer: Any, thinking: str = "off") -> list[st
     if thinking == "none":
         return ["\n\n".join(m["content"] for m in doc.messages)]
     if not getattr(tokenizer, "chat_template", None):
-        raise LutqError(f"document {doc.id!r} is a chat but the tokenizer has no chat template; "
-                        "use thinking='none' for raw text")
+        raise LutqError(
+            f"document {doc.id!r} is a chat but the tokenizer has no chat template; use thinking='none' for raw text"
+        )
     modes = {"off": [False], "on": [True], "both": [False, True]}[thinking]
     out = []
     for enable in modes:
-        text = tokenizer.apply_chat_template(doc.messages, tokenize=False, add_generation_prompt=False,
-                                             enable_thinking=enable)
+        text = tokenizer.apply_chat_template(
+            doc.messages, tokenize=False, add_generation_prompt=False, enable_thinking=enable
+        )
         out.append(text if enable else strip_thinking(text))
     return out
 
 
-def iter_render(documents: Iterable[Document], tokenizer: Any, thinking: str = "off",
-                batch: int = 64) -> Iterator[list[int]]:
+def iter_render(
+    documents: Iterable[Document], tokenizer: Any, thinking: str = "off", batch: int = 64
+) -> Iterator[list[int]]:
     """Lazily render and tokenize documents (no special tokens added), in batches for speed."""
     pending: list[str] = []
     for doc in documents:
@@ -98,7 +101,7 @@ def pack(token_lists: Iterable[list[int]], L: int, eos_id: int, max_blocks: int 
             n = min(n, max_blocks - done)
         if n:
             blocks.append(np.asarray(buf[: n * L], dtype=np.int32).reshape(n, L))
-            buf = buf[n * L:]
+            buf = buf[n * L :]
             done += n
         if done == max_blocks:
             break

@@ -37,8 +37,10 @@ def load_documents(spec: str, *, val_fraction: float = DEFAULT_VAL_FRACTION) -> 
 
     if base in ASSETS:
         return load_asset_documents(spec)
-    raise LutqError(f"unknown data source {spec!r}: not an existing file or directory, not an asset "
-                    f"({', '.join(n for n, a in ASSETS.items() if a.kind != 'model')}), not hf:NAME")
+    raise LutqError(
+        f"unknown data source {spec!r}: not an existing file or directory, not an asset "
+        f"({', '.join(n for n, a in ASSETS.items() if a.kind != 'model')}), not hf:NAME"
+    )
 
 
 def document_splits(spec: str, val_fraction: float = DEFAULT_VAL_FRACTION) -> dict[str, list[Document]]:
@@ -80,8 +82,9 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise LutqError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); convert it, e.g. "
-                        f"iconv -f latin1 -t utf-8") from e
+        raise LutqError(
+            f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); convert it, e.g. iconv -f latin1 -t utf-8"
+        ) from e
 
 
 def _path_documents(path: Path) -> list[Document]:
@@ -147,12 +150,18 @@ def record_to_document(rec: Any, where: str, default_id: str | None = None) -> D
         prompt = str(rec["instruction"])
         if rec.get("input"):
             prompt += "\n\n" + str(rec["input"])
-        return Document(id=doc_id, messages=normalize_conversation(
-            [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(rec["output"])}]))
+        return Document(
+            id=doc_id,
+            messages=normalize_conversation(
+                [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(rec["output"])}]
+            ),
+        )
     if isinstance(rec.get("text"), str):
         return Document(id=doc_id, text=rec["text"])
-    raise LutqError(f"{where}: unrecognized record with keys {sorted(rec)}; expected conversations "
-                    "(ShareGPT), messages (chat), instruction/input/output (Alpaca) or text")
+    raise LutqError(
+        f"{where}: unrecognized record with keys {sorted(rec)}; expected conversations "
+        "(ShareGPT), messages (chat), instruction/input/output (Alpaca) or text"
+    )
 
 
 # --- Hugging Face datasets ------------------------------------------------------------------------

@@ -81,11 +81,18 @@ def gpt2_tokenizer_dir() -> Path:
             raise LutqError(f"{archive}: gpt2.tiktoken has sha256 {digest}, expected {GPT2_TIKTOKEN_SHA256}")
         hf = _convert_tiktoken(ranks)
         hf.save_pretrained(tmp)
-        atomic_write_json(tmp / "manifest.json", {
-            "name": "gpt2", "source": f"pypi-sdist:{GPT2_PACKAGE}", "member": GPT2_MEMBER,
-            "sha256": GPT2_TIKTOKEN_SHA256, "vocab_size": len(hf), "licence": "MIT (openai-whisper)",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        })
+        atomic_write_json(
+            tmp / "manifest.json",
+            {
+                "name": "gpt2",
+                "source": f"pypi-sdist:{GPT2_PACKAGE}",
+                "member": GPT2_MEMBER,
+                "sha256": GPT2_TIKTOKEN_SHA256,
+                "vocab_size": len(hf),
+                "licence": "MIT (openai-whisper)",
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            },
+        )
     console.print(f"[green]built[/] GPT-2 tokenizer -> {dest}")
     return dest
 
@@ -99,12 +106,19 @@ def _convert_tiktoken(ranks: Path) -> Any:
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     hf = PreTrainedTokenizerFast(
-        tokenizer_object=TikTokenConverter(vocab_file=str(ranks), pattern=r50k_pat_str,
-                                           extra_special_tokens=[GPT2_EOS]).converted(),
-        bos_token=GPT2_EOS, eos_token=GPT2_EOS, unk_token=GPT2_EOS)
-    enc = tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str,
-                            mergeable_ranks=load_tiktoken_bpe(str(ranks), expected_hash=GPT2_TIKTOKEN_SHA256),
-                            special_tokens={GPT2_EOS: 50256})
+        tokenizer_object=TikTokenConverter(
+            vocab_file=str(ranks), pattern=r50k_pat_str, extra_special_tokens=[GPT2_EOS]
+        ).converted(),
+        bos_token=GPT2_EOS,
+        eos_token=GPT2_EOS,
+        unk_token=GPT2_EOS,
+    )
+    enc = tiktoken.Encoding(
+        name="gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=load_tiktoken_bpe(str(ranks), expected_hash=GPT2_TIKTOKEN_SHA256),
+        special_tokens={GPT2_EOS: 50256},
+    )
     probe = "Hello world! It's 2025; naïve café — ÆØÅ 東京 12345\n\n  def f(x):\treturn x**2 "
     if hf(probe, add_special_tokens=False)["input_ids"] != enc.encode_ordinary(probe) or len(hf) != 50257:
         raise LutqError(f"{ranks}: the converted GPT-2 tokenizer disagrees with tiktoken")
@@ -175,7 +189,7 @@ def _encode_chunk(texts: list[str]) -> list[np.ndarray]:
 
 def _chunks(texts: Sequence[str], size: int) -> Iterator[list[str]]:
     for i in range(0, len(texts), size):
-        yield list(texts[i:i + size])
+        yield list(texts[i : i + size])
 
 
 def _encoded(texts: Sequence[str], tokenizer_json: str, workers: int) -> Iterator[list[np.ndarray]]:
@@ -205,9 +219,11 @@ def _encoded(texts: Sequence[str], tokenizer_json: str, workers: int) -> Iterato
         while pending:
             yield pending.popleft().result()
     except BrokenProcessPool as e:
-        raise LutqError(f"a tokenizer worker process died ({e}); run with --workers 1 to see its error, or fewer "
-                        "workers if memory ran out (a script calling prepare_tokens with workers > 1 needs an "
-                        "`if __name__ == '__main__':` guard)") from e
+        raise LutqError(
+            f"a tokenizer worker process died ({e}); run with --workers 1 to see its error, or fewer "
+            "workers if memory ran out (a script calling prepare_tokens with workers > 1 needs an "
+            "`if __name__ == '__main__':` guard)"
+        ) from e
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -263,14 +279,24 @@ def prepare_tokens(
     raw = Path(raw_name)
     try:
         with os.fdopen(raw_fd, "wb") as f:
-            n_tokens, n_docs, n_heldout, cut = _write_stream(f, texts, backend.to_str(), workers, eos, dtype,
-                                                             max_tokens, len(texts) - n_val_docs)
+            n_tokens, n_docs, n_heldout, cut = _write_stream(
+                f, texts, backend.to_str(), workers, eos, dtype, max_tokens, len(texts) - n_val_docs
+            )
         meta = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "lutq_version": __version__,
-            "file": out.name, "dtype": dtype.name, "tokens": n_tokens, "documents": n_docs,
-            "tokenizer": name, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-            "vocab_size": vocab_size, "eos_id": eos, "eos_token": tokenizer.convert_ids_to_tokens(eos),
-            "sources": list(sources), "heldout_tail_tokens": n_heldout,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "lutq_version": __version__,
+            "file": out.name,
+            "dtype": dtype.name,
+            "tokens": n_tokens,
+            "documents": n_docs,
+            "tokenizer": name,
+            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+            "vocab_size": vocab_size,
+            "eos_id": eos,
+            "eos_token": tokenizer.convert_ids_to_tokens(eos),
+            "sources": list(sources),
+            "heldout_tail_tokens": n_heldout,
             "truncated": n_docs < len(texts) or cut,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
@@ -281,8 +307,16 @@ def prepare_tokens(
     return TokenData.open(out)
 
 
-def _write_stream(f: Any, texts: Sequence[str], tokenizer_json: str, workers: int, eos: int, dtype: np.dtype,
-                  max_tokens: int | None, first_heldout: int) -> tuple[int, int, int, bool]:
+def _write_stream(
+    f: Any,
+    texts: Sequence[str],
+    tokenizer_json: str,
+    workers: int,
+    eos: int,
+    dtype: np.dtype,
+    max_tokens: int | None,
+    first_heldout: int,
+) -> tuple[int, int, int, bool]:
     """Append doc EOS doc EOS ... to `f`. Returns (tokens, documents, tokens of the documents from index
     `first_heldout` on, whether the last document was cut by `max_tokens`)."""
     n_tokens = n_docs = n_heldout = 0
@@ -318,7 +352,7 @@ def _raw_to_npy(raw: Path, out: Path, dtype: np.dtype, n_tokens: int, meta: dict
         src = np.memmap(raw, dtype=dtype, mode="r", shape=(n_tokens,)) if n_tokens else np.zeros(0, dtype)
         step = 1 << 24
         for i in range(0, n_tokens, step):
-            arr[i:i + step] = src[i:i + step]
+            arr[i : i + step] = src[i : i + step]
         arr.flush()
         del arr, src
         tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
@@ -366,13 +400,15 @@ class TokenData:
         if tokens.dtype.name != meta["dtype"]:
             raise LutqError(f"{path}: dtype {tokens.dtype.name}, but {mpath.name} says {meta['dtype']}")
         if len(tokens) != meta["tokens"]:
-            raise LutqError(f"{path}: {len(tokens):,} tokens, but {mpath.name} says {meta['tokens']:,} "
-                            "(truncated or replaced file)")
+            raise LutqError(
+                f"{path}: {len(tokens):,} tokens, but {mpath.name} says {meta['tokens']:,} (truncated or replaced file)"
+            )
         if meta["vocab_size"] > np.iinfo(tokens.dtype).max + 1:
             raise LutqError(f"{mpath}: vocab_size {meta['vocab_size']} does not fit dtype {meta['dtype']}")
         if not 0 <= meta["eos_id"] < meta["vocab_size"]:
-            raise LutqError(f"{mpath}: eos_id {meta['eos_id']} is outside the vocabulary (vocab_size "
-                            f"{meta['vocab_size']})")
+            raise LutqError(
+                f"{mpath}: eos_id {meta['eos_id']} is outside the vocabulary (vocab_size {meta['vocab_size']})"
+            )
         return cls(path=path, meta=meta, tokens=tokens)
 
     def __len__(self) -> int:
@@ -397,6 +433,8 @@ class TokenData:
         tokenizer, _ = load_tokenizer(self.tokenizer_name)
         recorded = self.meta.get("tokenizer_fingerprint")
         if recorded and tokenizer_fingerprint(tokenizer) != recorded:
-            raise LutqError(f"{meta_path(self.path)}: tokenizer {self.tokenizer_name!r} has changed since the data "
-                            "was prepared (fingerprint mismatch); re-run `lutq data prepare`")
+            raise LutqError(
+                f"{meta_path(self.path)}: tokenizer {self.tokenizer_name!r} has changed since the data "
+                "was prepared (fingerprint mismatch); re-run `lutq data prepare`"
+            )
         return tokenizer

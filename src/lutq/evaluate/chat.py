@@ -107,7 +107,8 @@ def generate_reply(
         torch.manual_seed(cfg.seed)
     sampling: dict[str, Any] = (
         {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        if cfg.greedy else {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
+        if cfg.greedy
+        else {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = model.generate(
@@ -120,4 +121,4 @@ def generate_reply(
         streamer=_streamer(tokenizer, on_text) if on_text else None,
         **sampling,
     )
-    return tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True).strip()
+    return tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True).strip()

@@ -23,8 +23,9 @@ def ppl_cmd(
     max_length: int = typer.Option(1024, "--max-length", help="Tokens per window."),
     stride: int = typer.Option(512, "--stride", help="Window step in tokens; tokens scored per window (< max length)."),
     batch_size: int = typer.Option(4, "--batch-size", "-b", help="Windows per forward pass."),
-    max_tokens: int = typer.Option(None, "--max-tokens", help="Score only the first N tokens of each text (default: "
-                                   "all)."),
+    max_tokens: int = typer.Option(
+        None, "--max-tokens", help="Score only the first N tokens of each text (default: all)."
+    ),
     device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16."),
     json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
@@ -42,11 +43,14 @@ def ppl_cmd(
     console.print(size_table(size, title=f"size of {model}"))
     results = {}
     for spec in text:
-        r = perplexity(m, tok, texts[spec], max_length=max_length, stride=stride, batch_size=batch_size,
-                       max_tokens=max_tokens)
+        r = perplexity(
+            m, tok, texts[spec], max_length=max_length, stride=stride, batch_size=batch_size, max_tokens=max_tokens
+        )
         results[spec] = r.to_dict()
-        print(f"{spec}: ppl {r.ppl:.4f}  (nll {r.nll:.4f} nats/token, {r.tokens} tokens, {r.windows} windows, "
-              f"window {max_length}/{stride})")
+        print(
+            f"{spec}: ppl {r.ppl:.4f}  (nll {r.nll:.4f} nats/token, {r.tokens} tokens, {r.windows} windows, "
+            f"window {max_length}/{stride})"
+        )
     if json_out:
         atomic_write_json(json_out, {"model": model, "size": size, "ppl": results})
 
@@ -83,10 +87,12 @@ def compare_cmd(
     max_length: int = typer.Option(1024, "--max-length", help="Perplexity window, in tokens."),
     stride: int = typer.Option(512, "--stride", help="Perplexity window step, in tokens."),
     batch_size: int = typer.Option(4, "--batch-size", "-b", help="Perplexity windows per forward pass."),
-    max_tokens: int = typer.Option(None, "--max-tokens", help="Score only the first N tokens of each text (default: "
-                                   "all)."),
-    kd_max_batches: int = typer.Option(None, "--kd-max-batches", help="Stop the KD evaluation after N batches "
-                                       "(default: the whole val split)."),
+    max_tokens: int = typer.Option(
+        None, "--max-tokens", help="Score only the first N tokens of each text (default: all)."
+    ),
+    kd_max_batches: int = typer.Option(
+        None, "--kd-max-batches", help="Stop the KD evaluation after N batches (default: the whole val split)."
+    ),
     device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
     json_out: Path = typer.Option(None, "--json", help="Also write the table as JSON here."),
     markdown_out: Path = typer.Option(None, "--markdown", help="Also write the table as markdown here."),
@@ -96,9 +102,17 @@ def compare_cmd(
     from lutq.evaluate.compare import compare
     from lutq.evaluate.size import size_table
 
-    result = compare(list(models), texts=list(text or []), cache=cache, max_length=max_length, stride=stride,
-                     batch_size=batch_size, max_tokens=max_tokens, kd_max_batches=kd_max_batches,
-                     device=str(resolve_device(device)))
+    result = compare(
+        list(models),
+        texts=list(text or []),
+        cache=cache,
+        max_length=max_length,
+        stride=stride,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        kd_max_batches=kd_max_batches,
+        device=str(resolve_device(device)),
+    )
     for row in result.rows():
         if row["size"]["lut"]:
             console.print(size_table(row["size"], title=f"size of {row['label']}"))
@@ -114,8 +128,11 @@ def chat_cmd(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     prompt: str = typer.Option(None, "--prompt", "-p", help="One-shot prompt; without it, an interactive loop."),
     system: str = typer.Option(None, "--system", help="System message."),
-    thinking: bool = typer.Option(None, "--thinking/--no-thinking",
-                                  help="Thinking on/off for templates that support it (Qwen3); default: template's."),
+    thinking: bool = typer.Option(
+        None,
+        "--thinking/--no-thinking",
+        help="Thinking on/off for templates that support it (Qwen3); default: template's.",
+    ),
     temperature: float = typer.Option(0.7, "--temperature", help="Sampling temperature."),
     top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling probability mass (0-1]."),
     repetition_penalty: float = typer.Option(1.1, "--repetition-penalty", help="Repetition penalty (1.0 = off)."),
@@ -129,8 +146,16 @@ def chat_cmd(
     from lutq.evaluate.chat import ChatConfig, generate_reply
     from lutq.models import load_model
 
-    cfg = ChatConfig(max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p,
-                     repetition_penalty=repetition_penalty, thinking=thinking, system=system, seed=seed)
+    cfg = ChatConfig(
+        max_new_tokens=max_new_tokens,
+        greedy=greedy,
+        temperature=temperature,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        thinking=thinking,
+        system=system,
+        seed=seed,
+    )
     cfg.validate()
     m, tok = load_model(model, dtype=dtype, device=resolve_device(device))
 

@@ -45,8 +45,13 @@ class CompareResult:
         return self.entries
 
     def to_dict(self) -> dict[str, Any]:
-        return {"date": self.date, "texts": self.texts, "cache": self.cache, "config": self.config.to_dict(),
-                "rows": self.entries}
+        return {
+            "date": self.date,
+            "texts": self.texts,
+            "cache": self.cache,
+            "config": self.config.to_dict(),
+            "rows": self.entries,
+        }
 
     def markdown(self) -> str:
         """A GitHub markdown table (one row per model) and a line saying how it was measured."""
@@ -58,18 +63,29 @@ class CompareResult:
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
         for r in self.entries:
             lut = r["size"]["lut"]
-            cells = [r["label"], _fmt(r["size"]["total"]["size_mb"], 2), _fmt(r["size"]["total"]["bits_per_weight"], 2),
-                     _fmt(lut and lut["bits_per_weight"], 3), *[_fmt(r["ppl"].get(t), 3) for t in self.texts]]
+            cells = [
+                r["label"],
+                _fmt(r["size"]["total"]["size_mb"], 2),
+                _fmt(r["size"]["total"]["bits_per_weight"], 2),
+                _fmt(lut and lut["bits_per_weight"], 3),
+                *[_fmt(r["ppl"].get(t), 3) for t in self.texts],
+            ]
             if has_kd:
                 kd = r["kd"] or {}
-                cells += [_fmt(kd.get("kd"), 4), _fmt(kd.get("kl"), 4),
-                          *([_fmt(kd.get("full_kl"), 4)] if has_full else []), _fmt(kd.get("top1_agree"), 4)]
+                cells += [
+                    _fmt(kd.get("kd"), 4),
+                    _fmt(kd.get("kl"), 4),
+                    *([_fmt(kd.get("full_kl"), 4)] if has_full else []),
+                    _fmt(kd.get("top1_agree"), 4),
+                ]
             lines.append("| " + " | ".join(cells) + " |")
         c = self.config
-        note = (f"Perplexity: sliding window {c.max_length}/{c.stride}"
-                + (f", first {c.max_tokens} tokens per text" if c.max_tokens else "")
-                + (f"; KD metrics on {self.cache} ({c.kd_split} split)" if self.cache else "")
-                + f"; lutq eval compare, {self.date}.")
+        note = (
+            f"Perplexity: sliding window {c.max_length}/{c.stride}"
+            + (f", first {c.max_tokens} tokens per text" if c.max_tokens else "")
+            + (f"; KD metrics on {self.cache} ({c.kd_split} split)" if self.cache else "")
+            + f"; lutq eval compare, {self.date}."
+        )
         return "\n".join(lines) + "\n\n" + note + "\n"
 
 
@@ -87,8 +103,9 @@ def load_text(spec: str) -> list[Any]:
     return docs
 
 
-def evaluate_model(model: Any, tokenizer: Any, texts: Mapping[str, list[Any]], cfg: CompareConfig,
-                   cache: Any = None) -> dict[str, Any]:
+def evaluate_model(
+    model: Any, tokenizer: Any, texts: Mapping[str, list[Any]], cfg: CompareConfig, cache: Any = None
+) -> dict[str, Any]:
     """Size, perplexity per text and KD metrics (when a KDCache is given) of a loaded model."""
     from lutq.evaluate.perplexity import perplexity
     from lutq.evaluate.size import model_size
@@ -96,21 +113,34 @@ def evaluate_model(model: Any, tokenizer: Any, texts: Mapping[str, list[Any]], c
     size = model_size(model)
     row: dict[str, Any] = {"size": size, "ppl": {}, "ppl_tokens": {}, "kd": None}
     for name, docs in texts.items():
-        r = perplexity(model, tokenizer, docs, max_length=cfg.max_length, stride=cfg.stride,
-                       batch_size=cfg.batch_size, max_tokens=cfg.max_tokens)
+        r = perplexity(
+            model,
+            tokenizer,
+            docs,
+            max_length=cfg.max_length,
+            stride=cfg.stride,
+            batch_size=cfg.batch_size,
+            max_tokens=cfg.max_tokens,
+        )
         row["ppl"][name] = r.ppl
         row["ppl_tokens"][name] = r.tokens
     if cache is not None:
         from lutq.kd import evaluate_kd
 
         cache.check_tokenizer(tokenizer, model)
-        row["kd"] = evaluate_kd(model, cache, split=cfg.kd_split, batch_size=cfg.kd_batch_size,
-                                max_batches=cfg.kd_max_batches)
+        row["kd"] = evaluate_kd(
+            model, cache, split=cfg.kd_split, batch_size=cfg.kd_batch_size, max_batches=cfg.kd_max_batches
+        )
     return row
 
 
-def compare(models: Mapping[str, str] | Sequence[str], *, texts: Sequence[str] = (), cache: str | Path | None = None,
-            **options: Any) -> CompareResult:
+def compare(
+    models: Mapping[str, str] | Sequence[str],
+    *,
+    texts: Sequence[str] = (),
+    cache: str | Path | None = None,
+    **options: Any,
+) -> CompareResult:
     """Evaluate models (specs, or {label: spec}) one at a time on the same texts / KD cache.
 
     `options` are CompareConfig fields (max_length, stride, batch_size, max_tokens, kd_max_batches, device, ...).

@@ -136,13 +136,13 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 @torch.no_grad()
 def window_nll(model: torch.nn.Module, ids: torch.Tensor, batch: list[Window]) -> float:
     """Summed NLL of the scored tokens of equal-length windows, computed in one forward."""
-    x = torch.stack([ids[w.begin:w.end] for w in batch]).to(_model_device(model))
+    x = torch.stack([ids[w.begin : w.end] for w in batch]).to(_model_device(model))
     keep = max(w.targets for w in batch)  # logits at positions L-1-keep .. L-2 predict the scored tokens
     logits = model(input_ids=x, use_cache=False, logits_to_keep=keep + 1).logits[:, :-1].float()
     total = 0.0
     for row, w in enumerate(batch):
-        pred = logits[row, keep - w.targets:]
-        total += F.cross_entropy(pred, x[row, -w.targets:], reduction="sum").item()
+        pred = logits[row, keep - w.targets :]
+        total += F.cross_entropy(pred, x[row, -w.targets :], reduction="sum").item()
     return total
 
 
@@ -170,8 +170,10 @@ def perplexity(
         raise LutqError(f"text has {ids.numel()} token(s); perplexity needs at least 2")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None and int(ids.max()) >= vocab:
-        raise LutqError(f"the tokenizer ({tokenizer.name_or_path or 'unnamed'}) gives token id {int(ids.max())}, "
-                        f"but the model's vocabulary has {vocab} entries: tokenizer and model do not match")
+        raise LutqError(
+            f"the tokenizer ({tokenizer.name_or_path or 'unnamed'}) gives token id {int(ids.max())}, "
+            f"but the model's vocabulary has {vocab} entries: tokenizer and model do not match"
+        )
     wins = windows(ids.numel(), max_length, stride)
     was_training = model.training
     model.eval()
@@ -186,5 +188,13 @@ def perplexity(
         model.train(was_training)
     tokens = sum(w.targets for w in wins)
     nll = nll_sum / tokens
-    return PplResult(ppl=math.exp(nll), nll=nll, tokens=tokens, nll_sum=nll_sum, windows=len(wins),
-                     text_tokens=ids.numel(), max_length=max_length, stride=stride)
+    return PplResult(
+        ppl=math.exp(nll),
+        nll=nll,
+        tokens=tokens,
+        nll_sum=nll_sum,
+        windows=len(wins),
+        text_tokens=ids.numel(),
+        max_length=max_length,
+        stride=stride,
+    )

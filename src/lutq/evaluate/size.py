@@ -19,12 +19,18 @@ def model_size(model: nn.Module) -> dict[str, Any]:
     params = q["weights"] + rep["other_params"]
     bits = q["bits"] + 8 * rep["other_bytes"]
     return {
-        "total": {"params": params, "size_mb": rep["total_bytes"] / 1e6,
-                  "bits_per_weight": bits / params if params else 0.0},
+        "total": {
+            "params": params,
+            "size_mb": rep["total_bytes"] / 1e6,
+            "bits_per_weight": bits / params if params else 0.0,
+        },
         "lut": {"layers": q["layers"], "weights": q["weights"], "bits_per_weight": q["bits_per_weight"]}
-        if q["weights"] else None,
-        "groups": {g: {"layers": v["layers"], "weights": v["weights"], "bits_per_weight": v["bits_per_weight"]}
-                   for g, v in rep["groups"].items()},
+        if q["weights"]
+        else None,
+        "groups": {
+            g: {"layers": v["layers"], "weights": v["weights"], "bits_per_weight": v["bits_per_weight"]}
+            for g, v in rep["groups"].items()
+        },
         "report": rep,
     }
 
@@ -41,12 +47,23 @@ def size_table(size: dict[str, Any], title: str = "size") -> Any:
         t.add_row(g, str(v["layers"]), f"{v['weights']:,}", f"{v['bits_per_weight']:.3f}", f"{v['bits'] / 8e6:.2f}")
     q = rep["quantized"]
     if q["weights"]:
-        t.add_row("LUT layers", str(q["layers"]), f"{q['weights']:,}", f"{q['bits_per_weight']:.3f}",
-                  f"{q['bits'] / 8e6:.2f}")
+        t.add_row(
+            "LUT layers", str(q["layers"]), f"{q['weights']:,}", f"{q['bits_per_weight']:.3f}", f"{q['bits'] / 8e6:.2f}"
+        )
     if rep["other_params"]:
-        t.add_row("other (dense)", "", f"{rep['other_params']:,}",
-                  f"{8 * rep['other_bytes'] / rep['other_params']:.1f}", f"{rep['other_bytes'] / 1e6:.2f}")
+        t.add_row(
+            "other (dense)",
+            "",
+            f"{rep['other_params']:,}",
+            f"{8 * rep['other_bytes'] / rep['other_params']:.1f}",
+            f"{rep['other_bytes'] / 1e6:.2f}",
+        )
     total = size["total"]
-    t.add_row("[bold]whole model", "", f"{total['params']:,}", f"[bold]{total['bits_per_weight']:.3f}",
-              f"[bold]{total['size_mb']:.2f}")
+    t.add_row(
+        "[bold]whole model",
+        "",
+        f"{total['params']:,}",
+        f"[bold]{total['bits_per_weight']:.3f}",
+        f"[bold]{total['size_mb']:.2f}",
+    )
     return t

@@ -30,11 +30,15 @@ from lutq.core.formats import read_versioned_json
 FORMAT = "lutq-ane"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
-FORWARD = ("y = sum_k scale_ag[:, k] * (Q @ (scale_b[k, :] * x)) + bias  ==  (Q * (scale_ag @ scale_b)) @ x + bias, "
-           "Q = lut[unpack(indices)]")
-PACKING = ("indices [out, in] flattened row-major (element (o, i) is number j = o*in + i), b = storage bits; "
-           "element j sits in byte j // (8 / b) at bit offset (j % (8 / b)) * b, least significant bits first; "
-           "the last byte is zero-padded; b = 8 stores one index per byte")
+FORWARD = (
+    "y = sum_k scale_ag[:, k] * (Q @ (scale_b[k, :] * x)) + bias  ==  (Q * (scale_ag @ scale_b)) @ x + bias, "
+    "Q = lut[unpack(indices)]"
+)
+PACKING = (
+    "indices [out, in] flattened row-major (element (o, i) is number j = o*in + i), b = storage bits; "
+    "element j sits in byte j // (8 / b) at bit offset (j % (8 / b)) * b, least significant bits first; "
+    "the last byte is zero-padded; b = 8 stores one index per byte"
+)
 LUT_PARTS = ("lut", "indices", "scale_ag", "scale_b", "bias")
 
 
@@ -128,15 +132,29 @@ def build_ane_artefact(model: nn.Module, *, keep_dtype: bool = False, source: st
             tensors[f"{name}.{part}"] = t.contiguous()
             extra: dict[str, Any] = {"layer": name, "packing": None}
             if part == "indices":
-                extra["packing"] = {"bits": storage_bits(bits), "index_bits": bits,
-                                    "shape": [layer.out_features, layer.in_features], "order": "row-major, lsb-first"}
+                extra["packing"] = {
+                    "bits": storage_bits(bits),
+                    "index_bits": bits,
+                    "shape": [layer.out_features, layer.in_features],
+                    "order": "row-major, lsb-first",
+                }
             entries[f"{name}.{part}"] = _tensor_entry(t, part, **extra)
-        lut_cfg[name] = {"kind": layer.kind, "group": group_of(name), "in_features": layer.in_features,
-                         "out_features": layer.out_features, "lut_size": layer.lut_size, "rank": layer.rank,
-                         "index_bits": bits, "bias": layer.bias is not None,
-                         **({"embed_scale": layer.embed_scale, "padding_idx": layer.padding_idx}
-                            if layer.kind == "embedding" else {}),
-                         "tensors": {p: f"{name}.{p}" for p in parts}}
+        lut_cfg[name] = {
+            "kind": layer.kind,
+            "group": group_of(name),
+            "in_features": layer.in_features,
+            "out_features": layer.out_features,
+            "lut_size": layer.lut_size,
+            "rank": layer.rank,
+            "index_bits": bits,
+            "bias": layer.bias is not None,
+            **(
+                {"embed_scale": layer.embed_scale, "padding_idx": layer.padding_idx}
+                if layer.kind == "embedding"
+                else {}
+            ),
+            "tensors": {p: f"{name}.{p}" for p in parts},
+        }
     lut_keys = {f"{n}.{p}" for n in layers for p in (*LUT_PARTS, "idx", "scale_A", "scale_B", "scale_g")}
     rest = {k: v.detach() for k, v in model.state_dict().items() if k not in lut_keys}
     rest, tied = dedupe_tied(rest)
@@ -146,12 +164,21 @@ def build_ane_artefact(model: nn.Module, *, keep_dtype: bool = False, source: st
         tensors[k] = t.contiguous()
         entries[k] = _tensor_entry(t, _role(k, modules.get(k.rpartition(".")[0])), layer=None, packing=None)
     config = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "lutq_version": __version__, "source": source,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "lutq_version": __version__,
+        "source": source,
         "architecture": (model.config.architectures or [type(model).__name__])[0],
-        "model_config": _model_config(model), "forward": FORWARD, "index_packing": PACKING,
+        "model_config": _model_config(model),
+        "forward": FORWARD,
+        "index_packing": PACKING,
         "other_dtype": "stored" if keep_dtype else "float16",
-        "weights": WEIGHTS, "lut_layers": lut_cfg, "tied": tied, "tensors": entries,
-        "quant_layout": storage.quant_layout(model), "size": _size_report(model, tensors, entries),
+        "weights": WEIGHTS,
+        "lut_layers": lut_cfg,
+        "tied": tied,
+        "tensors": entries,
+        "quant_layout": storage.quant_layout(model),
+        "size": _size_report(model, tensors, entries),
     }
     return AneArtefact(config, tensors)
 
@@ -190,8 +217,9 @@ def write_ane_artefact(artefact: AneArtefact, out: str | Path, tokenizer: Any = 
 def read_ane_artefact(path: str | Path) -> AneArtefact:
     """Parse and check an artefact directory (config.json + weights); errors name the file and problem."""
     path = Path(path)
-    config = read_versioned_json(path / "config.json", format=FORMAT, max_version=FORMAT_VERSION,
-                                 what="lutq ANE artefact")
+    config = read_versioned_json(
+        path / "config.json", format=FORMAT, max_version=FORMAT_VERSION, what="lutq ANE artefact"
+    )
     wpath = path / config.get("weights", WEIGHTS)
     try:
         tensors = load_file(str(wpath))
@@ -211,8 +239,9 @@ def model_from_artefact(art: AneArtefact, *, where: str = "ANE artefact") -> nn.
     from lutq.quant import storage
     from lutq.quant.api import lut_layers
 
-    info = CheckpointInfo(path=Path(where), architecture=art.config["architecture"],
-                          base_config=art.config["model_config"])
+    info = CheckpointInfo(
+        path=Path(where), architecture=art.config["architecture"], base_config=art.config["model_config"]
+    )
     model = build_base_model(info)
     storage.apply_quant_layout(model, art.config["quant_layout"])
     state: dict[str, torch.Tensor] = {}
@@ -242,8 +271,9 @@ def model_from_artefact(art: AneArtefact, *, where: str = "ANE artefact") -> nn.
     return model.eval()
 
 
-def load_ane_artefact(path: str | Path, *, dtype: torch.dtype = torch.float32,
-                      device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+def load_ane_artefact(
+    path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, Any]:
     """Rebuild a snapped lutq model (and tokenizer, if present) from an ANE artefact directory."""
     path = Path(path)
     model = model_from_artefact(read_ane_artefact(path), where=str(path))

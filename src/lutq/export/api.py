@@ -93,13 +93,21 @@ def check_out(out: Path, ckpt: str | Path | nn.Module) -> None:
         if dst == src or dst in src.parents:
             raise LutqError(f"{out}: is (or holds) the checkpoint {ckpt} being exported; choose another OUT")
     if any(out.iterdir()) and not _is_lutq_export(out):
-        raise LutqError(f"{out}: exists, is not empty and is not a previous lutq export (no lutq-ane config.json, "
-                        f"{' or '.join(EXPORT_MARKERS)}); remove it or choose another OUT")
+        raise LutqError(
+            f"{out}: exists, is not empty and is not a previous lutq export (no lutq-ane config.json, "
+            f"{' or '.join(EXPORT_MARKERS)}); remove it or choose another OUT"
+        )
 
 
 @torch.no_grad()
-def export(ckpt: str | Path | nn.Module, out: str | Path, format: str = "ane", cfg: ExportConfig | None = None,
-           *, tokenizer: Any = None) -> ExportResult:
+def export(
+    ckpt: str | Path | nn.Module,
+    out: str | Path,
+    format: str = "ane",
+    cfg: ExportConfig | None = None,
+    *,
+    tokenizer: Any = None,
+) -> ExportResult:
     """Export a lutq checkpoint (or any model `lutq.models.load_model` resolves, or a loaded model with
     `tokenizer`) as `format` into `out`. The in-memory model is snapped / dequantized in place."""
     from lutq.evaluate.size import model_size
@@ -146,8 +154,11 @@ def _exported_size(size: dict[str, Any], report: dict[str, Any]) -> dict[str, An
     q = report["quantized"]
     params = q["weights"] + report["other_params"]
     bits = q["bits"] + 8 * report["other_bytes"]
-    total = {"params": params, "size_mb": report["total_bytes"] / 1e6,
-             "bits_per_weight": bits / params if params else 0.0}
+    total = {
+        "params": params,
+        "size_mb": report["total_bytes"] / 1e6,
+        "bits_per_weight": bits / params if params else 0.0,
+    }
     return {**size, "total": total, "report": report}
 
 
@@ -156,8 +167,9 @@ def _logit_diff(a: nn.Module, b: nn.Module) -> float:
     return float((a(probe).logits.float() - b(probe).logits.float()).abs().max())
 
 
-def _export_hf(model: nn.Module, tok: Any, out: Path, cfg: ExportConfig, source: str,
-               size: dict[str, Any]) -> ExportResult:
+def _export_hf(
+    model: nn.Module, tok: Any, out: Path, cfg: ExportConfig, source: str, size: dict[str, Any]
+) -> ExportResult:
     from lutq.export.hf import export_hf
     from lutq.models.load import parse_dtype
 

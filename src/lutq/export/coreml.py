@@ -125,8 +125,9 @@ class MilOps:
         table = lut.detach().cpu().numpy().astype(np.float16)
         table = np.concatenate([table, np.repeat(table[-1:], 2**bits - table.size)])  # pad to 2^bits entries
         idx_dtype = getattr(self.types, f"np_uint{bits}_dtype") if bits < 8 else np.uint8
-        return self.mb.constexpr_lut_to_dense(indices=indices.cpu().numpy().astype(idx_dtype),
-                                              lut=table.reshape(1, 1, -1, 1), name=_mil_name(name))
+        return self.mb.constexpr_lut_to_dense(
+            indices=indices.cpu().numpy().astype(idx_dtype), lut=table.reshape(1, 1, -1, 1), name=_mil_name(name)
+        )
 
     def gather(self, table: Any, ids: Any) -> Any:
         return self.mb.gather(x=table, indices=ids, axis=0)
@@ -192,8 +193,10 @@ def check_supported(art: AneArtefact) -> dict[str, Any]:
     """The model config, if the decoder graph covers it (Llama / Qwen3, SiLU MLP, full attention)."""
     cfg = art.config["model_config"]
     if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
-        raise LutqError(f"Core ML export supports {', '.join(SUPPORTED_MODEL_TYPES)} models, got "
-                        f"model_type={cfg.get('model_type')!r}; the ANE artefact (--format ane) covers it")
+        raise LutqError(
+            f"Core ML export supports {', '.join(SUPPORTED_MODEL_TYPES)} models, got "
+            f"model_type={cfg.get('model_type')!r}; the ANE artefact (--format ane) covers it"
+        )
     if cfg.get("hidden_act", "silu") != "silu":
         raise LutqError(f"Core ML export: hidden_act {cfg.get('hidden_act')!r} not supported (silu only)")
     if cfg.get("use_sliding_window"):
@@ -220,8 +223,9 @@ class DecoderGraph:
         mask = torch.full((self.T, self.T), MASK_VALUE).triu(1)
         self.mask = ops.const("causal_mask", mask)
 
-    def const(self, name: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              suffix: str = "") -> Any:
+    def const(
+        self, name: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None, suffix: str = ""
+    ) -> Any:
         """One constant per tensor (tied aliases share it)."""
         target = self.art.config.get("tied", {}).get(name, name)
         key = target + suffix
@@ -287,8 +291,10 @@ class DecoderGraph:
         v = self.heads_first(self.linear(x, f"{p}.v_proj"), self.kv_heads, None)
         rep = self.heads // self.kv_heads
         if rep > 1:  # GQA: head h reads kv head h // rep
-            k, v = (ops.reshape(ops.tile(ops.expand_dims(t, 1), [1, rep, 1, 1]), [self.heads, self.T, self.head_dim])
-                    for t in (k, v))
+            k, v = (
+                ops.reshape(ops.tile(ops.expand_dims(t, 1), [1, rep, 1, 1]), [self.heads, self.T, self.head_dim])
+                for t in (k, v)
+            )
         scores = ops.add(ops.matmul(ops.mul(q, float(self.head_dim**-0.5)), k, transpose_y=True), self.mask)
         out = ops.matmul(ops.softmax(scores, -1), v)  # [heads, T, d]
         out = ops.reshape(ops.transpose(out, [1, 0, 2]), [self.T, self.heads * self.head_dim])
@@ -296,16 +302,19 @@ class DecoderGraph:
 
     def mlp(self, x: Any, p: str) -> Any:
         ops = self.ops
-        return self.linear(ops.mul(ops.silu(self.linear(x, f"{p}.gate_proj")), self.linear(x, f"{p}.up_proj")),
-                           f"{p}.down_proj")
+        return self.linear(
+            ops.mul(ops.silu(self.linear(x, f"{p}.gate_proj")), self.linear(x, f"{p}.up_proj")), f"{p}.down_proj"
+        )
 
     def embed(self, ids: Any) -> Any:
         name = "model.embed_tokens"
         if name not in self.art.lut_layers:
             return self.ops.gather(self.const(f"{name}.weight"), ids)
         ops, spec = self.ops, self.art.lut_layers[name]
-        rows = ops.mul(ops.gather(self.q(name), ids),
-                       ops.matmul(ops.gather(self.const(f"{name}.scale_ag"), ids), self.const(f"{name}.scale_b")))
+        rows = ops.mul(
+            ops.gather(self.q(name), ids),
+            ops.matmul(ops.gather(self.const(f"{name}.scale_ag"), ids), self.const(f"{name}.scale_b")),
+        )
         return ops.mul(rows, float(spec["embed_scale"])) if spec["embed_scale"] != 1.0 else rows
 
     def lm_head(self, x: Any) -> Any:
@@ -336,8 +345,9 @@ def rope_tables(model: nn.Module, seq_len: int) -> tuple[torch.Tensor, torch.Ten
 
 
 @torch.no_grad()
-def run_graph_torch(art: AneArtefact, model: nn.Module, input_ids: torch.Tensor,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def run_graph_torch(
+    art: AneArtefact, model: nn.Module, input_ids: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Logits [1, T, V] of the Core ML graph executed with torch (the Linux check of the program)."""
     check_supported(art)
     cos, sin = rope_tables(model, input_ids.shape[1])
@@ -354,8 +364,9 @@ def _require_coremltools() -> Any:
     try:
         import coremltools
     except ImportError as e:
-        raise LutqError("Core ML export needs coremltools: pip install 'lutq[coreml]' (or pip install coremltools)") \
-            from e
+        raise LutqError(
+            "Core ML export needs coremltools: pip install 'lutq[coreml]' (or pip install coremltools)"
+        ) from e
     finally:
         log.setLevel(level)
     return coremltools
@@ -369,8 +380,10 @@ def build_program(art: AneArtefact, model: nn.Module, cfg: CoreMLConfig) -> Any:
 
     target = getattr(ct.target, cfg.deployment_target, None)
     if target is None or target < ct.target.iOS18:
-        raise LutqError(f"Core ML export: deployment target {cfg.deployment_target!r} must be iOS18 or newer "
-                        "(constexpr_lut_to_dense with sub-byte indices)")
+        raise LutqError(
+            f"Core ML export: deployment target {cfg.deployment_target!r} must be iOS18 or newer "
+            "(constexpr_lut_to_dense with sub-byte indices)"
+        )
     check_supported(art)
     cos, sin = rope_tables(model, cfg.seq_len)
 
@@ -381,31 +394,43 @@ def build_program(art: AneArtefact, model: nn.Module, cfg: CoreMLConfig) -> Any:
     return prog
 
 
-def export_coreml(art: AneArtefact, model: nn.Module, out: str | Path, cfg: CoreMLConfig | None = None,
-                  tokenizer: Any = None) -> Path:
+def export_coreml(
+    art: AneArtefact, model: nn.Module, out: str | Path, cfg: CoreMLConfig | None = None, tokenizer: Any = None
+) -> Path:
     """Write OUT/model.mlpackage (+ tokenizer files + coreml.json) atomically; returns OUT."""
     cfg = cfg or CoreMLConfig()
     ct = _require_coremltools()
     if cfg.seq_len < 1:
         raise LutqError(f"Core ML export: seq_len must be >= 1, got {cfg.seq_len}")
     prog = build_program(art, model, cfg)
-    mlmodel = ct.convert(prog, convert_to="mlprogram",
-                         minimum_deployment_target=getattr(ct.target, cfg.deployment_target),
-                         compute_precision=ct.precision.FLOAT16, skip_model_load=True)
+    mlmodel = ct.convert(
+        prog,
+        convert_to="mlprogram",
+        minimum_deployment_target=getattr(ct.target, cfg.deployment_target),
+        compute_precision=ct.precision.FLOAT16,
+        skip_model_load=True,
+    )
     mlmodel.short_description = f"lutq palettized {art.config['architecture']} (static seq_len {cfg.seq_len})"
     out = Path(out)
     with atomic_dir(out) as tmp:
         mlmodel.save(str(tmp / PACKAGE))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / "coreml.json", {
-            "package": PACKAGE, "seq_len": cfg.seq_len, "deployment_target": cfg.deployment_target,
-            "inputs": {"input_ids": {"shape": [1, cfg.seq_len], "dtype": "int32"}},
-            "outputs": {"logits": {"shape": [1, cfg.seq_len, art.config["model_config"]["vocab_size"]],
-                                   "dtype": "float16"}},
-            "palettized_layers": sorted(art.lut_layers), "source": art.config.get("source", ""),
-            "size": art.config.get("size"),
-        })
+        atomic_write_json(
+            tmp / "coreml.json",
+            {
+                "package": PACKAGE,
+                "seq_len": cfg.seq_len,
+                "deployment_target": cfg.deployment_target,
+                "inputs": {"input_ids": {"shape": [1, cfg.seq_len], "dtype": "int32"}},
+                "outputs": {
+                    "logits": {"shape": [1, cfg.seq_len, art.config["model_config"]["vocab_size"]], "dtype": "float16"}
+                },
+                "palettized_layers": sorted(art.lut_layers),
+                "source": art.config.get("source", ""),
+                "size": art.config.get("size"),
+            },
+        )
     return out
 
 
@@ -468,7 +493,8 @@ def verify_package(art: AneArtefact, package: str | Path) -> float:
         if key in weights:
             worst = max(worst, float((weights[key] - ref).abs().max()))
         elif art.lut_layers[name]["kind"] == "linear" and not any(
-                w.shape == ref.shape and torch.equal(w, ref) for w in weights.values()):
+            w.shape == ref.shape and torch.equal(w, ref) for w in weights.values()
+        ):
             # (a layer may be absent only when Core ML merged it with an identical twin: same input and W_eff)
             raise LutqError(f"{package}: palettized layer {name} is missing from the program")
     return worst

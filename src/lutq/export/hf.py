@@ -15,8 +15,9 @@ from lutq.core.atomic import atomic_dir, atomic_write_json
 EXPORT_META = "lutq_export.json"
 
 
-def export_hf(model: nn.Module, tokenizer: Any, out: str | Path, *, dtype: torch.dtype | None = None,
-              source: str = "") -> Path:
+def export_hf(
+    model: nn.Module, tokenizer: Any, out: str | Path, *, dtype: torch.dtype | None = None, source: str = ""
+) -> Path:
     """Dequantize `model` in place (LUT layers -> nn.Linear with W_eff) and save it as an HF directory."""
     from lutq.quant import dequantize_
 
@@ -30,7 +31,14 @@ def export_hf(model: nn.Module, tokenizer: Any, out: str | Path, *, dtype: torch
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / EXPORT_META, {"format": "hf", "source": source, "lutq_version": __version__,
-                                              "dequantized": quantized,
-                                              "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")})
+        atomic_write_json(
+            tmp / EXPORT_META,
+            {
+                "format": "hf",
+                "source": source,
+                "lutq_version": __version__,
+                "dequantized": quantized,
+                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            },
+        )
     return out

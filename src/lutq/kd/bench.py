@@ -18,9 +18,19 @@ from typing import Any
 import torch
 
 
-def bench_cache(model: str | torch.nn.Module = "smollm2-135m-instruct", L: int = 128, K: int = 64,
-                batch: int = 8, n_batches: int = 4, *, R: int = 0, device: str = "auto", dtype: str = "auto",
-                warmup: int = 1, seed: int = 0) -> dict[str, Any]:
+def bench_cache(
+    model: str | torch.nn.Module = "smollm2-135m-instruct",
+    L: int = 128,
+    K: int = 64,
+    batch: int = 8,
+    n_batches: int = 4,
+    *,
+    R: int = 0,
+    device: str = "auto",
+    dtype: str = "auto",
+    warmup: int = 1,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Tokens/s of cache writing vs a bare forward; `ratio` = cache / bare (target >= 0.9). `model` may be
     "shape:NAME": random weights of a `lutq bench qat` shape (e.g. shape:smollm2-135m), nothing to fetch."""
     from lutq.kd.cache import _logits_size, negative_uniforms, resolve_device_dtype
@@ -59,23 +69,33 @@ def bench_cache(model: str | torch.nn.Module = "smollm2-135m-instruct", L: int =
                 shard_bytes += nbytes
     tokens = n_batches * batch * L
     bare_tps, cache_tps = tokens / bare_s, tokens / cache_s
-    return {"device": str(dev), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "L": L, "K": K, "R": R, "batch": batch, "batches": n_batches, "tokens": tokens,
-            "bare_tokens_per_s": bare_tps, "cache_tokens_per_s": cache_tps, "ratio": cache_tps / bare_tps,
-            "overhead": post_s / bare_s, "ratio_from_overhead": bare_s / (bare_s + post_s),
-            "bytes_per_token": shard_bytes / tokens, "threads": torch.get_num_threads()}
+    return {
+        "device": str(dev),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "L": L,
+        "K": K,
+        "R": R,
+        "batch": batch,
+        "batches": n_batches,
+        "tokens": tokens,
+        "bare_tokens_per_s": bare_tps,
+        "cache_tokens_per_s": cache_tps,
+        "ratio": cache_tps / bare_tps,
+        "overhead": post_s / bare_s,
+        "ratio_from_overhead": bare_s / (bare_s + post_s),
+        "bytes_per_token": shard_bytes / tokens,
+        "threads": torch.get_num_threads(),
+    }
 
 
-def _cache_step(model: torch.nn.Module, x: torch.Tensor, K: int, R: int, u: torch.Tensor | None,
-                path: Path) -> int:
+def _cache_step(model: torch.nn.Module, x: torch.Tensor, K: int, R: int, u: torch.Tensor | None, path: Path) -> int:
     """The writer's work for one batch: forward, targets, host copy, atomic shard write; returns bytes."""
     from lutq.kd.cache import teacher_targets
 
     return _store(x, teacher_targets(model, x, K, R, u), path)
 
 
-def _after_forward(logits: torch.Tensor, x: torch.Tensor, K: int, R: int, u: torch.Tensor | None,
-                   path: Path) -> int:
+def _after_forward(logits: torch.Tensor, x: torch.Tensor, K: int, R: int, u: torch.Tensor | None, path: Path) -> int:
     """The writer's work after the forward (top-K, negatives, host copy, write)."""
     from lutq.kd.cache import targets_from_logits
 
@@ -105,4 +125,3 @@ def _timed(fn: Any, dev: torch.device) -> tuple[float, Any]:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return time.perf_counter() - t0, result
-

@@ -104,9 +104,14 @@ def cache_name(source: str, template: str, L: int, K: int, R: int) -> str:
 
 
 @torch.inference_mode()
-def teacher_targets(model: torch.nn.Module, input_ids: torch.Tensor, K: int, R: int = 0,
-                    neg_uniform: torch.Tensor | None = None,
-                    vocab_limit: int | None = None) -> dict[str, torch.Tensor]:
+def teacher_targets(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    K: int,
+    R: int = 0,
+    neg_uniform: torch.Tensor | None = None,
+    vocab_limit: int | None = None,
+) -> dict[str, torch.Tensor]:
     """Teacher top-K (ids int32, raw logits fp16, sorted descending) and the log-sum-exp of all its logits
     (fp32, `stored_lse`) for positions 0..L-2 of [B, L] ids.
 
@@ -118,8 +123,9 @@ def teacher_targets(model: torch.nn.Module, input_ids: torch.Tensor, K: int, R: 
 
 
 @torch.inference_mode()
-def targets_from_logits(logits: torch.Tensor, K: int, R: int = 0, neg_uniform: torch.Tensor | None = None,
-                        vocab_limit: int | None = None) -> dict[str, torch.Tensor]:
+def targets_from_logits(
+    logits: torch.Tensor, K: int, R: int = 0, neg_uniform: torch.Tensor | None = None, vocab_limit: int | None = None
+) -> dict[str, torch.Tensor]:
     """The part of `teacher_targets` after the forward, on full [B, L, V] logits."""
     logits = logits[:, :-1]
     vals, ids = logits.topk(K, dim=-1)
@@ -164,8 +170,9 @@ def sample_negatives(topk_ids: torch.Tensor, uniform: torch.Tensor, vocab: int) 
     return u + torch.searchsorted(shifted, u.contiguous(), right=True)
 
 
-def negative_uniforms(seed: int, split: str, indices: range, positions: int, R: int,
-                      device: torch.device | str = "cpu") -> torch.Tensor:
+def negative_uniforms(
+    seed: int, split: str, indices: range, positions: int, R: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """[len(indices), positions, R] float64 uniforms drawn on `device`; sequence i's draw depends only on
     (seed, split, i) (and the device type: CPU and CUDA generators differ)."""
     out = torch.empty((len(indices), positions, R), dtype=torch.float64, device=device)
@@ -216,30 +223,56 @@ def make_plan(cfg: CacheConfig, model: torch.nn.Module, tokenizer: Any, dtype: t
         blocks[split] = pack(iter_render(counter, tokenizer, cfg.thinking, batch=8), L, eos, max_blocks=n)
         used_docs[split] = counter.n
         if len(blocks[split]) < n:
-            console.print(f"[yellow]warning:[/] {cfg.source} gives only {len(blocks[split])} {split} blocks "
-                          f"of {L} tokens ({n} asked for)")
+            console.print(
+                f"[yellow]warning:[/] {cfg.source} gives only {len(blocks[split])} {split} blocks "
+                f"of {L} tokens ({n} asked for)"
+            )
     if not len(blocks["train"]):
         raise LutqError(f"source {cfg.source!r} yields no training block of {L} tokens")
-    shards = [{"file": shard_file(split, i), "split": split, "start": a,
-               "stop": min(a + cfg.shard_size, len(b))}
-              for split, b in blocks.items() for i, a in enumerate(range(0, len(b), cfg.shard_size))]
+    shards = [
+        {"file": shard_file(split, i), "split": split, "start": a, "stop": min(a + cfg.shard_size, len(b))}
+        for split, b in blocks.items()
+        for i, a in enumerate(range(0, len(b), cfg.shard_size))
+    ]
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "overwrite", "dtype", "device")}
     data_hash = hashlib.sha256(b"".join(blocks[s].tobytes() for s in ("train", "val"))).hexdigest()
     arrays = {a: ARRAY_DTYPES[a] for a in ARRAY_DTYPES if R or not a.startswith("neg")}
     info = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
-        "teacher": cfg.model, "teacher_dtype": str(dtype).removeprefix("torch."), "teacher_vocab_size": vocab,
-        "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer),
-                      "name_or_path": str(tokenizer.name_or_path), "vocab_size": len(tokenizer),
-                      "eos_id": int(eos)},
-        "source": cfg.source, "thinking": cfg.thinking, "template": template,
-        "L": L, "K": K, "R": R, "seed": cfg.seed, "val_fraction": cfg.val_fraction,
-        "negatives": ({"distribution": "uniform over ids [0, vocab_limit) minus the position's top-K, "
-                       "with replacement", "vocab_limit": vocab_limit} if R else None),
-        "sequences": {s: len(b) for s, b in blocks.items()}, "requested_sequences": wanted,
-        "documents_rendered": used_docs, "tokens": {s: len(b) * L for s, b in blocks.items()},
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "teacher": cfg.model,
+        "teacher_dtype": str(dtype).removeprefix("torch."),
+        "teacher_vocab_size": vocab,
+        "tokenizer": {
+            "fingerprint": tokenizer_fingerprint(tokenizer),
+            "name_or_path": str(tokenizer.name_or_path),
+            "vocab_size": len(tokenizer),
+            "eos_id": int(eos),
+        },
+        "source": cfg.source,
+        "thinking": cfg.thinking,
+        "template": template,
+        "L": L,
+        "K": K,
+        "R": R,
+        "seed": cfg.seed,
+        "val_fraction": cfg.val_fraction,
+        "negatives": (
+            {
+                "distribution": "uniform over ids [0, vocab_limit) minus the position's top-K, with replacement",
+                "vocab_limit": vocab_limit,
+            }
+            if R
+            else None
+        ),
+        "sequences": {s: len(b) for s, b in blocks.items()},
+        "requested_sequences": wanted,
+        "documents_rendered": used_docs,
+        "tokens": {s: len(b) * L for s, b in blocks.items()},
         "arrays": arrays,
-        "settings": settings, "plan_hash": _plan_hash(settings, dtype, vocab, data_hash, arrays),
+        "settings": settings,
+        "plan_hash": _plan_hash(settings, dtype, vocab, data_hash, arrays),
         "versions": _versions(),
     }
     return CachePlan(Path(cfg.out) if cfg.out else lutq_home() / "caches" / name, blocks, shards, info)
@@ -257,8 +290,7 @@ class _Counter:
             yield d
 
 
-def _plan_hash(settings: dict[str, Any], dtype: torch.dtype, vocab: int, data_hash: str,
-               arrays: dict[str, str]) -> str:
+def _plan_hash(settings: dict[str, Any], dtype: torch.dtype, vocab: int, data_hash: str, arrays: dict[str, str]) -> str:
     key = repr((sorted(settings.items()), str(dtype), vocab, data_hash, FORMAT_VERSION, sorted(arrays)))
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -274,9 +306,13 @@ def _versions() -> dict[str, str]:
 
     import lutq
 
-    return {"lutq": lutq.__version__, "torch": torch.__version__.split("+")[0],
-            "transformers": transformers.__version__, "numpy": np.__version__,
-            "safetensors": safetensors.__version__}
+    return {
+        "lutq": lutq.__version__,
+        "torch": torch.__version__.split("+")[0],
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "safetensors": safetensors.__version__,
+    }
 
 
 # --- writing --------------------------------------------------------------------------------------
@@ -304,8 +340,9 @@ def load_teacher(cfg: CacheConfig) -> tuple[torch.nn.Module, Any]:
     return load_model(cfg.model, dtype=dtype, device=device)
 
 
-def prepare(cfg: CacheConfig, teacher: tuple[torch.nn.Module, Any] | None = None,
-            *, rank: int = 0) -> tuple[CachePlan, torch.nn.Module]:
+def prepare(
+    cfg: CacheConfig, teacher: tuple[torch.nn.Module, Any] | None = None, *, rank: int = 0
+) -> tuple[CachePlan, torch.nn.Module]:
     """Load the teacher, make the plan, and claim the output directory (refusing a different plan)."""
     model, tokenizer = teacher or load_teacher(cfg)
     dtype = next(model.parameters()).dtype
@@ -317,15 +354,23 @@ def prepare(cfg: CacheConfig, teacher: tuple[torch.nn.Module, Any] | None = None
         if (out / f).is_file():
             old = read_json(out / f, what="KD cache")
             if not isinstance(old, dict) or old.get("plan_hash") != plan.info["plan_hash"]:
-                raise LutqError(f"{out} holds a KD cache with other settings or data ({f}); "
-                                "pass --overwrite or choose another --out")
+                raise LutqError(
+                    f"{out} holds a KD cache with other settings or data ({f}); "
+                    "pass --overwrite or choose another --out"
+                )
     if not (out / META).is_file():
         atomic_write_json(out / PROGRESS, {**plan.info, "shards": plan.shards})
     return plan, model
 
 
-def write_shards(cfg: CacheConfig, teacher: tuple[torch.nn.Module, Any] | None = None, *, rank: int = 0,
-                 world_size: int = 1, sync: Callable[[], Any] | None = None) -> tuple[Path, dict[str, float]]:
+def write_shards(
+    cfg: CacheConfig,
+    teacher: tuple[torch.nn.Module, Any] | None = None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    sync: Callable[[], Any] | None = None,
+) -> tuple[Path, dict[str, float]]:
     """Write this rank's missing shards (every world_size-th, from `rank`). Returns (dir, stats).
 
     `sync` (a barrier, under torchrun) lets rank 0 claim the directory before the other ranks look at it.
@@ -353,11 +398,11 @@ def write_shards(cfg: CacheConfig, teacher: tuple[torch.nn.Module, Any] | None =
     with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="lutq-shard-writer") as writer:
         task = bar.add_task(f"caching {plan.info['name']}", total=total, rate="")
         for s in todo:
-            ids = plan.blocks[s["split"]][s["start"]:s["stop"]]
+            ids = plan.blocks[s["split"]][s["start"] : s["stop"]]
             parts: dict[str, list[torch.Tensor]] = {}
             for a in range(0, len(ids), cfg.batch_size):
                 rows = range(s["start"] + a, s["start"] + min(a + cfg.batch_size, len(ids)))
-                x = torch.from_numpy(ids[a:a + cfg.batch_size]).to(device=device, dtype=torch.long)
+                x = torch.from_numpy(ids[a : a + cfg.batch_size]).to(device=device, dtype=torch.long)
                 u = negative_uniforms(cfg.seed, s["split"], rows, L - 1, R, device) if R else None
                 for k, v in teacher_targets(model, x, K, R, u, vocab_limit).items():
                     parts.setdefault(k, []).append(v)
@@ -372,8 +417,12 @@ def write_shards(cfg: CacheConfig, teacher: tuple[torch.nn.Module, Any] | None =
         if pending is not None:
             pending.result()
     seconds = time.perf_counter() - t0
-    return plan.out, {"sequences": done, "tokens": done * L, "seconds": seconds,
-                      "tokens_per_s": done * L / seconds if done else 0.0}
+    return plan.out, {
+        "sequences": done,
+        "tokens": done * L,
+        "seconds": seconds,
+        "tokens_per_s": done * L / seconds if done else 0.0,
+    }
 
 
 def _shard_done(path: Path, names: list[str], n: int, L: int, K: int, R: int) -> bool:
@@ -405,13 +454,21 @@ def finalize_cache(out: str | Path) -> Path:
     plan = read_json(out / PROGRESS, what="KD cache")
     missing = [s["file"] for s in plan["shards"] if not (out / s["file"]).is_file()]
     if missing:
-        raise LutqError(f"{out}: {len(missing)} shard(s) not written yet ({', '.join(missing[:3])}...); "
-                        "re-run `lutq cache` with the same settings to resume")
+        raise LutqError(
+            f"{out}: {len(missing)} shard(s) not written yet ({', '.join(missing[:3])}...); "
+            "re-run `lutq cache` with the same settings to resume"
+        )
     shards: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
     for s in plan.pop("shards"):
         path = out / s["file"]
-        shards[s["split"]].append({"file": s["file"], "sequences": s["stop"] - s["start"],
-                                   "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+        shards[s["split"]].append(
+            {
+                "file": s["file"],
+                "sequences": s["stop"] - s["start"],
+                "bytes": path.stat().st_size,
+                "sha256": sha256_file(path),
+            }
+        )
     total_bytes = sum(s["bytes"] for split in shards.values() for s in split)
     total_tokens = sum(plan["tokens"].values())
     meta = {**plan, "shards": shards, "bytes": total_bytes, "bytes_per_token": total_bytes / total_tokens}
@@ -460,8 +517,14 @@ def _log_build(out: Path, started: str, stats: dict[str, float], world: int) -> 
     import platform
 
     log = read_json(out / BUILD_LOG, what="KD cache build log") if (out / BUILD_LOG).is_file() else {"runs": []}
-    log["runs"].append({"started": started, "world_size": world, "host": platform.node(),
-                        "rank0": {k: round(v, 3) for k, v in stats.items()}})
+    log["runs"].append(
+        {
+            "started": started,
+            "world_size": world,
+            "host": platform.node(),
+            "rank0": {k: round(v, 3) for k, v in stats.items()},
+        }
+    )
     atomic_write_json(out / BUILD_LOG, log)
 
 

@@ -12,7 +12,7 @@ from lutq.core.device import DEVICE_HELP
 
 cache_app = typer.Typer(
     help="Build a KD cache of teacher top-K logits (`lutq cache --model M --source S ...`) or check one "
-         "(`lutq cache verify DIR`).",
+    "(`lutq cache verify DIR`).",
     invoke_without_command=True,
     no_args_is_help=False,
 )
@@ -21,17 +21,20 @@ cache_app = typer.Typer(
 @cache_app.callback()
 def cache(
     ctx: typer.Context,
-    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m",
-                              help="Teacher: asset, HF/lutq dir, .gguf, hub id."),
-    source: str = typer.Option("sharegpt", "--source", "-s",
-                               help="Data: asset (sharegpt, bible...), .txt/.json/.jsonl, dir, hf:NAME."),
+    model: str = typer.Option(
+        "smollm2-135m-instruct", "--model", "-m", help="Teacher: asset, HF/lutq dir, .gguf, hub id."
+    ),
+    source: str = typer.Option(
+        "sharegpt", "--source", "-s", help="Data: asset (sharegpt, bible...), .txt/.json/.jsonl, dir, hf:NAME."
+    ),
     thinking: str = typer.Option("off", "--thinking", help="Chat rendering: off | on | both | none (raw)."),
     seq_len: int = typer.Option(128, "-L", "--seq-len", help="Tokens per sequence (L)."),
     top_k: int = typer.Option(64, "-K", "--top-k", help="Teacher top-K logits kept per position (K)."),
     negatives: int = typer.Option(0, "-R", "--negatives", help="Random negative ids per position (R)."),
     sequences: int = typer.Option(1000, "--sequences", "-n", help="Sequences in the cache (train + val)."),
-    max_tokens: int = typer.Option(None, "--max-tokens", help="Instead of --sequences: a token budget (sequences = "
-                                   "tokens / L)."),
+    max_tokens: int = typer.Option(
+        None, "--max-tokens", help="Instead of --sequences: a token budget (sequences = tokens / L)."
+    ),
     val_fraction: float = typer.Option(0.05, "--val-fraction", help="Share of sequences held out."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", help="Sequences per teacher forward."),
     seed: int = typer.Option(0, "--seed", help="Seed for document order and negatives."),
@@ -47,10 +50,24 @@ def cache(
     from lutq.core import console
     from lutq.kd.cache import CacheConfig, build_cache
 
-    cfg = CacheConfig(model=model, source=source, thinking=thinking, seq_len=seq_len, top_k=top_k,
-                      negatives=negatives, num_sequences=sequences, max_tokens=max_tokens,
-                      val_fraction=val_fraction, batch_size=batch_size, seed=seed, shard_size=shard_size,
-                      out=out, dtype=dtype, device=device, overwrite=overwrite)
+    cfg = CacheConfig(
+        model=model,
+        source=source,
+        thinking=thinking,
+        seq_len=seq_len,
+        top_k=top_k,
+        negatives=negatives,
+        num_sequences=sequences,
+        max_tokens=max_tokens,
+        val_fraction=val_fraction,
+        batch_size=batch_size,
+        seed=seed,
+        shard_size=shard_size,
+        out=out,
+        dtype=dtype,
+        device=device,
+        overwrite=overwrite,
+    )
     path = build_cache(cfg)
     if int(os.environ.get("RANK", 0)) != 0:
         return  # under torchrun, rank 0 reports
@@ -58,8 +75,10 @@ def cache(
     runs = json.loads((path / "build.json").read_text())["runs"]
     rate = runs[-1]["rank0"]["tokens_per_s"]
     n = meta["sequences"]
-    console.print(f"[bold green]cache[/] {path}: {n['train']} train + {n['val']} val sequences of "
-                  f"{meta['L']} tokens, {meta['bytes'] / 2**20:.1f} MiB")
+    console.print(
+        f"[bold green]cache[/] {path}: {n['train']} train + {n['val']} val sequences of "
+        f"{meta['L']} tokens, {meta['bytes'] / 2**20:.1f} MiB"
+    )
     print(f"bytes/token: {meta['bytes_per_token']:.1f}")
     print(f"tokens/s: {rate:,.0f}" + ("" if runs[-1]["rank0"]["tokens"] else " (nothing left to write)"))
     print(path)
@@ -80,9 +99,11 @@ def verify(
     if not report["ok"]:
         diff, atol, rtol = report["max_abs_diff"], report["atol"], report["rtol"]
         lse = report.get("lse_max_abs_diff")
-        raise LutqError(f"{path}: stored logits differ from the teacher's (max |diff| {diff:.4g}"
-                        + (f", log-sum-exp {lse:.4g}" if lse is not None else "")
-                        + f"; tolerance {atol} + {rtol:.3g}·|x|)")
+        raise LutqError(
+            f"{path}: stored logits differ from the teacher's (max |diff| {diff:.4g}"
+            + (f", log-sum-exp {lse:.4g}" if lse is not None else "")
+            + f"; tolerance {atol} + {rtol:.3g}·|x|)"
+        )
     console.print(f"[bold green]ok[/] {path}: {report['positions']} positions match the teacher")
 
 

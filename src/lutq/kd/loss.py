@@ -78,8 +78,13 @@ class KDStudent(torch.nn.Module):
         return out.loss, out.metrics
 
 
-def kd_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, batch: dict[str, torch.Tensor],
-            cfg: KDLossConfig | None = None, logit_softcap: float | None = None) -> KDLossOutput:
+def kd_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    cfg: KDLossConfig | None = None,
+    logit_softcap: float | None = None,
+) -> KDLossOutput:
     """KD loss for `hidden` [B, L-1, H] against a cache batch (see the module doc)."""
     cfg = cfg or KDLossConfig()
     H = hidden.shape[-1]
@@ -116,17 +121,26 @@ def kd_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, batch: dict[str,
     if "teacher_lse" in batch and (cfg.full_kl_weight or not torch.is_grad_enabled()):
         K = batch["topk_ids"].shape[-1]
         topk_ids = batch["topk_ids"].reshape(-1, K).to(h.device)
-        logp = batch["topk_logits"].reshape(-1, K).to(h.device, torch.float32) - batch["teacher_lse"].reshape(
-            -1, 1).to(h.device, torch.float32)
+        logp = batch["topk_logits"].reshape(-1, K).to(h.device, torch.float32) - batch["teacher_lse"].reshape(-1, 1).to(
+            h.device, torch.float32
+        )
         soft = (topk_ids, logp, cfg.full_kl_weight)
     elif cfg.full_kl_weight:
-        raise LutqError("kd_loss: full_kl_weight > 0 needs the teacher's log-sum-exp (teacher_lse), which this "
-                        "KD cache lacks: it was built before lutq stored it; rebuild it with `lutq cache`")
+        raise LutqError(
+            "kd_loss: full_kl_weight > 0 needs the teacher's log-sum-exp (teacher_lse), which this "
+            "KD cache lacks: it was built before lutq stored it; rebuild it with `lutq cache`"
+        )
     weighted = any(coeffs) or bool(cfg.full_kl_weight)  # a full-vocabulary term is part of the loss
     use_grad = weighted and torch.is_grad_enabled()
-    full, ce_sums, agree, kl_sum = chunked_ce(h if use_grad else h.detach(), lm_head_weight if use_grad else
-                                              lm_head_weight.detach(), torch.stack(targets, dim=1),
-                                              tuple(coeffs), cfg.ce_chunk_size, logit_softcap, soft)
+    full, ce_sums, agree, kl_sum = chunked_ce(
+        h if use_grad else h.detach(),
+        lm_head_weight if use_grad else lm_head_weight.detach(),
+        torch.stack(targets, dim=1),
+        tuple(coeffs),
+        cfg.ce_chunk_size,
+        logit_softcap,
+        soft,
+    )
     n = len(target)
     if weighted:
         loss = loss + full / n
@@ -147,8 +161,7 @@ def kd_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, batch: dict[str,
 # --- student logits for the candidates only --------------------------------------------------------
 
 
-def candidate_logits(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
-                     chunk: int = 1024) -> torch.Tensor:
+def candidate_logits(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """fp32 logits [N, C] of `hidden` [N, H] for vocabulary rows `ids` [N, C] of `weight` [V, H]."""
     return _CandidateLogits.apply(hidden, weight, ids, chunk)
 
@@ -157,15 +170,14 @@ class _CandidateLogits(torch.autograd.Function):
     """s[n, c] = hidden[n] · weight[ids[n, c]], in fp32, chunked; backward re-gathers the rows."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
-                chunk: int) -> torch.Tensor:
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, chunk: int) -> torch.Tensor:
         ctx.save_for_backward(hidden, weight, ids)
         ctx.chunk = chunk
         out = torch.empty(ids.shape, dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for a in range(0, len(ids), chunk):
-                rows = weight[ids[a:a + chunk]].float()  # [n, C, H]
-                out[a:a + chunk] = torch.bmm(rows, hidden[a:a + chunk].float().unsqueeze(-1)).squeeze(-1)
+                rows = weight[ids[a : a + chunk]].float()  # [n, C, H]
+                out[a : a + chunk] = torch.bmm(rows, hidden[a : a + chunk].float().unsqueeze(-1)).squeeze(-1)
         return out
 
     @staticmethod
@@ -176,11 +188,11 @@ class _CandidateLogits(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         with torch.autocast(hidden.device.type, enabled=False):
             for a in range(0, len(ids), ctx.chunk):
-                g, i = grad[a:a + ctx.chunk].float(), ids[a:a + ctx.chunk]
+                g, i = grad[a : a + ctx.chunk].float(), ids[a : a + ctx.chunk]
                 if grad_h is not None:
-                    grad_h[a:a + ctx.chunk] = torch.bmm(g.unsqueeze(1), weight[i].float()).squeeze(1)
+                    grad_h[a : a + ctx.chunk] = torch.bmm(g.unsqueeze(1), weight[i].float()).squeeze(1)
                 if grad_w is not None:
-                    contrib = g.unsqueeze(-1) * hidden[a:a + ctx.chunk].float().unsqueeze(1)
+                    contrib = g.unsqueeze(-1) * hidden[a : a + ctx.chunk].float().unsqueeze(1)
                     grad_w.index_add_(0, i.reshape(-1), contrib.reshape(-1, hidden.shape[-1]))
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
 
@@ -188,10 +200,15 @@ class _CandidateLogits(torch.autograd.Function):
 # --- full-vocabulary terms (teacher top-1 CE, the text's next token, the tail-bucket KL), in chunks ------
 
 
-def chunked_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, coeffs: tuple[float, ...],
-               chunk: int = 1024, logit_softcap: float | None = None,
-               soft: tuple[torch.Tensor, torch.Tensor, float] | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def chunked_ce(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    coeffs: tuple[float, ...],
+    chunk: int = 1024,
+    logit_softcap: float | None = None,
+    soft: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """CE of the logits hidden @ weightᵀ [N, V] against m targets per position (`targets` [N, m]), `chunk`
     positions at a time, never holding more than [chunk, V] logits.
 
@@ -207,12 +224,14 @@ def chunked_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     if targets.dim() != 2 or targets.shape[1] != len(coeffs):
         raise ValueError(f"chunked_ce: targets {tuple(targets.shape)} do not match {len(coeffs)} coefficients")
     soft_ids, soft_logp, soft_coeff = soft if soft is not None else (None, None, 0.0)
-    return _ChunkedCE.apply(hidden, weight, targets, coeffs, chunk, logit_softcap, soft_ids, soft_logp,
-                            float(soft_coeff))
+    return _ChunkedCE.apply(
+        hidden, weight, targets, coeffs, chunk, logit_softcap, soft_ids, soft_logp, float(soft_coeff)
+    )
 
 
-def _tail_bucket_kl(z: torch.Tensor, lse: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _tail_bucket_kl(
+    z: torch.Tensor, lse: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row KL(teacher ‖ student) over `ids` + one tail bucket, from student logits z [n, V] (left as
     they were) and lse [n]. Returns (kl [n], the student's log-probs at ids, the log-sum-exp of its logits
     outside ids, the teacher's tail mass p_r [n])."""
@@ -232,10 +251,18 @@ class _ChunkedCE(torch.autograd.Function):
     (chunk by chunk); backward only scales it. The matmuls run in the autocast dtype when autocast is on."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                coeffs: tuple[float, ...], chunk: int, softcap: float | None, soft_ids: torch.Tensor | None,
-                soft_logp: torch.Tensor | None, soft_coeff: float
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        coeffs: tuple[float, ...],
+        chunk: int,
+        softcap: float | None,
+        soft_ids: torch.Tensor | None,
+        soft_logp: torch.Tensor | None,
+        soft_coeff: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
@@ -249,7 +276,7 @@ class _ChunkedCE(torch.autograd.Function):
         # c_s · (softmax − t) with t = the teacher's p on its ids and p_r · softmax(z outside ids) elsewhere.
         scale = float(sum(coeffs)) + (soft_coeff if soft_ids is not None else 0.0)
         for a in range(0, len(targets), chunk):
-            h, y = hidden[a:a + chunk], targets[a:a + chunk]
+            h, y = hidden[a : a + chunk], targets[a : a + chunk]
             z = torch.matmul(h.to(weight.dtype), weight.t()).float()  # [n, V]
             if softcap:
                 tanh = torch.tanh(z / softcap)
@@ -258,7 +285,7 @@ class _ChunkedCE(torch.autograd.Function):
             sums += (lse[:, None] - z.gather(1, y)).sum(0)
             agree += (z.argmax(-1)[:, None] == y).sum(0)
             if soft_ids is not None:
-                ids, logp = soft_ids[a:a + chunk], soft_logp[a:a + chunk].float()
+                ids, logp = soft_ids[a : a + chunk], soft_logp[a : a + chunk].float()
                 kl, log_q, lse_rest, p_rest = _tail_bucket_kl(z, lse, ids, logp)
                 soft_sum += kl.sum()
             if need_h or need_w:
@@ -278,7 +305,7 @@ class _ChunkedCE(torch.autograd.Function):
                     g *= 1 - tanh * tanh
                 g = g.to(weight.dtype)
                 if grad_h is not None:
-                    grad_h[a:a + chunk] = torch.matmul(g, weight).to(hidden.dtype)
+                    grad_h[a : a + chunk] = torch.matmul(g, weight).to(hidden.dtype)
                 if grad_w is not None:
                     grad_w += torch.matmul(g.t(), h.to(weight.dtype)).float()
         ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
@@ -289,8 +316,9 @@ class _ChunkedCE(torch.autograd.Function):
         return loss, sums, agree, soft_sum
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: torch.Tensor, _grad_sums: Any, _grad_agree: Any, _grad_soft: Any
-                 ) -> tuple[torch.Tensor | None, ...]:
+    def backward(
+        ctx: Any, grad_loss: torch.Tensor, _grad_sums: Any, _grad_agree: Any, _grad_soft: Any
+    ) -> tuple[torch.Tensor | None, ...]:
         saved = list(ctx.saved_tensors)
         grad_h = saved.pop(0) * (grad_loss * ctx.scale) if ctx.has[0] else None
         grad_w = saved.pop(0) * (grad_loss * ctx.scale) if ctx.has[1] else None
@@ -301,8 +329,14 @@ class _ChunkedCE(torch.autograd.Function):
 
 
 @torch.no_grad()
-def evaluate_kd(model: torch.nn.Module, cache: Any, split: str = "val", batch_size: int = 8,
-                max_batches: int | None = None, cfg: KDLossConfig | None = None) -> dict[str, float]:
+def evaluate_kd(
+    model: torch.nn.Module,
+    cache: Any,
+    split: str = "val",
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    cfg: KDLossConfig | None = None,
+) -> dict[str, float]:
     """Token-weighted means of the KD metrics over `split` of a KDCache (or a cache path), in order."""
     from lutq.kd.reader import KDCache
 

@@ -33,8 +33,9 @@ class KDCache:
         self.path = Path(path)
         meta_path = self.path / META
         hint = " (unfinished: re-run `lutq cache` to resume)" if (self.path / PROGRESS).is_file() else ""
-        self.meta: dict[str, Any] = read_versioned_json(meta_path, format=FORMAT, max_version=FORMAT_VERSION,
-                                                        what="KD cache", missing_hint=hint)
+        self.meta: dict[str, Any] = read_versioned_json(
+            meta_path, format=FORMAT, max_version=FORMAT_VERSION, what="KD cache", missing_hint=hint
+        )
         try:
             self.L, self.K, self.R = int(self.meta["L"]), int(self.meta["K"]), int(self.meta["R"])
             self._shards = {s: [_shard_entry(sh) for sh in self.meta["shards"].get(s, [])] for s in SPLITS}
@@ -49,8 +50,10 @@ class KDCache:
                 if not f.is_file():
                     raise LutqError(f"KD cache shard {f} is missing")
                 if f.stat().st_size != sh["bytes"]:
-                    raise LutqError(f"KD cache shard {f} has {f.stat().st_size} bytes, meta.json says "
-                                    f"{sh['bytes']} (truncated or replaced); rebuild the cache")
+                    raise LutqError(
+                        f"KD cache shard {f} has {f.stat().st_size} bytes, meta.json says "
+                        f"{sh['bytes']} (truncated or replaced); rebuild the cache"
+                    )
         self._pid = -1
         self._open: dict[str, dict[str, np.memmap]] = {}
 
@@ -67,17 +70,23 @@ class KDCache:
 
         name = self.meta["tokenizer"].get("name_or_path")
         if tokenizer is None:
-            raise LutqError(f"the student has no tokenizer (a checkpoint saved without tokenizer files?); cache "
-                            f"{self.path} needs the teacher's ({name})")
+            raise LutqError(
+                f"the student has no tokenizer (a checkpoint saved without tokenizer files?); cache "
+                f"{self.path} needs the teacher's ({name})"
+            )
         want, got = self._fingerprint, tokenizer_fingerprint(tokenizer)
         if want != got:
-            raise LutqError(f"tokenizer mismatch: cache {self.path} was built with tokenizer {want[:16]}… "
-                            f"({name}), the student's is {got[:16]}…")
+            raise LutqError(
+                f"tokenizer mismatch: cache {self.path} was built with tokenizer {want[:16]}… "
+                f"({name}), the student's is {got[:16]}…"
+            )
         teacher_vocab = self.meta.get("teacher_vocab_size")
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         if vocab is not None and teacher_vocab is not None and int(vocab) < int(teacher_vocab):
-            raise LutqError(f"the student has a vocabulary of {vocab}, smaller than the teacher's {teacher_vocab} "
-                            f"that the ids in cache {self.path} index; use a student of the teacher's vocabulary")
+            raise LutqError(
+                f"the student has a vocabulary of {vocab}, smaller than the teacher's {teacher_vocab} "
+                f"that the ids in cache {self.path} index; use a student of the teacher's vocabulary"
+            )
 
     @property
     def has_negatives(self) -> bool:
@@ -89,8 +98,10 @@ class KDCache:
         return "teacher_lse" in self.meta.get("arrays", {})
 
     def __repr__(self) -> str:
-        return (f"KDCache({str(self.path)!r}, L={self.L}, K={self.K}, R={self.R}, "
-                f"train={self.num_sequences('train')}, val={self.num_sequences('val')})")
+        return (
+            f"KDCache({str(self.path)!r}, L={self.L}, K={self.K}, R={self.R}, "
+            f"train={self.num_sequences('train')}, val={self.num_sequences('val')})"
+        )
 
     # --- reading ----------------------------------------------------------------------------------
 
@@ -131,12 +142,23 @@ class KDCache:
                 if name not in out:
                     out[name] = np.empty((len(idx), *a.shape[1:]), dtype=a.dtype)
                 out[name][rows] = a[local]
-        return {name: torch.from_numpy(a).long() if a.dtype == np.int32 else torch.from_numpy(a).float()
-                for name, a in out.items()}
+        return {
+            name: torch.from_numpy(a).long() if a.dtype == np.int32 else torch.from_numpy(a).float()
+            for name, a in out.items()
+        }
 
-    def batches(self, split: str, batch_size: int, *, seed: int = 0, start_step: int = 0,
-                shuffle: bool = True, rank: int = 0, world_size: int = 1,
-                epochs: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(
+        self,
+        split: str,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        start_step: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        epochs: int | None = None,
+    ) -> Iterator[dict[str, torch.Tensor]]:
         """Batches of `batch_size` sequences per rank (a step consumes batch_size * world_size sequences).
 
         Epoch e visits the sequences in `permutation(seed, e)` (in order when not shuffling), so step s
@@ -157,8 +179,8 @@ class KDCache:
         while epochs is None or step < epochs * per_epoch:
             epoch, k = divmod(step, per_epoch)
             order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-            chunk = order[k * global_batch:(k + 1) * global_batch]
-            mine = chunk[rank * batch_size:(rank + 1) * batch_size]
+            chunk = order[k * global_batch : (k + 1) * global_batch]
+            mine = chunk[rank * batch_size : (rank + 1) * batch_size]
             step += 1
             if len(mine):
                 yield self.read(split, mine)
@@ -188,8 +210,12 @@ class KDSplitDataset(torch.utils.data.Dataset):
 
 def _shard_entry(sh: dict[str, Any]) -> dict[str, Any]:
     """One shard's record in meta.json, with every field the reader uses (KeyError / ValueError if not)."""
-    return {"file": str(sh["file"]), "sequences": int(sh["sequences"]), "bytes": int(sh["bytes"]),
-            "sha256": str(sh["sha256"])}
+    return {
+        "file": str(sh["file"]),
+        "sequences": int(sh["sequences"]),
+        "bytes": int(sh["bytes"]),
+        "sha256": str(sh["sha256"]),
+    }
 
 
 def _check_split(split: str) -> str:

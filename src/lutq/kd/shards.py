@@ -26,10 +26,15 @@ FORMAT_VERSION = 1
 META = "meta.json"
 PROGRESS = "progress.json"
 BUILD_LOG = "build.json"
-ARRAY_DTYPES = {"input_ids": "int32", "topk_ids": "int32", "topk_logits": "float16",
-                "teacher_lse": "float32", "neg_ids": "int32", "neg_logits": "float16"}
-_ST_DTYPES = {"I32": np.int32, "F16": np.float16, "F32": np.float32, "I64": np.int64, "U16": np.uint16,
-              "U8": np.uint8}
+ARRAY_DTYPES = {
+    "input_ids": "int32",
+    "topk_ids": "int32",
+    "topk_logits": "float16",
+    "teacher_lse": "float32",
+    "neg_ids": "int32",
+    "neg_logits": "float16",
+}
+_ST_DTYPES = {"I32": np.int32, "F16": np.float16, "F32": np.float32, "I64": np.int64, "U16": np.uint16, "U8": np.uint8}
 
 
 def shard_file(split: str, index: int) -> str:
@@ -66,8 +71,9 @@ def open_shard(path: Path) -> dict[str, np.memmap]:
             begin, end = spec["data_offsets"]
             if start + end > size:
                 raise ValueError(f"array {name} runs past the end of the file (truncated)")
-            out[name] = np.memmap(path, dtype=_ST_DTYPES[spec["dtype"]], mode="r", offset=start + begin,
-                                  shape=tuple(spec["shape"]))
+            out[name] = np.memmap(
+                path, dtype=_ST_DTYPES[spec["dtype"]], mode="r", offset=start + begin, shape=tuple(spec["shape"])
+            )
         return out
     except (OSError, ValueError, KeyError, struct.error) as e:
         raise LutqError(f"KD cache shard {path} is unreadable ({e}); rebuild it with `lutq cache`") from e
@@ -77,11 +83,20 @@ def check_shard(path: Path, arrays: dict[str, np.memmap], names: list[str], n: i
     """Refuse a shard whose arrays are not the `names` of meta.json with their dtypes and the shapes of its
     `n` sequences of L tokens, K top ids and R negatives (the module docstring)."""
     if sorted(arrays) != sorted(names):
-        raise LutqError(f"KD cache shard {path} holds arrays {sorted(arrays)}, meta.json says {sorted(names)}; "
-                        "rebuild the cache")
-    shapes = {"input_ids": (n, L), "topk_ids": (n, L - 1, K), "topk_logits": (n, L - 1, K),
-              "teacher_lse": (n, L - 1), "neg_ids": (n, L - 1, R), "neg_logits": (n, L - 1, R)}
+        raise LutqError(
+            f"KD cache shard {path} holds arrays {sorted(arrays)}, meta.json says {sorted(names)}; rebuild the cache"
+        )
+    shapes = {
+        "input_ids": (n, L),
+        "topk_ids": (n, L - 1, K),
+        "topk_logits": (n, L - 1, K),
+        "teacher_lse": (n, L - 1),
+        "neg_ids": (n, L - 1, R),
+        "neg_logits": (n, L - 1, R),
+    }
     for name, a in arrays.items():
         if str(a.dtype) != ARRAY_DTYPES.get(name) or tuple(a.shape) != shapes.get(name):
-            raise LutqError(f"KD cache shard {path}: {name} is {a.dtype} of shape {tuple(a.shape)}, meta.json "
-                            f"implies {ARRAY_DTYPES.get(name)} of shape {shapes.get(name)}; rebuild the cache")
+            raise LutqError(
+                f"KD cache shard {path}: {name} is {a.dtype} of shape {tuple(a.shape)}, meta.json "
+                f"implies {ARRAY_DTYPES.get(name)} of shape {shapes.get(name)}; rebuild the cache"
+            )

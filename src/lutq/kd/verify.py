@@ -20,9 +20,15 @@ import torch
 from lutq.core import LutqError
 
 
-def verify_cache(path: str | Path, n: int = 4, *, teacher: tuple[torch.nn.Module, Any] | None = None,
-                 device: str = "auto", atol: float | None = None,
-                 rtol: float | None = None) -> dict[str, Any]:
+def verify_cache(
+    path: str | Path,
+    n: int = 4,
+    *,
+    teacher: tuple[torch.nn.Module, Any] | None = None,
+    device: str = "auto",
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> dict[str, Any]:
     """Re-run the teacher on `n` sequences (spread over train and val) and compare; returns a report
     dict whose `ok` says whether everything matched within tolerance."""
     from lutq.kd.cache import config_from_meta, load_teacher, stored_lse
@@ -33,8 +39,10 @@ def verify_cache(path: str | Path, n: int = 4, *, teacher: tuple[torch.nn.Module
     meta = cache.meta
     missing = [key for key in ("settings", "teacher_dtype") if key not in meta]
     if missing:
-        raise LutqError(f"{cache.path / 'meta.json'}: missing key(s) {missing}, which verify needs to re-run the "
-                        "teacher as the cache was built")
+        raise LutqError(
+            f"{cache.path / 'meta.json'}: missing key(s) {missing}, which verify needs to re-run the "
+            "teacher as the cache was built"
+        )
     model, tokenizer = teacher or load_teacher(config_from_meta(meta).replace(device=device, dtype="auto"))
     cache.check_tokenizer(tokenizer)
     dtype = next(model.parameters()).dtype
@@ -43,8 +51,16 @@ def verify_cache(path: str | Path, n: int = 4, *, teacher: tuple[torch.nn.Module
     rtol = rtol if rtol is not None else (2**-6 if low_precision else 2**-10)
     dev = next(model.parameters()).device
 
-    stats = {"positions": 0, "max_abs_diff": 0.0, "sum_abs_diff": 0.0, "top1_match": 0, "topk_set_ok": 0,
-             "bad_positions": 0, "neg_max_abs_diff": 0.0, "lse_max_abs_diff": 0.0}
+    stats = {
+        "positions": 0,
+        "max_abs_diff": 0.0,
+        "sum_abs_diff": 0.0,
+        "top1_match": 0,
+        "topk_set_ok": 0,
+        "bad_positions": 0,
+        "neg_max_abs_diff": 0.0,
+        "lse_max_abs_diff": 0.0,
+    }
     picks = _pick(cache, n)
     for split, idx in picks.items():
         batch = cache.read(split, idx)
@@ -53,10 +69,8 @@ def verify_cache(path: str | Path, n: int = 4, *, teacher: tuple[torch.nn.Module
         _compare(logits, batch["topk_ids"], batch["topk_logits"], atol, rtol, stats)
         if "neg_ids" in batch:
             ref = logits.gather(-1, batch["neg_ids"])
-            stats["neg_max_abs_diff"] = max(stats["neg_max_abs_diff"],
-                                            (batch["neg_logits"] - ref).abs().max().item())
-            stats["bad_positions"] += int(((batch["neg_logits"] - ref).abs() > atol + rtol * ref.abs())
-                                          .any(-1).sum())
+            stats["neg_max_abs_diff"] = max(stats["neg_max_abs_diff"], (batch["neg_logits"] - ref).abs().max().item())
+            stats["bad_positions"] += int(((batch["neg_logits"] - ref).abs() > atol + rtol * ref.abs()).any(-1).sum())
         if "teacher_lse" in batch:
             ref = stored_lse(logits, logits.gather(-1, batch["topk_ids"]), batch["topk_logits"])
             diff = (batch["teacher_lse"] - ref).abs()
@@ -64,15 +78,19 @@ def verify_cache(path: str | Path, n: int = 4, *, teacher: tuple[torch.nn.Module
             stats["bad_positions"] += int((diff > atol + rtol * ref.abs()).sum())
     positions = stats["positions"]
     return {
-        "path": str(cache.path), "checksums": "ok",
+        "path": str(cache.path),
+        "checksums": "ok",
         "sequences": {s: [int(i) for i in v] for s, v in picks.items()},
-        "positions": positions, "max_abs_diff": stats["max_abs_diff"],
+        "positions": positions,
+        "max_abs_diff": stats["max_abs_diff"],
         "mean_abs_diff": stats["sum_abs_diff"] / max(positions * cache.K, 1),
         "top1_match": stats["top1_match"] / max(positions, 1),
         "topk_set_ok": stats["topk_set_ok"] / max(positions, 1),
         "neg_max_abs_diff": stats["neg_max_abs_diff"] if cache.R else None,
         "lse_max_abs_diff": stats["lse_max_abs_diff"] if cache.has_teacher_lse else None,
-        "atol": atol, "rtol": rtol, "teacher_dtype": str(dtype).removeprefix("torch."),
+        "atol": atol,
+        "rtol": rtol,
+        "teacher_dtype": str(dtype).removeprefix("torch."),
         "ok": stats["bad_positions"] == 0 and positions > 0,
     }
 
@@ -91,8 +109,9 @@ def _pick(cache: Any, n: int) -> dict[str, np.ndarray]:
     return out
 
 
-def _compare(logits: torch.Tensor, ids: torch.Tensor, stored: torch.Tensor, atol: float, rtol: float,
-             stats: dict[str, Any]) -> None:
+def _compare(
+    logits: torch.Tensor, ids: torch.Tensor, stored: torch.Tensor, atol: float, rtol: float, stats: dict[str, Any]
+) -> None:
     ref = logits.gather(-1, ids)  # the teacher's logits at the stored ids
     diff = (stored - ref).abs()
     tol = atol + rtol * ref.abs()

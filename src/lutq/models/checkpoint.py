@@ -80,19 +80,25 @@ def save_checkpoint(
         if trainer_state is not None:
             save_trainer_state(tmp, trainer_state)
         arch = (config.get("architectures") or [type(model).__name__])[0]
-        atomic_write_json(tmp / "config.json", {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "lutq_version": __version__,
-            "architecture": arch,
-            "snapped": snapped,
-            "quant": quant,
-            "aliases": aliases,
-            "weights": {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS),
-                        "bytes": (tmp / WEIGHTS).stat().st_size},
-            "extra": extra or {},
-            "base_config": config,
-        })
+        atomic_write_json(
+            tmp / "config.json",
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "lutq_version": __version__,
+                "architecture": arch,
+                "snapped": snapped,
+                "quant": quant,
+                "aliases": aliases,
+                "weights": {
+                    "file": WEIGHTS,
+                    "sha256": sha256_file(tmp / WEIGHTS),
+                    "bytes": (tmp / WEIGHTS).stat().st_size,
+                },
+                "extra": extra or {},
+                "base_config": config,
+            },
+        )
     return path
 
 
@@ -129,9 +135,15 @@ def read_checkpoint_info(path: str | os.PathLike[str]) -> CheckpointInfo:
             raise LutqError(f"{cfg_path}: {key!r} must be a JSON object, got {type(cfg[key]).__name__}")
     weights = cfg.get("weights") or {}
     return CheckpointInfo(
-        path=path, architecture=cfg["architecture"], base_config=cfg["base_config"], quant=cfg.get("quant"),
-        snapped=bool(cfg.get("snapped")), aliases=cfg.get("aliases") or {}, extra=cfg.get("extra") or {},
-        weights_sha256=weights.get("sha256"), weights_bytes=weights.get("bytes"),
+        path=path,
+        architecture=cfg["architecture"],
+        base_config=cfg["base_config"],
+        quant=cfg.get("quant"),
+        snapped=bool(cfg.get("snapped")),
+        aliases=cfg.get("aliases") or {},
+        extra=cfg.get("extra") or {},
+        weights_sha256=weights.get("sha256"),
+        weights_bytes=weights.get("bytes"),
         lutq_version=cfg.get("lutq_version", ""),
     )
 
@@ -188,13 +200,16 @@ def load_checkpoint(
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise LutqError(f"{info.path}/{WEIGHTS}: tensors do not match the model "
-                        f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                        f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})")
+        raise LutqError(
+            f"{info.path}/{WEIGHTS}: tensors do not match the model "
+            f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
+        )
     for k, v in tensors.items():
         if tuple(v.shape) != tuple(expected[k].shape):
-            raise LutqError(f"{info.path}/{WEIGHTS}: {k} has shape {tuple(v.shape)}, "
-                            f"model expects {tuple(expected[k].shape)}")
+            raise LutqError(
+                f"{info.path}/{WEIGHTS}: {k} has shape {tuple(v.shape)}, model expects {tuple(expected[k].shape)}"
+            )
         if v.dtype != expected[k].dtype and not (v.is_floating_point() and expected[k].is_floating_point()):
             raise LutqError(f"{info.path}/{WEIGHTS}: {k} has dtype {v.dtype}, model expects {expected[k].dtype}")
     model.load_state_dict(tensors, strict=True, assign=True)
@@ -209,8 +224,9 @@ def load_checkpoint(
         try:
             tokenizer = AutoTokenizer.from_pretrained(info.path)
         except (OSError, ValueError) as e:
-            raise LutqError(f"{info.path}: cannot load the checkpoint's tokenizer files "
-                            f"({str(e).splitlines()[0]})") from e
+            raise LutqError(
+                f"{info.path}: cannot load the checkpoint's tokenizer files ({str(e).splitlines()[0]})"
+            ) from e
     return model.to(resolve_device(device)).eval(), tokenizer, info
 
 
@@ -248,8 +264,9 @@ def load_trainer_state(path: str | os.PathLike[str], keys: tuple[str, ...] = ())
     return state
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], ckpt: str | os.PathLike[str],
-                         hint: str) -> None:
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, state: dict[str, Any], ckpt: str | os.PathLike[str], hint: str
+) -> None:
     """`optimizer.load_state_dict(state["optimizer"])` of a trainer state from `ckpt`; a state whose parameter
     groups do not fit this run is a LutqError naming the checkpoint, with `hint` (what to change)."""
     try:

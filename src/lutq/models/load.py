@@ -157,20 +157,24 @@ def _hub_source(repo_id: str) -> dict[str, Any]:
     try:
         cached = try_to_load_from_cache(repo_id, "config.json")
     except ValueError as e:  # huggingface_hub's HFValidationError: not a valid repo id
-        raise LutqError(f"cannot resolve model {repo_id!r}: no such local path, and not a valid hub id "
-                        f"({str(e).splitlines()[0]})") from e
+        raise LutqError(
+            f"cannot resolve model {repo_id!r}: no such local path, and not a valid hub id ({str(e).splitlines()[0]})"
+        ) from e
     if isinstance(cached, str):
         return {"local_files_only": True}
     models = ", ".join(a for a, x in ASSETS.items() if x.kind == "model")
-    ways = (f"use an asset ({models}), a local HF directory, a .gguf file or a lutq checkpoint, or download the "
-            "model into the Hugging Face cache where the hub is reachable")
+    ways = (
+        f"use an asset ({models}), a local HF directory, a .gguf file or a lutq checkpoint, or download the "
+        "model into the Hugging Face cache where the hub is reachable"
+    )
     where = f"no such local path, not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
     if _hub_offline():
         raise LutqError(f"model {repo_id!r}: {where}, and HF_HUB_OFFLINE is set; {ways}")
     reason = _unreachable(constants.ENDPOINT)
     if reason is not None:
-        raise LutqError(f"model {repo_id!r}: {where}, and the hub {constants.ENDPOINT} is unreachable ({reason}); "
-                        f"{ways}")
+        raise LutqError(
+            f"model {repo_id!r}: {where}, and the hub {constants.ENDPOINT} is unreachable ({reason}); {ways}"
+        )
     return {}
 
 
@@ -178,15 +182,24 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """'bf16' / 'float32' / torch.dtype / None -> torch.dtype or None; LutqError for unknown names."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
+    table = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }
     if dtype not in table:
         raise LutqError(f"unknown dtype {dtype!r}; use one of {sorted(table)}")
     return table[dtype]
 
 
 def _load_hf(
-    where: str | Path, dtype: torch.dtype | None, device: str | torch.device, gguf_file: str | None = None,
+    where: str | Path,
+    dtype: torch.dtype | None,
+    device: str | torch.device,
+    gguf_file: str | None = None,
     local_files_only: bool = False,
 ) -> tuple[torch.nn.Module, Any]:
     """Model + tokenizer through transformers: `where` is a local directory (a Path; with `gguf_file`, the file's
@@ -208,8 +221,10 @@ def _load_hf(
     # to no tokens at all.
     local_dir = Path(where) if not gguf_file and isinstance(where, Path) else None
     if local_dir is not None and not any((local_dir / f).is_file() for f in TOKENIZER_FILES):
-        raise LutqError(f"{local_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the model's "
-                        "tokenizer into it (tokenizer.save_pretrained)")
+        raise LutqError(
+            f"{local_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the model's "
+            "tokenizer into it (tokenizer.save_pretrained)"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kw)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw, **gguf_dense_kwargs(gguf_file))

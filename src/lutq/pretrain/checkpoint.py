@@ -30,9 +30,14 @@ FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 
 
-def save_pretrain_checkpoint(path: str | os.PathLike[str], model: GPT, *, tokenizer: Any = None,
-                             trainer_state: dict[str, Any] | None = None,
-                             extra: dict[str, Any] | None = None) -> Path:
+def save_pretrain_checkpoint(
+    path: str | os.PathLike[str],
+    model: GPT,
+    *,
+    tokenizer: Any = None,
+    trainer_state: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write `model` (+ tokenizer, + trainer state) to the directory `path`, atomically."""
     path = Path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -42,20 +47,31 @@ def save_pretrain_checkpoint(path: str | os.PathLike[str], model: GPT, *, tokeni
             tokenizer.save_pretrained(tmp)
         if trainer_state is not None:
             save_trainer_state(tmp, trainer_state)
-        atomic_write_json(tmp / "config.json", {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "lutq_version": __version__,
-            "architecture": "lutq-gpt", "model": model.config.to_dict(),
-            "weights": {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS), "bytes": (tmp / WEIGHTS).stat().st_size},
-            "extra": extra or {},
-        })
+        atomic_write_json(
+            tmp / "config.json",
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "lutq_version": __version__,
+                "architecture": "lutq-gpt",
+                "model": model.config.to_dict(),
+                "weights": {
+                    "file": WEIGHTS,
+                    "sha256": sha256_file(tmp / WEIGHTS),
+                    "bytes": (tmp / WEIGHTS).stat().st_size,
+                },
+                "extra": extra or {},
+            },
+        )
     return path
 
 
 def read_pretrain_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The parsed config.json of a pretraining checkpoint; errors name the file and the problem."""
     path = Path(path)
-    return read_versioned_json(path / "config.json", format=FORMAT, max_version=FORMAT_VERSION,
-                               what="lutq pretraining checkpoint")
+    return read_versioned_json(
+        path / "config.json", format=FORMAT, max_version=FORMAT_VERSION, what="lutq pretraining checkpoint"
+    )
 
 
 def read_weights(path: str | os.PathLike[str], *, verify: bool = True) -> dict[str, torch.Tensor]:
@@ -83,17 +99,21 @@ def load_weights_into(model: GPT, path: str | os.PathLike[str]) -> None:
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise LutqError(f"{Path(path) / WEIGHTS}: tensors do not match the model "
-                        f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise LutqError(
+            f"{Path(path) / WEIGHTS}: tensors do not match the model "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     for k, v in tensors.items():
         if v.shape != expected[k].shape:
-            raise LutqError(f"{Path(path) / WEIGHTS}: {k} has shape {tuple(v.shape)}, "
-                            f"model expects {tuple(expected[k].shape)}")
+            raise LutqError(
+                f"{Path(path) / WEIGHTS}: {k} has shape {tuple(v.shape)}, model expects {tuple(expected[k].shape)}"
+            )
     model.load_state_dict(tensors, strict=True)
 
 
-def load_pretrain_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
-                             ) -> tuple[GPT, dict[str, Any]]:
+def load_pretrain_checkpoint(
+    path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
+) -> tuple[GPT, dict[str, Any]]:
     """(float32 model in eval mode, config.json) of a pretraining checkpoint directory."""
     cfg = read_pretrain_config(path)
     model = GPT(ModelConfig.from_dict(cfg["model"], source=str(Path(path) / "config.json")))

@@ -13,7 +13,7 @@ from lutq.core.errors import LutqError
 
 pretrain_app = typer.Typer(
     help="Pretrain a GPT-style decoder from a token file (prints the plan; trains only with --run), "
-         "or export a run (`lutq pretrain export RUN OUT`).",
+    "or export a run (`lutq pretrain export RUN OUT`).",
 )
 
 _O = typer.Option
@@ -39,14 +39,18 @@ def pretrain_command(
     sem_dim: int = _O(None, "--sem-dim", help="decoupled: semantic Q/K width (default d_model / 16)."),
     geo_dim: int = _O(None, "--geo-dim", help="decoupled: geometric (RoPE) Q/K width (default d_model / 8)."),
     null_attn: bool = _O(None, "--null-attn/--no-null-attn", help="Learned null key/value slot (default: off)."),
-    tie_qk: bool = _O(None, "--tie-qk/--no-tie-qk", help="Keys use the query projection (not with gqa; default: "
-                      "off)."),
-    learned_temp: bool = _O(None, "--learned-temp/--no-learned-temp", help="Learned per-head temperature (default: "
-                            "on)."),
+    tie_qk: bool = _O(None, "--tie-qk/--no-tie-qk", help="Keys use the query projection (not with gqa; default: off)."),
+    learned_temp: bool = _O(
+        None, "--learned-temp/--no-learned-temp", help="Learned per-head temperature (default: on)."
+    ),
     norm: str = _O(None, "--norm", help="rmsnorm (default) or layernorm."),
     gpu_mem: int = _O(None, "--gpu-mem", help="VRAM preset 80|40|24|16: seq len, micro-batch, accumulation."),
-    seq_len: int = _O(None, "--seq-len", "-L", help="Training sequence length in tokens (before/without a schedule; "
-                      "default 1024, or --gpu-mem's)."),
+    seq_len: int = _O(
+        None,
+        "--seq-len",
+        "-L",
+        help="Training sequence length in tokens (before/without a schedule; default 1024, or --gpu-mem's).",
+    ),
     seq_schedule: str = _O(None, "--seq-schedule", help='Sequence-length schedule, e.g. "512@0,1024@2000".'),
     micro_batch: int = _O(None, "--micro-batch", help="Sequences per forward pass (default 4, or --gpu-mem's)."),
     grad_accum: int = _O(None, "--grad-accum", help="Micro-batches per optimizer step (default 4, or --gpu-mem's)."),
@@ -58,12 +62,23 @@ def pretrain_command(
     warmup: int = _O(None, "--warmup", help="Linear warmup steps (100)."),
     weight_decay: float = _O(None, "--weight-decay", help="Decoupled weight decay on matrices (0.1)."),
     grad_clip: float = _O(None, "--grad-clip", help="Gradient norm clip (1.0; 0 disables)."),
-    precision: str = _O(None, "--precision", help="auto, fast (bf16-mixed where bf16 is native), fp32, "
-                         "bf16-mixed (fp32 master + autocast), bf16 (default auto, or --gpu-mem's)."),
-    grad_checkpoint: bool = _O(None, "--grad-checkpointing/--no-grad-checkpointing",
-                               help="Recompute activations in backward (less memory; default off, or --gpu-mem's)."),
-    grad_checkpoint_old: bool = _O(None, "--grad-checkpoint/--no-grad-checkpoint", hidden=True,
-                                   help="Old spelling of --grad-checkpointing/--no-grad-checkpointing."),
+    precision: str = _O(
+        None,
+        "--precision",
+        help="auto, fast (bf16-mixed where bf16 is native), fp32, "
+        "bf16-mixed (fp32 master + autocast), bf16 (default auto, or --gpu-mem's).",
+    ),
+    grad_checkpoint: bool = _O(
+        None,
+        "--grad-checkpointing/--no-grad-checkpointing",
+        help="Recompute activations in backward (less memory; default off, or --gpu-mem's).",
+    ),
+    grad_checkpoint_old: bool = _O(
+        None,
+        "--grad-checkpoint/--no-grad-checkpoint",
+        hidden=True,
+        help="Old spelling of --grad-checkpointing/--no-grad-checkpointing.",
+    ),
     compile: bool = _O(None, "--compile/--no-compile", help="torch.compile the model (default: on with CUDA)."),
     val_fraction: float = _O(None, "--val-fraction", help="Held-out tail of the token file (0.05)."),
     eval_every: int = _O(None, "--eval-every", help="Evaluate (and update best/) every N steps (200)."),
@@ -82,9 +97,11 @@ def pretrain_command(
         grad_checkpoint = grad_checkpoint_old
     if eval_iters is None:
         eval_iters = eval_iters_old
-    flags: dict[str, Any] = {k: str(v) if isinstance(v, Path) else v for k, v in locals().items()
-                             if k not in ("ctx", "config", "run", "resume", "grad_checkpoint_old", "eval_iters_old")
-                             and v is not None}
+    flags: dict[str, Any] = {
+        k: str(v) if isinstance(v, Path) else v
+        for k, v in locals().items()
+        if k not in ("ctx", "config", "run", "resume", "grad_checkpoint_old", "eval_iters_old") and v is not None
+    }
     if ctx.invoked_subcommand is not None:
         return
     from lutq.pretrain.config import RUNTIME_FIELDS, PretrainConfig
@@ -107,8 +124,12 @@ def export_command(
     out: Path = typer.Argument(..., help="Output directory."),
     format: str = _O("hf", "--format", "-f", help="hf: a transformers LlamaForCausalLM directory."),
     checkpoint: str = _O("best", "--checkpoint", help="best or last (for a run directory)."),
-    tokenizer: str = _O(None, "--tokenizer", "-t", help="Tokenizer to ship when the checkpoint has none (gpt2, a "
-                        "model asset or an HF tokenizer directory)."),
+    tokenizer: str = _O(
+        None,
+        "--tokenizer",
+        "-t",
+        help="Tokenizer to ship when the checkpoint has none (gpt2, a model asset or an HF tokenizer directory).",
+    ),
     dtype: str = _O("fp32", "--dtype", help="fp32, bf16 or fp16 weights."),
 ) -> None:
     """Export a pretrained baseline/gqa model as a transformers directory (usable as a KD teacher)."""

@@ -30,15 +30,41 @@ from lutq.pretrain.schedule import (
 # A preset fills only the fields not given explicitly.
 GPU_MEM_PRESETS: dict[int, dict[str, Any]] = {
     80: {"seq_len": 2048, "seq_schedule": "", "micro_batch": 8, "grad_accum": 1, "grad_checkpoint": False},
-    40: {"seq_len": 1024, "seq_schedule": "512@0,1024@2000,2048@12000", "micro_batch": 1, "grad_accum": 16,
-         "grad_checkpoint": True},
-    24: {"seq_len": 512, "seq_schedule": "512@0,1024@12000", "micro_batch": 1, "grad_accum": 32,
-         "grad_checkpoint": True, "precision": "bf16", "optimizer": "lion"},
-    16: {"seq_len": 256, "seq_schedule": "256@0,512@12000", "micro_batch": 1, "grad_accum": 64,
-         "grad_checkpoint": True, "precision": "bf16", "optimizer": "lion"},
+    40: {
+        "seq_len": 1024,
+        "seq_schedule": "512@0,1024@2000,2048@12000",
+        "micro_batch": 1,
+        "grad_accum": 16,
+        "grad_checkpoint": True,
+    },
+    24: {
+        "seq_len": 512,
+        "seq_schedule": "512@0,1024@12000",
+        "micro_batch": 1,
+        "grad_accum": 32,
+        "grad_checkpoint": True,
+        "precision": "bf16",
+        "optimizer": "lion",
+    },
+    16: {
+        "seq_len": 256,
+        "seq_schedule": "256@0,512@12000",
+        "micro_batch": 1,
+        "grad_accum": 64,
+        "grad_checkpoint": True,
+        "precision": "bf16",
+        "optimizer": "lion",
+    },
 }
-DEFAULTS: dict[str, Any] = {"seq_len": 1024, "seq_schedule": "", "micro_batch": 4, "grad_accum": 4,
-                            "grad_checkpoint": False, "precision": "auto", "optimizer": "adamw"}
+DEFAULTS: dict[str, Any] = {
+    "seq_len": 1024,
+    "seq_schedule": "",
+    "micro_batch": 4,
+    "grad_accum": 4,
+    "grad_checkpoint": False,
+    "precision": "auto",
+    "optimizer": "adamw",
+}
 DEFAULT_LR = {"adamw": 3e-4, "lion": 1e-4}
 OPTIMIZERS = ("adamw", "lion")
 PRECISIONS = ("auto", "fast", "fp32", "bf16-mixed", "bf16")
@@ -126,17 +152,30 @@ class PretrainConfig(ConfigBase):
         `steps` steps (default: the configured steps)."""
         if self.size not in SIZES:
             raise LutqError(f"unknown model size {self.size!r}; choose from {', '.join(SIZES)}")
-        dims = {k: getattr(self, k) for k in ("d_model", "n_layers", "n_heads", "d_ff", "kv_heads", "attn_dim",
-                                              "sem_dim", "geo_dim")}
+        dims = {
+            k: getattr(self, k)
+            for k in ("d_model", "n_layers", "n_heads", "d_ff", "kv_heads", "attn_dim", "sem_dim", "geo_dim")
+        }
         longest = max_seq_len(parse_seq_schedule(self.seq_schedule), self.seq_len, steps or self.steps)
         block = self.block_size
         if block is not None and longest > block:
-            raise LutqError(f"the longest sequence length {longest} (seq_len / seq_schedule) exceeds "
-                            f"block_size {block}")
+            raise LutqError(
+                f"the longest sequence length {longest} (seq_len / seq_schedule) exceeds block_size {block}"
+            )
         block = block or max(SIZES[self.size]["block_size"], longest)
-        return ModelConfig.preset(self.size, **dims).replace(
-            vocab_size=vocab_size, block_size=block, variant=self.variant, null_attn=self.null_attn,
-            tie_qk=self.tie_qk, learned_temp=self.learned_temp, norm=self.norm).resolved()
+        return (
+            ModelConfig.preset(self.size, **dims)
+            .replace(
+                vocab_size=vocab_size,
+                block_size=block,
+                variant=self.variant,
+                null_attn=self.null_attn,
+                tie_qk=self.tie_qk,
+                learned_temp=self.learned_temp,
+                norm=self.norm,
+            )
+            .resolved()
+        )
 
 
 def unused_seq_len_note(seq_len: int | None, seq_schedule: str | None) -> str | None:
@@ -146,8 +185,10 @@ def unused_seq_len_note(seq_len: int | None, seq_schedule: str | None) -> str | 
     schedule = parse_seq_schedule(seq_schedule)
     if seq_len is None or not schedule or schedule[0][1] > 0 or schedule[0][0] == seq_len:
         return None
-    return (f"--seq-len {seq_len} is not used: the seq schedule {seq_schedule!r} sets the length from step 0 "
-            f"(training starts at {schedule[0][0]}); --seq-len applies only before the schedule's first entry")
+    return (
+        f"--seq-len {seq_len} is not used: the seq schedule {seq_schedule!r} sets the length from step 0 "
+        f"(training starts at {schedule[0][0]}); --seq-len applies only before the schedule's first entry"
+    )
 
 
 @dataclass
@@ -179,10 +220,13 @@ class Plan:
     def rows(self) -> list[tuple[str, str]]:
         m = self.model
         dims = f"d {m.d_model} / {m.n_layers} layers / {m.n_heads} heads / d_ff {m.d_ff} / block {m.block_size}"
-        attn = m.variant + (f" (kv_heads {m.kv_heads})" if m.variant == "gqa" else "") + \
-            (f" (attn_dim {m.attn_dim})" if m.variant in ("bottleneck", "decoupled") else "") + \
-            (f" (sem {m.sem_dim}, geo {m.geo_dim})" if m.variant == "decoupled" else "") + \
-            "".join(f", {o}" for o in ("null_attn", "tie_qk") if getattr(m, o))
+        attn = (
+            m.variant
+            + (f" (kv_heads {m.kv_heads})" if m.variant == "gqa" else "")
+            + (f" (attn_dim {m.attn_dim})" if m.variant in ("bottleneck", "decoupled") else "")
+            + (f" (sem {m.sem_dim}, geo {m.geo_dim})" if m.variant == "decoupled" else "")
+            + "".join(f", {o}" for o in ("null_attn", "tie_qk") if getattr(m, o))
+        )
         seqs = ", ".join(f"{s}@{st}" for s, st in self.schedule) or f"{self.seq_len} (constant)"
         target = f" (target {format_count(self.target_tokens)})" if self.target_tokens else ""
         return [
@@ -214,19 +258,37 @@ def make_plan(cfg: PretrainConfig, n_tokens: int, vocab_size: int, world_size: i
     val_tokens = int(n_tokens * cfg.val_fraction)
     train_tokens = n_tokens - val_tokens
     if val_tokens < eval_seq + 1:
-        raise LutqError(f"held-out tail of {val_tokens} tokens (val_fraction {cfg.val_fraction}) is shorter than "
-                        f"one evaluation window of {eval_seq + 1} tokens; use more data or a larger val_fraction")
+        raise LutqError(
+            f"held-out tail of {val_tokens} tokens (val_fraction {cfg.val_fraction}) is shorter than "
+            f"one evaluation window of {eval_seq + 1} tokens; use more data or a larger val_fraction"
+        )
     if train_tokens < eval_seq + 1:
         raise LutqError(f"{train_tokens} training tokens are fewer than one window of {eval_seq + 1}")
     params = params_of(model)
     tokens = planned_tokens(steps, global_batch, schedule, cfg.seq_len)
-    flops = sum((end - start) * global_batch * seq * flops_per_token(model, seq, params)
-                for start, end, seq in segments(steps, schedule, cfg.seq_len))
-    plan = Plan(model=model, params=params, world_size=world_size, global_batch=global_batch, steps=steps,
-                schedule=schedule, seq_len=cfg.seq_len, planned_tokens=tokens, target_tokens=target,
-                train_tokens=train_tokens, val_tokens=val_tokens, eval_seq_len=eval_seq, flops=flops, notes=notes)
+    flops = sum(
+        (end - start) * global_batch * seq * flops_per_token(model, seq, params)
+        for start, end, seq in segments(steps, schedule, cfg.seq_len)
+    )
+    plan = Plan(
+        model=model,
+        params=params,
+        world_size=world_size,
+        global_batch=global_batch,
+        steps=steps,
+        schedule=schedule,
+        seq_len=cfg.seq_len,
+        planned_tokens=tokens,
+        target_tokens=target,
+        train_tokens=train_tokens,
+        val_tokens=val_tokens,
+        eval_seq_len=eval_seq,
+        flops=flops,
+        notes=notes,
+    )
     if plan.epochs > 1:
-        notes.append(f"the plan reads the training tokens {plan.epochs:.1f} times (epochs > 1): expect repetition "
-                     "to limit the gains; prepare more data for this budget")
+        notes.append(
+            f"the plan reads the training tokens {plan.epochs:.1f} times (epochs > 1): expect repetition "
+            "to limit the gains; prepare more data for this budget"
+        )
     return plan
-

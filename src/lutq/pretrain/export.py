@@ -39,8 +39,10 @@ def find_checkpoint(path: str | os.PathLike[str], which: str = "best") -> Path:
 def exportable(cfg: ModelConfig) -> str | None:
     """Why `cfg` cannot be written as a Llama model, or None when it can."""
     if cfg.variant not in ("baseline", "gqa"):
-        return (f"variant {cfg.variant!r} has no transformers architecture (only baseline and gqa map onto "
-                "LlamaForCausalLM)")
+        return (
+            f"variant {cfg.variant!r} has no transformers architecture (only baseline and gqa map onto "
+            "LlamaForCausalLM)"
+        )
     if cfg.norm != "rmsnorm":
         return f"norm {cfg.norm!r}: Llama uses RMSNorm"
     if cfg.null_attn:
@@ -55,11 +57,22 @@ def llama_config(cfg: ModelConfig, eos_id: int | None = None, bos_id: int | None
 
     head_dim = cfg.attn_dim // cfg.n_heads
     return LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
-        head_dim=head_dim, max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, tie_word_embeddings=True,
-        attention_bias=False, mlp_bias=False, hidden_act="silu", bos_token_id=bos_id, eos_token_id=eos_id,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=cfg.block_size,
+        rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=True,
+        attention_bias=False,
+        mlp_bias=False,
+        hidden_act="silu",
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
         architectures=["LlamaForCausalLM"],
     )
 
@@ -73,8 +86,10 @@ def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
         if a.logit_scale is not None:
             q = q * a.logit_scale.exp().repeat_interleave(a.head_dim)[:, None]
         out |= {
-            pre + "self_attn.q_proj.weight": q, pre + "self_attn.k_proj.weight": a.k_proj.weight,
-            pre + "self_attn.v_proj.weight": a.v_proj.weight, pre + "self_attn.o_proj.weight": a.o_proj.weight,
+            pre + "self_attn.q_proj.weight": q,
+            pre + "self_attn.k_proj.weight": a.k_proj.weight,
+            pre + "self_attn.v_proj.weight": a.v_proj.weight,
+            pre + "self_attn.o_proj.weight": a.o_proj.weight,
             pre + "mlp.gate_proj.weight": layer.mlp.gate_proj.weight,
             pre + "mlp.up_proj.weight": layer.mlp.up_proj.weight,
             pre + "mlp.down_proj.weight": layer.mlp.down_proj.weight,
@@ -84,8 +99,14 @@ def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().contiguous() for k, v in out.items()}
 
 
-def export_hf(run: str | os.PathLike[str], out: str | os.PathLike[str], *, checkpoint: str = "best",
-              tokenizer: str | None = None, dtype: torch.dtype = torch.float32) -> Path:
+def export_hf(
+    run: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    checkpoint: str = "best",
+    tokenizer: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """Write a transformers-loadable LlamaForCausalLM directory (+ tokenizer) for a pretraining run or
     checkpoint. The tokenizer comes from the checkpoint, or from `tokenizer` (gpt2, an asset, a directory)."""
     from transformers import LlamaForCausalLM
@@ -111,8 +132,9 @@ def export_hf(run: str | os.PathLike[str], out: str | os.PathLike[str], *, check
     with atomic_dir(out) as tmp:
         hf.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-    console.print(f"[green]exported[/] {ckpt} (step {info.get('extra', {}).get('step', '?')}) -> {out} "
-                  f"(LlamaForCausalLM)")
+    console.print(
+        f"[green]exported[/] {ckpt} (step {info.get('extra', {}).get('step', '?')}) -> {out} (LlamaForCausalLM)"
+    )
     return out
 
 

@@ -146,8 +146,9 @@ class LayerNorm32(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the activation dtype (weights may stay float32 under bf16)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
-                            self.eps).to(x.dtype)
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).to(
+            x.dtype
+        )
 
 
 def rope_tables(dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,8 +172,9 @@ def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x.view(B, T, n_heads, -1).transpose(1, 2)
 
 
-def attention_with_null(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_null: torch.Tensor,
-                        v_null: torch.Tensor) -> torch.Tensor:
+def attention_with_null(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_null: torch.Tensor, v_null: torch.Tensor
+) -> torch.Tensor:
     """Causal softmax(q·kᵀ)·v with one extra key/value slot (never masked, no RoPE) in front.
 
     q [B, H, T, E] is already scaled; k [B, KV, T, E], v [B, KV, T, Ev]; k_null [KV, E], v_null [KV, Ev].
@@ -226,13 +228,13 @@ class Attention(nn.Module):
             q_geo = split_heads(self.q_geo(x), H)
             k_geo = q_geo if self.tie_qk else split_heads(self.k_geo(x), H)
             q_geo, k_geo = apply_rope(q_geo, cos, sin), apply_rope(k_geo, cos, sin)
-            q = torch.cat([q_sem * self.sem_head ** -0.5, q_geo * self.geo_head ** -0.5], dim=-1)
+            q = torch.cat([q_sem * self.sem_head**-0.5, q_geo * self.geo_head**-0.5], dim=-1)
             k = torch.cat([k_sem, k_geo], dim=-1)
         else:
             q = split_heads(self.q_proj(x), H)
             k = q if self.tie_qk else split_heads(self.k_proj(x), self.kv_heads)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            q = q * self.head_dim ** -0.5
+            q = q * self.head_dim**-0.5
         if self.logit_scale is not None:
             q = q * self.logit_scale.exp().to(q.dtype).view(1, H, 1, 1)
         v = split_heads(self.v_proj(x), self.kv_heads)
@@ -244,8 +246,9 @@ class Attention(nn.Module):
         if self.null_attn:
             y = attention_with_null(q, k, v, self.k_null, self.v_null)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0,
-                                               enable_gqa=self.kv_heads != self.n_heads)
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=1.0, enable_gqa=self.kv_heads != self.n_heads
+            )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -299,12 +302,14 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() < 2:
                 continue  # norms start at 1 (their own init), temperatures and null slots at 0
-            scale = 1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) \
-                else 1.0
+            scale = (
+                1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
+            )
             nn.init.normal_(p, mean=0.0, std=std * scale)
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, input_ids: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         seq_len = input_ids.shape[1]
         if seq_len > self.config.block_size:
             raise LutqError(f"sequence length {seq_len} exceeds the model's block_size {self.config.block_size}")
@@ -322,12 +327,19 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.8,
-                 top_k: int | None = 50, generator: torch.Generator | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Sample continuations (no KV cache: fine for short samples); temperature 0 is greedy."""
         ids = input_ids
         for _ in range(max_new_tokens):
-            logits, _ = self(ids[:, -self.config.block_size:])
+            logits, _ = self(ids[:, -self.config.block_size :])
             logits = logits[:, -1, :].float()
             if temperature <= 0:
                 nxt = logits.argmax(-1, keepdim=True)

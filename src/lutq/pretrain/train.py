@@ -45,8 +45,19 @@ from lutq.train.state import DistContext, rng_state, seed_everything, set_rng_st
 
 __all__ = ["PretrainConfig", "load_run_config", "pretrain", "train_step"]
 
-COLUMNS = ["step", "tokens", "loss", "eval_loss", "eval_ppl", "lr", "grad_norm", "seq_len", "tokens_per_s", "mfu",
-           "elapsed"]
+COLUMNS = [
+    "step",
+    "tokens",
+    "loss",
+    "eval_loss",
+    "eval_ppl",
+    "lr",
+    "grad_norm",
+    "seq_len",
+    "tokens_per_s",
+    "mfu",
+    "elapsed",
+]
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -72,8 +83,10 @@ def data_windows(data: TokenData, starts: np.ndarray, seq_len: int) -> torch.Ten
     w = gather_windows(data.tokens, starts, seq_len)
     if w.numel() and int(w.max()) >= data.vocab_size:
         row, col = divmod(int(w.argmax()), seq_len + 1)
-        raise LutqError(f"{data.path}: token id {int(w.max())} at position {int(starts[row]) + col} is outside the "
-                        f"vocabulary (vocab_size {data.vocab_size}); the file is corrupt, re-run `lutq data prepare`")
+        raise LutqError(
+            f"{data.path}: token id {int(w.max())} at position {int(starts[row]) + col} is outside the "
+            f"vocabulary (vocab_size {data.vocab_size}); the file is corrupt, re-run `lutq data prepare`"
+        )
     return w
 
 
@@ -97,7 +110,7 @@ def eval_batches(data: TokenData, plan: Plan, cfg: PretrainConfig, device: torch
     starts = np.linspace(plan.train_tokens, len(data) - seq - 1, n).round().astype(np.int64)
     out = []
     for i in range(0, n, cfg.micro_batch):
-        w = data_windows(data, starts[i:i + cfg.micro_batch], seq).to(device)
+        w = data_windows(data, starts[i : i + cfg.micro_batch], seq).to(device)
         out.append((w[:, :-1], w[:, 1:]))
     return out
 
@@ -160,9 +173,14 @@ def set_lr(optimizer: torch.optim.Optimizer, cfg: PretrainConfig, total: int, st
     return lr
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Sequence[Batch], *,
-               autocast: Callable[[], contextlib.AbstractContextManager[Any]], grad_clip: float
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Sequence[Batch],
+    *,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+    grad_clip: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimizer step over `batches` (gradient accumulation; under DDP gradients sync on the last
     micro-batch only). Returns (mean loss, grad norm before clipping) as tensors."""
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
@@ -226,8 +244,10 @@ def _check_resume_config(saved: PretrainConfig, cfg: PretrainConfig, run: Path) 
     a, b = saved.to_dict(), cfg.to_dict()
     diff = sorted(k for k in a if k not in RUNTIME_FIELDS and a[k] != b.get(k))
     if diff:
-        raise LutqError(f"{run}: cannot resume exactly, the config differs from run.json in "
-                        + ", ".join(f"{k} ({a[k]!r} -> {b.get(k)!r})" for k in diff))
+        raise LutqError(
+            f"{run}: cannot resume exactly, the config differs from run.json in "
+            + ", ".join(f"{k} ({a[k]!r} -> {b.get(k)!r})" for k in diff)
+        )
 
 
 @dataclass
@@ -241,8 +261,14 @@ class RunState:
 
 
 def _trainer_state(p: RunState, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    return {"step": p.step, "tokens": p.tokens, "best_val": p.best_val, "elapsed": p.elapsed,
-            "optimizer": optimizer.state_dict(), "rng": rng_state()}
+    return {
+        "step": p.step,
+        "tokens": p.tokens,
+        "best_val": p.best_val,
+        "elapsed": p.elapsed,
+        "optimizer": optimizer.state_dict(),
+        "rng": rng_state(),
+    }
 
 
 def _restore(ckpt: Path, model: GPT, optimizer: torch.optim.Optimizer, device: torch.device) -> RunState:
@@ -255,8 +281,12 @@ def _restore(ckpt: Path, model: GPT, optimizer: torch.optim.Optimizer, device: t
         if "fused" in group:
             group["fused"] = device.type == "cuda" or None
     set_rng_state(state["rng"])
-    return RunState(step=int(state["step"]), tokens=int(state["tokens"]), best_val=float(state["best_val"]),
-                    elapsed=float(state["elapsed"]))
+    return RunState(
+        step=int(state["step"]),
+        tokens=int(state["tokens"]),
+        best_val=float(state["best_val"]),
+        elapsed=float(state["elapsed"]),
+    )
 
 
 def print_plan(plan: Plan, cfg: PretrainConfig, precision: str, device: torch.device) -> None:
@@ -265,10 +295,17 @@ def print_plan(plan: Plan, cfg: PretrainConfig, precision: str, device: torch.de
     table = Table("plan", "", title=f"lutq pretrain -> {cfg.out}", show_header=False)
     for k, v in plan.rows():
         table.add_row(k, v)
-    table.add_row("optimizer", f"{cfg.optimizer}, lr {cfg.lr:g}, warmup {cfg.warmup}, cosine to "
-                               f"{cfg.min_lr_ratio:g}x, wd {cfg.weight_decay:g}, clip {cfg.grad_clip:g}")
-    table.add_row("precision", f"{precision}" + (", grad checkpointing" if cfg.grad_checkpoint else "")
-                  + (", torch.compile" if cfg.compile else ""))
+    table.add_row(
+        "optimizer",
+        f"{cfg.optimizer}, lr {cfg.lr:g}, warmup {cfg.warmup}, cosine to "
+        f"{cfg.min_lr_ratio:g}x, wd {cfg.weight_decay:g}, clip {cfg.grad_clip:g}",
+    )
+    table.add_row(
+        "precision",
+        f"{precision}"
+        + (", grad checkpointing" if cfg.grad_checkpoint else "")
+        + (", torch.compile" if cfg.compile else ""),
+    )
     table.add_row("device", f"{device_name(device)} x {plan.world_size}")
     console.print(table)
     for note in plan.notes:
@@ -303,8 +340,14 @@ def _pretrain(cfg: PretrainConfig, dist: DistContext, *, run: bool, resume: bool
         plan.notes.append(note)
     if dist.is_main:
         print_plan(plan, cfg, precision, device)
-    result: dict[str, Any] = {"plan": dict(plan.rows()), "params": plan.params, "steps": plan.steps,
-                              "planned_tokens": plan.planned_tokens, "epochs": plan.epochs, "flops": plan.flops}
+    result: dict[str, Any] = {
+        "plan": dict(plan.rows()),
+        "params": plan.params,
+        "steps": plan.steps,
+        "planned_tokens": plan.planned_tokens,
+        "epochs": plan.epochs,
+        "flops": plan.flops,
+    }
     if not run:
         if dist.is_main:
             console.print("[bold]dry run[/]: nothing was trained; add --run to start")
@@ -314,8 +357,9 @@ def _pretrain(cfg: PretrainConfig, dist: DistContext, *, run: bool, resume: bool
     if resume:
         _check_resume_config(load_run_config(run_dir.path), cfg, run_dir.path)
     elif run_dir.exists():
-        raise LutqError(f"{run_dir.path} already holds a run; continue it with --resume {run_dir.path} "
-                        "or choose another --out")
+        raise LutqError(
+            f"{run_dir.path} already holds a run; continue it with --resume {run_dir.path} or choose another --out"
+        )
     dist.barrier()  # every rank has checked the directory before rank 0 writes into it
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -330,16 +374,26 @@ def _pretrain(cfg: PretrainConfig, dist: DistContext, *, run: bool, resume: bool
             run_dir.truncate(state.step)  # drop rows logged after the checkpoint
             console.print(f"resumed {run_dir.path} at step {state.step:,} ({state.tokens:,} tokens)")
     elif dist.is_main:
-        run_dir.write_config({"pretrain": cfg.to_dict(), "model": plan.model.to_dict(), "params": plan.params,
-                              "world_size": dist.world_size, "data": {k: data.meta.get(k) for k in (
-                                  "tokenizer", "tokenizer_fingerprint", "vocab_size", "eos_id", "tokens", "sources")}})
+        run_dir.write_config(
+            {
+                "pretrain": cfg.to_dict(),
+                "model": plan.model.to_dict(),
+                "params": plan.params,
+                "world_size": dist.world_size,
+                "data": {
+                    k: data.meta.get(k)
+                    for k in ("tokenizer", "tokenizer_fingerprint", "vocab_size", "eos_id", "tokens", "sources")
+                },
+            }
+        )
         run_dir.start_logs(COLUMNS)
     dist.barrier()
 
     train_model: nn.Module = torch.compile(model) if cfg.compile else model
     if dist.distributed:
         train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+            train_model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     tokenizer = _load_tokenizer(data) if dist.is_main else None
     autocast = autocast_for(precision, device)
     val_batches = eval_batches(data, plan, cfg, device) if dist.is_main else []
@@ -347,9 +401,13 @@ def _pretrain(cfg: PretrainConfig, dist: DistContext, *, run: bool, resume: bool
     extra = {"data": str(data.path), "tokenizer": data.tokenizer_name}
 
     def save(path: Path, with_state: bool, **info: Any) -> None:
-        save_pretrain_checkpoint(path, model, tokenizer=tokenizer,
-                                 trainer_state=_trainer_state(state, optimizer) if with_state else None,
-                                 extra={**extra, "step": state.step, "tokens": state.tokens, **info})
+        save_pretrain_checkpoint(
+            path,
+            model,
+            tokenizer=tokenizer,
+            trainer_state=_trainer_state(state, optimizer) if with_state else None,
+            extra={**extra, "step": state.step, "tokens": state.tokens, **info},
+        )
 
     started = time.time()
     start_step = state.step
@@ -364,12 +422,13 @@ def _pretrain(cfg: PretrainConfig, dist: DistContext, *, run: bool, resume: bool
             lr = set_lr(optimizer, cfg, plan.steps, state.step)
             seq = plan.seq_len_at(state.step)
             batches = step_batches(data, plan, cfg, state.step, dist)
-            loss_t, grad_norm = train_step(train_model, optimizer, batches, autocast=autocast,
-                                           grad_clip=cfg.grad_clip)
+            loss_t, grad_norm = train_step(train_model, optimizer, batches, autocast=autocast, grad_clip=cfg.grad_clip)
             loss = all_mean(loss_t, dist).item()
             if not math.isfinite(loss):
-                raise LutqError(f"loss is {loss} at step {state.step + 1}; lower --lr or check the data "
-                                f"(last good checkpoint: {run_dir.last})")
+                raise LutqError(
+                    f"loss is {loss} at step {state.step + 1}; lower --lr or check the data "
+                    f"(last good checkpoint: {run_dir.last})"
+                )
             dt = time.perf_counter() - t0
             state.step += 1
             state.tokens += plan.global_batch * seq
@@ -377,15 +436,21 @@ def _pretrain(cfg: PretrainConfig, dist: DistContext, *, run: bool, resume: bool
             interval_tokens += plan.global_batch * seq
             interval_time += dt
             done = state.step == plan.steps
-            stop = (cfg.stop_after is not None and state.step - start_step >= cfg.stop_after) or \
-                (cfg.time_limit is not None and any_rank(time.time() - started > cfg.time_limit * 60, dist))
+            stop = (cfg.stop_after is not None and state.step - start_step >= cfg.stop_after) or (
+                cfg.time_limit is not None and any_rank(time.time() - started > cfg.time_limit * 60, dist)
+            )
             stopped_early = stop and not done
             row: dict[str, Any] = {}
             if state.step % cfg.log_every == 0 or done or stop:
                 tok_s = interval_tokens / max(interval_time, 1e-9)
-                row |= {"loss": loss, "lr": lr, "grad_norm": None if grad_norm is None else grad_norm.item(),
-                        "seq_len": seq, "tokens_per_s": tok_s,
-                        "mfu": mfu(tok_s, flops_per_token(plan.model, seq, plan.params), peak, dist.world_size)}
+                row |= {
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": None if grad_norm is None else grad_norm.item(),
+                    "seq_len": seq,
+                    "tokens_per_s": tok_s,
+                    "mfu": mfu(tok_s, flops_per_token(plan.model, seq, plan.params), peak, dist.world_size),
+                }
                 interval_tokens, interval_time = 0, 0.0
             if dist.is_main and ((cfg.eval_every and state.step % cfg.eval_every == 0) or done):
                 last_eval = evaluate(model, val_batches, autocast)
@@ -402,9 +467,15 @@ def _pretrain(cfg: PretrainConfig, dist: DistContext, *, run: bool, resume: bool
             if stop:
                 break
     dist.barrier()
-    result |= {"run": str(run_dir.path), "final_step": state.step, "tokens": state.tokens,
-               "best_val_loss": state.best_val if math.isfinite(state.best_val) else None,
-               "last_val_loss": last_eval, "stopped_early": stopped_early, "wall_s": time.time() - started}
+    result |= {
+        "run": str(run_dir.path),
+        "final_step": state.step,
+        "tokens": state.tokens,
+        "best_val_loss": state.best_val if math.isfinite(state.best_val) else None,
+        "last_val_loss": last_eval,
+        "stopped_early": stopped_early,
+        "wall_s": time.time() - started,
+    }
     if dist.is_main:
         rows = [r for r in run_dir.rows() if r.get("tokens_per_s")]
         tok_s = float(np.mean([r["tokens_per_s"] for r in rows[1:] or rows])) if rows else None
@@ -427,25 +498,35 @@ def _load_tokenizer(data: TokenData) -> Any:
         return None
 
 
-def generate_sample(model: GPT, data: TokenData, plan: Plan, tokenizer: Any, cfg: PretrainConfig,
-                    autocast: Callable[[], Any], prompt_tokens: int = 24) -> dict[str, str]:
+def generate_sample(
+    model: GPT,
+    data: TokenData,
+    plan: Plan,
+    tokenizer: Any,
+    cfg: PretrainConfig,
+    autocast: Callable[[], Any],
+    prompt_tokens: int = 24,
+) -> dict[str, str]:
     """A sampled continuation (temperature 0.8, top-k 50, seeded) of the first held-out tokens."""
     device = next(model.parameters()).device
     start = plan.train_tokens
-    eos = np.nonzero(np.asarray(data.tokens[start:start + 4096]) == data.eos_id)[0]
+    eos = np.nonzero(np.asarray(data.tokens[start : start + 4096]) == data.eos_id)[0]
     start += int(eos[0]) + 1 if len(eos) and eos[0] + 1 + prompt_tokens < 4096 else 0  # begin at a document
-    prompt = torch.from_numpy(np.asarray(data.tokens[start:start + prompt_tokens]).astype(np.int64))[None].to(device)
+    prompt = torch.from_numpy(np.asarray(data.tokens[start : start + prompt_tokens]).astype(np.int64))[None].to(device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     model.eval()
     with autocast():
         out = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=50, generator=gen)
     model.train()
-    return {"prompt": tokenizer.decode(prompt[0].tolist()),
-            "continuation": tokenizer.decode(out[0, prompt.shape[1]:].tolist())}
+    return {
+        "prompt": tokenizer.decode(prompt[0].tolist()),
+        "continuation": tokenizer.decode(out[0, prompt.shape[1] :].tolist()),
+    }
 
 
-def write_summary(run: RunDir, plan: Plan, cfg: PretrainConfig, precision: str, device: torch.device,
-                  result: dict[str, Any]) -> None:
+def write_summary(
+    run: RunDir, plan: Plan, cfg: PretrainConfig, precision: str, device: torch.device, result: dict[str, Any]
+) -> None:
     def fmt(v: float | None, spec: str = ".4f") -> str:
         return "n/a" if v is None else format(v, spec)
 
@@ -454,14 +535,21 @@ def write_summary(run: RunDir, plan: Plan, cfg: PretrainConfig, precision: str, 
     early = " (stopped early; continue with `lutq pretrain --resume RUN --run`)" if result["stopped_early"] else ""
     lines = [f"# pretrain run `{run.path}`", "", "## plan", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in plan.rows()]
-    lines += [f"| optimizer | {cfg.optimizer}, lr {cfg.lr:g} |", f"| precision | {precision} |",
-              f"| device | {device_name(device)} x {plan.world_size} |", "", "## result", "",
-              f"- steps: {result['final_step']:,} of {plan.steps:,}{early}",
-              f"- tokens: {result['tokens']:,}",
-              f"- best validation loss: {fmt(best)} (ppl {fmt(math.exp(best) if best is not None else None, '.2f')})",
-              f"- last validation loss: {fmt(result['last_val_loss'])}",
-              f"- throughput: {fmt(result.get('tokens_per_s'), ',.0f')} tokens/s, MFU {mfu_text}",
-              f"- wall time this invocation: {result['wall_s']:.0f} s", ""]
+    lines += [
+        f"| optimizer | {cfg.optimizer}, lr {cfg.lr:g} |",
+        f"| precision | {precision} |",
+        f"| device | {device_name(device)} x {plan.world_size} |",
+        "",
+        "## result",
+        "",
+        f"- steps: {result['final_step']:,} of {plan.steps:,}{early}",
+        f"- tokens: {result['tokens']:,}",
+        f"- best validation loss: {fmt(best)} (ppl {fmt(math.exp(best) if best is not None else None, '.2f')})",
+        f"- last validation loss: {fmt(result['last_val_loss'])}",
+        f"- throughput: {fmt(result.get('tokens_per_s'), ',.0f')} tokens/s, MFU {mfu_text}",
+        f"- wall time this invocation: {result['wall_s']:.0f} s",
+        "",
+    ]
     if result.get("sample"):
         s = result["sample"]
         lines += ["## sample", "", "```", s["prompt"] + "⟨" + s["continuation"] + "⟩", "```", ""]

@@ -1,9 +1,9 @@
 """LUT quantization: the LUT linear layer, init, presets, quantize(), conversions, FP16 snap, storage.
 
-    import lutq
-    model, tok = lutq.load_model("smollm2-135m-instruct")
-    report = lutq.quantize(model, "q2a4")          # in place; report.table() for the per-layer errors
-    lutq.quant.set_trainable(model, "mlp-only")    # -> names of the trainable parameters
+import lutq
+model, tok = lutq.load_model("smollm2-135m-instruct")
+report = lutq.quantize(model, "q2a4")          # in place; report.table() for the per-layer errors
+lutq.quant.set_trainable(model, "mlp-only")    # -> names of the trainable parameters
 """
 
 from lutq.core.lazy import lazy_exports

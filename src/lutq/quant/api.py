@@ -59,8 +59,11 @@ class QuantReport:
         groups = sorted({r.group for r in self.rows})
         summary: dict[str, dict[str, Any]] = {}
         for g in groups:
-            summary[g] = {"layers": sum(r.group == g for r in self.rows), "mean_rel_error": self.mean_error(g),
-                          "max_rel_error": self.max_error(g)}
+            summary[g] = {
+                "layers": sum(r.group == g for r in self.rows),
+                "mean_rel_error": self.mean_error(g),
+                "max_rel_error": self.max_error(g),
+            }
             if self.mean_out_error(g) is not None:
                 summary[g]["mean_out_error"] = self.mean_out_error(g)
         out = {"title": self.title, "layers": [dataclasses.asdict(r) for r in self.rows], "summary": summary}
@@ -81,8 +84,9 @@ class QuantReport:
             for r in self.rows:
                 err = "-" if r.rel_error is None else f"{r.rel_error:.4f}"
                 out = ["-" if r.out_error is None else f"{r.out_error:.4f}"] if calibrated else []
-                t.add_row(r.name, r.group, f"{r.shape[0]}×{r.shape[1]}", f"{r.lut_size} {r.lut_kind}",
-                          str(r.rank), err, *out)
+                t.add_row(
+                    r.name, r.group, f"{r.shape[0]}×{r.shape[1]}", f"{r.lut_size} {r.lut_kind}", str(r.rank), err, *out
+                )
         for g, s in self.to_dict()["summary"].items():
             mean = "-" if s["mean_rel_error"] is None else f"{s['mean_rel_error']:.4f} (max {s['max_rel_error']:.4f})"
             out = [f"[bold]{s['mean_out_error']:.4f}" if "mean_out_error" in s else "-"] if calibrated else []
@@ -125,16 +129,30 @@ def _make_layer(module: nn.Module, spec: LayerSpec, cfg: QuantConfig) -> LUTLine
     kw: dict[str, Any] = {"mode": cfg.mode, "ste_fp16": cfg.ste_fp16, "device": w.device, "dtype": w.dtype}
     if isinstance(module, nn.Embedding):
         scale = getattr(module, "embed_scale", 1.0)
-        return LUTEmbedding(module.num_embeddings, module.embedding_dim, spec.lut_size, spec.rank,
-                            padding_idx=module.padding_idx, embed_scale=float(scale), **kw)
-    return LUTLinear(module.in_features, module.out_features, spec.lut_size, spec.rank,
-                     bias=module.bias is not None, **kw)
+        return LUTEmbedding(
+            module.num_embeddings,
+            module.embedding_dim,
+            spec.lut_size,
+            spec.rank,
+            padding_idx=module.padding_idx,
+            embed_scale=float(scale),
+            **kw,
+        )
+    return LUTLinear(
+        module.in_features, module.out_features, spec.lut_size, spec.rank, bias=module.bias is not None, **kw
+    )
 
 
 # ------------------------------------------------------------------------------------------ quantize
-def quantize(model: nn.Module, config: str | QuantConfig | dict[str, Any] = "q2a4", *, init: bool = True,
-             hessians: Mapping[str, torch.Tensor] | None = None, skip_init: Collection[str] = (),
-             progress: bool = True) -> QuantReport:
+def quantize(
+    model: nn.Module,
+    config: str | QuantConfig | dict[str, Any] = "q2a4",
+    *,
+    init: bool = True,
+    hessians: Mapping[str, torch.Tensor] | None = None,
+    skip_init: Collection[str] = (),
+    progress: bool = True,
+) -> QuantReport:
     """Replace the matching linears of `model` by LUT layers in place; returns the per-layer error report.
 
     `config` is a preset name (q2a4, q4a4, q4a4_r32, q2a2), a QuantConfig or a dict of its fields.
@@ -147,8 +165,10 @@ def quantize(model: nn.Module, config: str | QuantConfig | dict[str, Any] = "q2a
     if any(True for _ in lut_layers(model)):
         raise LutqError("quantize: the model already has LUT layers (load it unquantized, or convert it)")
     if hessians is not None and cfg.mode == "latent":
-        raise LutqError("quantize: calibration picks fixed indices and a latent layer re-picks them every step; "
-                        "quantize frozen with the Hessians, then train with --latent (it starts from W_eff)")
+        raise LutqError(
+            "quantize: calibration picks fixed indices and a latent layer re-picks them every step; "
+            "quantize frozen with the Hessians, then train with --latent (it starts from W_eff)"
+        )
     _untie_if_needed(model, cfg)
     targets = []
     for name, module in model.named_modules():
@@ -156,8 +176,10 @@ def quantize(model: nn.Module, config: str | QuantConfig | dict[str, Any] = "q2a
         if picked is not None:
             targets.append((name, module, *picked))
     if not targets:
-        raise LutqError(f"quantize: no layers of {type(model).__name__} match the config "
-                        "(expected HF names like model.layers.0.mlp.gate_proj)")
+        raise LutqError(
+            f"quantize: no layers of {type(model).__name__} match the config "
+            "(expected HF names like model.layers.0.mlp.gate_proj)"
+        )
     report = QuantReport(title=f"quantize {cfg.preset or 'custom'}")
     with progress_bar(transient=True) as bar:
         task = bar.add_task("quantizing", total=len(targets), visible=progress)
@@ -167,17 +189,34 @@ def quantize(model: nn.Module, config: str | QuantConfig | dict[str, Any] = "q2a
             if init and name not in skip_init:
                 h = hessians.get(name) if hessians is not None else None
                 cw = column_weights(h, cfg.init_act_power) if h is not None and cfg.init_act_power else None
-                err = init_from_weight_(layer, module.weight, group_size=cfg.group_size, lut_kind=spec.lut_kind,
-                                        tighten_rounds=cfg.tighten_rounds, col_weight=cw)
+                err = init_from_weight_(
+                    layer,
+                    module.weight,
+                    group_size=cfg.group_size,
+                    lut_kind=spec.lut_kind,
+                    tighten_rounds=cfg.tighten_rounds,
+                    col_weight=cw,
+                )
                 if hessians is not None and name in hessians:
-                    out_err = calibrate_layer_(layer, module.weight, hessians[name], damp=cfg.gptq_damp,
-                                               refit_rounds=cfg.gptq_refit_rounds)
+                    out_err = calibrate_layer_(
+                        layer, module.weight, hessians[name], damp=cfg.gptq_damp, refit_rounds=cfg.gptq_refit_rounds
+                    )
                     err = relative_error(layer, module.weight)
             if layer.bias is not None:
                 layer.bias.data.copy_(module.bias.detach())
             replace_module(model, name, layer)
-            report.rows.append(QuantRow(name, group, (layer.out_features, layer.in_features), spec.lut_size,
-                                        spec.rank, spec.lut_kind, err, out_err))
+            report.rows.append(
+                QuantRow(
+                    name,
+                    group,
+                    (layer.out_features, layer.in_features),
+                    spec.lut_size,
+                    spec.rank,
+                    spec.lut_kind,
+                    err,
+                    out_err,
+                )
+            )
             bar.advance(task)
     model.lutq_config = cfg
     return report
@@ -204,8 +243,15 @@ def set_trainable(model: nn.Module, mode: str = "all", *, lut: bool = False) -> 
         raise LutqError("set_trainable: the model has no LUT layers (run lutq.quantize first)")
     for p in model.parameters():
         p.requires_grad_(False)
-    parts = {"all": {"A", "B", "g"}, "mlp-only": {"A", "B", "g"}, "attn-only": {"A", "B", "g"},
-             "g-only": {"g"}, "freeze-g": {"A", "B"}, "lut": {"lut"}, "none": set()}[mode]
+    parts = {
+        "all": {"A", "B", "g"},
+        "mlp-only": {"A", "B", "g"},
+        "attn-only": {"A", "B", "g"},
+        "g-only": {"g"},
+        "freeze-g": {"A", "B"},
+        "lut": {"lut"},
+        "none": set(),
+    }[mode]
     for name, layer in layers:
         selected = mode not in ("mlp-only", "attn-only") or group_of(name) == mode.removesuffix("-only")
         layer_parts = (parts if selected else set()) | ({"lut"} if lut else set())
@@ -242,12 +288,19 @@ def dequantize_(model: nn.Module) -> nn.Module:
         w = layer.effective_weight().detach()
         dtype = layer.scale_A.dtype
         if isinstance(layer, LUTEmbedding):
-            dense: nn.Module = ScaledEmbedding(layer.out_features, layer.in_features, layer.padding_idx,
-                                               embed_scale=layer.embed_scale, device=w.device, dtype=dtype)
+            dense: nn.Module = ScaledEmbedding(
+                layer.out_features,
+                layer.in_features,
+                layer.padding_idx,
+                embed_scale=layer.embed_scale,
+                device=w.device,
+                dtype=dtype,
+            )
             dense.weight.copy_(w)
         else:
-            dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                              device=w.device, dtype=dtype)
+            dense = nn.Linear(
+                layer.in_features, layer.out_features, bias=layer.bias is not None, device=w.device, dtype=dtype
+            )
             dense.weight.copy_(w)
             if layer.bias is not None:
                 dense.bias.copy_(layer.bias)
@@ -257,10 +310,19 @@ def dequantize_(model: nn.Module) -> nn.Module:
     return model
 
 
-def quantize_checkpoint(model_spec: str, out: str | Path, config: Any, *, calib: str | None = None,
-                        calib_sequences: int = CALIB_SEQUENCES, calib_len: int = CALIB_LEN,
-                        blockwise: Any = None, device: str = "cpu", extra: Mapping[str, Any] | None = None,
-                        show_progress: bool = True) -> QuantReport:
+def quantize_checkpoint(
+    model_spec: str,
+    out: str | Path,
+    config: Any,
+    *,
+    calib: str | None = None,
+    calib_sequences: int = CALIB_SEQUENCES,
+    calib_len: int = CALIB_LEN,
+    blockwise: Any = None,
+    device: str = "cpu",
+    extra: Mapping[str, Any] | None = None,
+    show_progress: bool = True,
+) -> QuantReport:
     """Load `model_spec` (asset, HF dir, .gguf, hub id), quantize it with `config` (a preset name, a QuantConfig
     or a dict) and save the checkpoint `out`; returns the report. With `calib` (a KD cache or a data source):
     GPTQ indices from Hessians of the FP model (one-shot) or, with `blockwise` (a ReconstructConfig or its
@@ -281,14 +343,26 @@ def quantize_checkpoint(model_spec: str, out: str | Path, config: Any, *, calib:
         blocks = calibration_blocks(calib, tok, num_sequences=calib_sequences, seq_len=calib_len)
         report = quantize_blockwise(model, config, blocks, blockwise, show_progress=show_progress)
     else:
-        hessians = None if calib is None else hessians_for(model, config, calib, tok, num_sequences=calib_sequences,
-                                                           seq_len=calib_len, show_progress=show_progress)
+        hessians = (
+            None
+            if calib is None
+            else hessians_for(
+                model, config, calib, tok, num_sequences=calib_sequences, seq_len=calib_len, show_progress=show_progress
+            )
+        )
         report = quantize(model, config, hessians=hessians, progress=show_progress)
-    meta: dict[str, Any] = {"source_model": str(model_spec), "quantize": report.to_dict()["summary"],
-                            "device": dev.type}
+    meta: dict[str, Any] = {
+        "source_model": str(model_spec),
+        "quantize": report.to_dict()["summary"],
+        "device": dev.type,
+    }
     if calib is not None:
-        meta["calibration"] = {"source": calib, "sequences": calib_sequences, "seq_len": calib_len,
-                               "method": "one-shot" if blockwise is None else "blockwise"}
+        meta["calibration"] = {
+            "source": calib,
+            "sequences": calib_sequences,
+            "seq_len": calib_len,
+            "method": "one-shot" if blockwise is None else "blockwise",
+        }
         if blockwise is not None:
             meta["calibration"].update(recon=blockwise.to_dict(), blocks=report.blocks)
     save_checkpoint(out, model, tok, extra={**meta, **(extra or {})})

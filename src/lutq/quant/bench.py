@@ -30,8 +30,9 @@ def _step_ms(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def _median_ms(layers: dict[str, nn.Module], x: torch.Tensor, dy: torch.Tensor, steps: int, warmup: int
-               ) -> dict[str, float]:
+def _median_ms(
+    layers: dict[str, nn.Module], x: torch.Tensor, dy: torch.Tensor, steps: int, warmup: int
+) -> dict[str, float]:
     """Median step time per layer; the layers take turns step by step, so a noisy (shared) machine
     slows them alike and the ratios stay meaningful."""
     times: dict[str, list[float]] = {k: [] for k in layers}
@@ -43,10 +44,20 @@ def _median_ms(layers: dict[str, nn.Module], x: torch.Tensor, dy: torch.Tensor, 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_lut_linear(out_features: int = 3072, in_features: int = 1024, tokens: int = 2048, rank: int = 32,
-                     lut_size: int = 4, steps: int = 5, device: str | torch.device = "cpu",
-                     dtype: torch.dtype = torch.float32, *, warmup: int = 1, factored_steps: int = 1,
-                     compile: bool = False) -> dict[str, Any]:
+def bench_lut_linear(
+    out_features: int = 3072,
+    in_features: int = 1024,
+    tokens: int = 2048,
+    rank: int = 32,
+    lut_size: int = 4,
+    steps: int = 5,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    warmup: int = 1,
+    factored_steps: int = 1,
+    compile: bool = False,
+) -> dict[str, Any]:
     """Median training-step time of nn.Linear, LUTLinear (materialized W_eff) and LUTLinear(factored=True).
 
     Ratios are LUT / dense; `factored_steps=0` skips the factored form (r× the FLOPs and activations).
@@ -60,9 +71,16 @@ def bench_lut_linear(out_features: int = 3072, in_features: int = 1024, tokens: 
     init_from_weight_(lut, dense.weight.detach())
     x = torch.randn(tokens, in_features, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
     dy = torch.randn(tokens, out_features, generator=gen).to(device=device, dtype=dtype)
-    result: dict[str, Any] = {"out_features": out_features, "in_features": in_features, "tokens": tokens,
-                              "rank": rank, "lut_size": lut_size, "device": str(device),
-                              "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads()}
+    result: dict[str, Any] = {
+        "out_features": out_features,
+        "in_features": in_features,
+        "tokens": tokens,
+        "rank": rank,
+        "lut_size": lut_size,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+    }
     layers: dict[str, nn.Module] = {"dense": dense, "materialized": lut}
     if compile:
         layers["compiled"] = torch.compile(lut)

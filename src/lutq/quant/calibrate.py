@@ -62,6 +62,7 @@ class HessianCollector:
             h = (flat.t() @ flat).cpu()
             self.sums[name] = self.sums[name] + h if name in self.sums else h
             self.counts[name] = self.counts.get(name, 0) + flat.shape[0]
+
         return fn
 
     def __enter__(self) -> HessianCollector:
@@ -87,8 +88,14 @@ class HessianCollector:
 
 
 @torch.no_grad()
-def collect_hessians(model: nn.Module, blocks: torch.Tensor, names: Iterable[str] | None = None, *,
-                     batch_size: int = 8, show_progress: bool = True) -> dict[str, torch.Tensor]:
+def collect_hessians(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    names: Iterable[str] | None = None,
+    *,
+    batch_size: int = 8,
+    show_progress: bool = True,
+) -> dict[str, torch.Tensor]:
     """H = mean over tokens of x xᵀ (float32 [in, in], on the CPU) for the inputs of every linear named
     (nn.Linear, or a LUT layer: a q4 model calibrates its own q2 conversion).
 
@@ -98,8 +105,7 @@ def collect_hessians(model: nn.Module, blocks: torch.Tensor, names: Iterable[str
     if blocks.dim() != 2 or blocks.numel() == 0:
         raise LutqError(f"calibration: expected token blocks [N, L], got shape {tuple(blocks.shape)}")
     wanted = set(names) if names is not None else None
-    targets = {n: m for n, m in model.named_modules()
-               if _is_linear(m) and (wanted is None or n in wanted)}
+    targets = {n: m for n, m in model.named_modules() if _is_linear(m) and (wanted is None or n in wanted)}
     if not targets:
         raise LutqError("calibration: none of the named layers is a linear (nn.Linear or LUT) layer of this model")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -131,8 +137,15 @@ def column_weights(hessian: torch.Tensor, power: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def gptq_indices_(layer: LUTLinear, weight: torch.Tensor, hessian: torch.Tensor, *, damp: float = DEFAULT_DAMP,
-                  block_size: int = 128, act_order: bool = True) -> float:
+def gptq_indices_(
+    layer: LUTLinear,
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    damp: float = DEFAULT_DAMP,
+    block_size: int = 128,
+    act_order: bool = True,
+) -> float:
     """Re-pick layer.idx by GPTQ against `hessian` with the layer's scales and LUT fixed.
 
     Returns the relative output error √(tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)) after the pick (H undamped).
@@ -172,8 +185,9 @@ def gptq_indices_(layer: LUTLinear, weight: torch.Tensor, hessian: torch.Tensor,
 
 
 @torch.no_grad()
-def calibrate_layer_(layer: LUTLinear, weight: torch.Tensor, hessian: torch.Tensor, *, damp: float = DEFAULT_DAMP,
-                     refit_rounds: int = 1) -> float:
+def calibrate_layer_(
+    layer: LUTLinear, weight: torch.Tensor, hessian: torch.Tensor, *, damp: float = DEFAULT_DAMP, refit_rounds: int = 1
+) -> float:
     """GPTQ idx, then `refit_rounds` of (output-metric refit of Â·g, GPTQ idx again) while the output error
     falls; returns the output error (the best state is kept)."""
     err = gptq_indices_(layer, weight, hessian, damp=damp)
@@ -226,8 +240,9 @@ def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
             if int(info2) == 0:
                 return u
         extra = max(extra * 10, 1e-3)
-    raise LutqError("gptq: the calibration Hessian is not positive definite even after damping "
-                    "(too few calibration tokens?)")
+    raise LutqError(
+        "gptq: the calibration Hessian is not positive definite even after damping (too few calibration tokens?)"
+    )
 
 
 @torch.no_grad()
@@ -240,9 +255,14 @@ def output_error(layer: LUTLinear, weight: torch.Tensor, hessian: torch.Tensor) 
     return max(ratio, 0.0) ** 0.5  # rounding can leave a tiny negative trace when ΔW H ΔWᵀ is ~0
 
 
-def calibration_blocks(source: str | Sequence[str], tokenizer: Any, *,
-                       num_sequences: int = CALIB_SEQUENCES, seq_len: int = CALIB_LEN,
-                       thinking: str = "off") -> torch.Tensor:
+def calibration_blocks(
+    source: str | Sequence[str],
+    tokenizer: Any,
+    *,
+    num_sequences: int = CALIB_SEQUENCES,
+    seq_len: int = CALIB_LEN,
+    thinking: str = "off",
+) -> torch.Tensor:
     """Token blocks [N, L] for calibration: a KD cache directory (its train input_ids) or a data source."""
     from pathlib import Path
 
@@ -267,10 +287,16 @@ def calibration_blocks(source: str | Sequence[str], tokenizer: Any, *,
     return torch.from_numpy(arr).long()
 
 
-def hessians_for(model: nn.Module, config: Any, source: str | Sequence[str], tokenizer: Any, *,
-                 num_sequences: int = CALIB_SEQUENCES, seq_len: int = CALIB_LEN,
-                 show_progress: bool = True
-                 ) -> dict[str, torch.Tensor]:
+def hessians_for(
+    model: nn.Module,
+    config: Any,
+    source: str | Sequence[str],
+    tokenizer: Any,
+    *,
+    num_sequences: int = CALIB_SEQUENCES,
+    seq_len: int = CALIB_LEN,
+    show_progress: bool = True,
+) -> dict[str, torch.Tensor]:
     """Hessians on `source` of exactly the linears `config` (a preset name or QuantConfig) will quantize, or
     of the layer names given as a set."""
     from lutq.quant.presets import resolve_config

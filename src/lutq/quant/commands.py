@@ -11,8 +11,11 @@ from lutq.core.device import DEVICE_HELP
 from lutq.core.errors import LutqError
 from lutq.quant.presets import CALIB_LEN, CALIB_SEQUENCES
 
-PTQ_DEVICE_HELP = ("Where PTQ / GPTQ / block-wise calibration runs: " + DEVICE_HELP
-                   + " The CUDA path is not yet measured on a GPU (docs/gpu.md).")
+PTQ_DEVICE_HELP = (
+    "Where PTQ / GPTQ / block-wise calibration runs: "
+    + DEVICE_HELP
+    + " The CUDA path is not yet measured on a GPU (docs/gpu.md)."
+)
 
 
 def _pair(text: str, flag: str) -> tuple[int, int]:
@@ -42,24 +45,45 @@ def quantize_cmd(
     lut: str | None = typer.Option(None, "--lut", help="LUT kind for every layer: uniform | kmeans."),
     group_size: int | None = typer.Option(None, "--group-size", help="Inputs per group of the scale init map."),
     latent: bool = typer.Option(False, "--latent", help="Keep a trainable FP weight (latent mode, STE)."),
-    calib: str | None = typer.Option(None, "--calib", help="GPTQ index picking on this data: a KD cache "
-                                     "directory or a data source (sharegpt, file.jsonl, ...)."),
+    calib: str | None = typer.Option(
+        None,
+        "--calib",
+        help="GPTQ index picking on this data: a KD cache directory or a data source (sharegpt, file.jsonl, ...).",
+    ),
     calib_sequences: int = typer.Option(CALIB_SEQUENCES, "--calib-sequences", help="Calibration sequences."),
     calib_len: int = typer.Option(CALIB_LEN, "--calib-len", help="Tokens per calibration sequence (data sources)."),
     damp: float | None = typer.Option(None, "--damp", help="GPTQ damping, a fraction of the mean diag(H)."),
-    act_power: float | None = typer.Option(None, "--act-power", help="With --calib: weight each input column "
-                                           "of the LUT / scale init by (H_jj / mean)^P (default 0.5; 0: off)."),
-    blockwise: bool = typer.Option(False, "--blockwise/--one-shot", help="With --calib: calibrate block by block "
-                                   "on the quantized prefix's inputs (sequential GPTQ + output reconstruction)."),
-    recon_steps: int = typer.Option(0, "--recon-steps", help="--blockwise: Adam steps per block on the scales to "
-                                    "reproduce the FP block outputs (0: sequential GPTQ only)."),
+    act_power: float | None = typer.Option(
+        None,
+        "--act-power",
+        help="With --calib: weight each input column of the LUT / scale init by (H_jj / mean)^P (default 0.5; 0: off).",
+    ),
+    blockwise: bool = typer.Option(
+        False,
+        "--blockwise/--one-shot",
+        help="With --calib: calibrate block by block "
+        "on the quantized prefix's inputs (sequential GPTQ + output reconstruction).",
+    ),
+    recon_steps: int = typer.Option(
+        0,
+        "--recon-steps",
+        help="--blockwise: Adam steps per block on the scales to "
+        "reproduce the FP block outputs (0: sequential GPTQ only).",
+    ),
     recon_lr: float = typer.Option(1e-3, "--recon-lr", help="--blockwise: learning rate of the reconstruction."),
-    recon_latent_steps: int = typer.Option(0, "--recon-latent-steps", help="--blockwise: first, Adam steps per "
-                                           "block on latent weights (indices move), before the scale steps."),
-    recon_latent_lr: float | None = typer.Option(None, "--recon-latent-lr", help="--blockwise: latent learning "
-                                                 "rate, in scale units (W / S; default 2.5e-4)."),
-    recon_latent_start: str = typer.Option("weff", "--recon-latent-start", help="--blockwise: latent weights "
-                                           "start at W_eff (weff) or at the FP weight clipped into its bin (fp)."),
+    recon_latent_steps: int = typer.Option(
+        0,
+        "--recon-latent-steps",
+        help="--blockwise: first, Adam steps per block on latent weights (indices move), before the scale steps.",
+    ),
+    recon_latent_lr: float | None = typer.Option(
+        None, "--recon-latent-lr", help="--blockwise: latent learning rate, in scale units (W / S; default 2.5e-4)."
+    ),
+    recon_latent_start: str = typer.Option(
+        "weff",
+        "--recon-latent-start",
+        help="--blockwise: latent weights start at W_eff (weff) or at the FP weight clipped into its bin (fp).",
+    ),
     per_layer: bool = typer.Option(True, "--per-layer/--summary", help="Print every layer or group means."),
     device: str = typer.Option("cpu", "--device", help=PTQ_DEVICE_HELP),
 ) -> None:
@@ -70,18 +94,36 @@ def quantize_cmd(
     cfg = QuantConfig.from_file(config) if config else get_preset(preset)
     if lut:
         cfg = cfg.with_lut_kind(lut)
-    cfg = cfg.replace(tighten_rounds=tighten, group_size=group_size, mode="latent" if latent else None,
-                      gptq_damp=damp, init_act_power=act_power)
+    cfg = cfg.replace(
+        tighten_rounds=tighten,
+        group_size=group_size,
+        mode="latent" if latent else None,
+        gptq_damp=damp,
+        init_act_power=act_power,
+    )
     if blockwise and not calib:
         raise LutqError("quantize: --blockwise needs --calib (the data the blocks are calibrated on)")
     recon = None
     if blockwise:
         from lutq.quant.reconstruct import ReconstructConfig
 
-        recon = ReconstructConfig().replace(steps=recon_steps, lr=recon_lr, latent_steps=recon_latent_steps,
-                                            latent_lr=recon_latent_lr, latent_start=recon_latent_start)
-    report = quantize_checkpoint(model, out, cfg, calib=calib, calib_sequences=calib_sequences,
-                                 calib_len=calib_len, blockwise=recon, device=device)
+        recon = ReconstructConfig().replace(
+            steps=recon_steps,
+            lr=recon_lr,
+            latent_steps=recon_latent_steps,
+            latent_lr=recon_latent_lr,
+            latent_start=recon_latent_start,
+        )
+    report = quantize_checkpoint(
+        model,
+        out,
+        cfg,
+        calib=calib,
+        calib_sequences=calib_sequences,
+        calib_len=calib_len,
+        blockwise=recon,
+        device=device,
+    )
     console.print(report.table(per_layer=per_layer))
     console.print(f"saved {out}")
 
@@ -95,22 +137,41 @@ def convert_q4_to_q2_cmd(
     calib: str | None = typer.Option(None, "--calib", help="GPTQ index picking on this data (KD cache or source)."),
     calib_sequences: int = typer.Option(CALIB_SEQUENCES, "--calib-sequences", help="Calibration sequences."),
     calib_len: int = typer.Option(CALIB_LEN, "--calib-len", help="Tokens per calibration sequence (data sources)."),
-    reference: str | None = typer.Option(None, "--reference", help="With --calib: the FP model to calibrate "
-                                         "against block by block (sequential GPTQ on FP weights + reconstruction)."),
+    reference: str | None = typer.Option(
+        None,
+        "--reference",
+        help="With --calib: the FP model to calibrate "
+        "against block by block (sequential GPTQ on FP weights + reconstruction).",
+    ),
     recon_steps: int = typer.Option(0, "--recon-steps", help="--reference: Adam steps per block on the scales."),
     recon_lr: float = typer.Option(1e-3, "--recon-lr", help="--reference: learning rate of the reconstruction."),
-    act_power: float | None = typer.Option(None, "--act-power", help="With --calib (no --reference): weight each "
-                                           "input column of the LUT reduction and tighten refits by (H_jj / mean)^P "
-                                           "(default: the checkpoint's init_act_power, 0.5; 0: off)."),
+    act_power: float | None = typer.Option(
+        None,
+        "--act-power",
+        help="With --calib (no --reference): weight each "
+        "input column of the LUT reduction and tighten refits by (H_jj / mean)^P "
+        "(default: the checkpoint's init_act_power, 0.5; 0: off).",
+    ),
     device: str = typer.Option("cpu", "--device", help=PTQ_DEVICE_HELP),
 ) -> None:
     """Q4 → Q2: k-means the LUTs down (usage × S² weighted), expand ranks, re-pick indices; print errors."""
     from lutq.quant.convert import convert_checkpoint
 
     blockwise = {"steps": recon_steps, "lr": recon_lr} if reference else None
-    convert_checkpoint(ckpt, out, _pair(mlp, "--mlp"), _pair(attn, "--attn"), tighten_rounds=tighten, calib=calib,
-                       calib_sequences=calib_sequences, calib_len=calib_len, reference=reference,
-                       blockwise=blockwise, act_power=act_power, device=device)
+    convert_checkpoint(
+        ckpt,
+        out,
+        _pair(mlp, "--mlp"),
+        _pair(attn, "--attn"),
+        tighten_rounds=tighten,
+        calib=calib,
+        calib_sequences=calib_sequences,
+        calib_len=calib_len,
+        reference=reference,
+        blockwise=blockwise,
+        act_power=act_power,
+        device=device,
+    )
     console.print(f"saved {out}")
 
 
@@ -148,8 +209,15 @@ def snap_cmd(
     report = snap_model(model, probe)
     console.print(report.summary())
     target = out or ckpt
-    save_checkpoint(target, model, tok, extra={**info.extra, "snap": {"max_abs_logit_error": report.max_abs_error,
-                                                                      "rel_logit_error": report.rel_error}})
+    save_checkpoint(
+        target,
+        model,
+        tok,
+        extra={
+            **info.extra,
+            "snap": {"max_abs_logit_error": report.max_abs_error, "rel_logit_error": report.rel_error},
+        },
+    )
     console.print(f"saved {target}")
 
 

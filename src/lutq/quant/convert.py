@@ -39,14 +39,20 @@ def usage_weights(layer: LUTLinear, col_weight: torch.Tensor | None = None) -> t
     s2 = layer.scale_map().detach().float().pow(2)
     if col_weight is not None:
         s2 = s2 * col_weight.to(s2)[None, :]
-    return torch.zeros(layer.lut_size, device=s2.device).index_add_(0, layer.idx.reshape(-1).long(),
-                                                                    s2.reshape(-1))
+    return torch.zeros(layer.lut_size, device=s2.device).index_add_(0, layer.idx.reshape(-1).long(), s2.reshape(-1))
 
 
 @torch.no_grad()
-def convert_layer(layer: LUTLinear, lut_size: int, rank: int, *, tighten_rounds: int = 0,
-                  hessian: torch.Tensor | None = None, damp: float = DEFAULT_DAMP, act_power: float = 0.0
-                  ) -> tuple[LUTLinear, float, float | None]:
+def convert_layer(
+    layer: LUTLinear,
+    lut_size: int,
+    rank: int,
+    *,
+    tighten_rounds: int = 0,
+    hessian: torch.Tensor | None = None,
+    damp: float = DEFAULT_DAMP,
+    act_power: float = 0.0,
+) -> tuple[LUTLinear, float, float | None]:
     """A new frozen layer with `lut_size` entries (when smaller) and rank >= `rank`, fitted to layer's W_eff;
     returns (layer, weight error, output error or None without a Hessian). With a Hessian and `act_power` > 0
     the LUT reduction and the tighten refits weigh input columns by `column_weights(hessian, act_power)`."""
@@ -62,13 +68,32 @@ def convert_layer(layer: LUTLinear, lut_size: int, rank: int, *, tighten_rounds:
     new_rank = max(rank, layer.rank)
     dev, dtype = layer.scale_A.device, layer.scale_A.dtype
     if isinstance(layer, LUTEmbedding):
-        new: LUTLinear = LUTEmbedding(layer.out_features, layer.in_features, lut.numel(), new_rank, lut=lut,
-                                      padding_idx=layer.padding_idx, embed_scale=layer.embed_scale, device=dev,
-                                      dtype=dtype, ste_fp16=layer.ste_fp16)
+        new: LUTLinear = LUTEmbedding(
+            layer.out_features,
+            layer.in_features,
+            lut.numel(),
+            new_rank,
+            lut=lut,
+            padding_idx=layer.padding_idx,
+            embed_scale=layer.embed_scale,
+            device=dev,
+            dtype=dtype,
+            ste_fp16=layer.ste_fp16,
+        )
     else:
-        new = LUTLinear(layer.in_features, layer.out_features, lut.numel(), new_rank, bias=layer.bias is not None,
-                        lut=lut, ste_fp16=layer.ste_fp16, factored=layer.factored, eps=layer.eps, device=dev,
-                        dtype=dtype)
+        new = LUTLinear(
+            layer.in_features,
+            layer.out_features,
+            lut.numel(),
+            new_rank,
+            bias=layer.bias is not None,
+            lut=lut,
+            ste_fp16=layer.ste_fp16,
+            factored=layer.factored,
+            eps=layer.eps,
+            device=dev,
+            dtype=dtype,
+        )
     a = layer.scale_A.detach() / layer.scale_A.detach().norm(dim=0).clamp_min(layer.eps)
     b = layer.scale_B.detach() / layer.scale_B.detach().norm(dim=1, keepdim=True).clamp_min(layer.eps)
     g = layer.scale_g.detach()
@@ -102,9 +127,16 @@ def resolve_act_power(model: nn.Module, act_power: float | None) -> float:
     return act_power
 
 
-def convert_q4_to_q2(model: nn.Module, mlp: tuple[int, int] = (4, 32), attn: tuple[int, int] = (16, 8), *,
-                     tighten_rounds: int = 0, hessians: Mapping[str, torch.Tensor] | None = None,
-                     damp: float = DEFAULT_DAMP, act_power: float | None = None) -> QuantReport:
+def convert_q4_to_q2(
+    model: nn.Module,
+    mlp: tuple[int, int] = (4, 32),
+    attn: tuple[int, int] = (16, 8),
+    *,
+    tighten_rounds: int = 0,
+    hessians: Mapping[str, torch.Tensor] | None = None,
+    damp: float = DEFAULT_DAMP,
+    act_power: float | None = None,
+) -> QuantReport:
     """Convert a q4 LUT model in place to (lut_size, rank) targets per group (default q2a4); returns errors.
 
     `hessians` ({layer name: H}, e.g. `collect_hessians(model, blocks)` on this q4 model) adds GPTQ
@@ -119,11 +151,22 @@ def convert_q4_to_q2(model: nn.Module, mlp: tuple[int, int] = (4, 32), attn: tup
             continue
         lut_size, rank = targets[group]
         hessian = None if hessians is None else hessians.get(name)
-        new, err, out_err = convert_layer(layer, lut_size, rank, tighten_rounds=tighten_rounds, hessian=hessian,
-                                          damp=damp, act_power=act_power)
+        new, err, out_err = convert_layer(
+            layer, lut_size, rank, tighten_rounds=tighten_rounds, hessian=hessian, damp=damp, act_power=act_power
+        )
         replace_module(model, name, new)
-        report.rows.append(QuantRow(name, group, (new.out_features, new.in_features), new.lut_size, new.rank,
-                                    "kmeans" if new.lut_size < layer.lut_size else "kept", err, out_err))
+        report.rows.append(
+            QuantRow(
+                name,
+                group,
+                (new.out_features, new.in_features),
+                new.lut_size,
+                new.rank,
+                "kmeans" if new.lut_size < layer.lut_size else "kept",
+                err,
+                out_err,
+            )
+        )
     if not report.rows:
         raise LutqError("convert q4→q2: the model has no mlp/attn LUT layers")
     cfg = quant_config_of(model)
@@ -157,11 +200,22 @@ def freeze_latent(model: nn.Module) -> int:
     return n
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path, mlp: tuple[int, int] = (4, 32),
-                       attn: tuple[int, int] = (16, 8), *, tighten_rounds: int = 0, calib: str | None = None,
-                       calib_sequences: int = CALIB_SEQUENCES, calib_len: int = CALIB_LEN,
-                       reference: str | None = None, blockwise: Any = None, act_power: float | None = None,
-                       device: str = "cpu", show: bool = True) -> QuantReport:
+def convert_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    mlp: tuple[int, int] = (4, 32),
+    attn: tuple[int, int] = (16, 8),
+    *,
+    tighten_rounds: int = 0,
+    calib: str | None = None,
+    calib_sequences: int = CALIB_SEQUENCES,
+    calib_len: int = CALIB_LEN,
+    reference: str | None = None,
+    blockwise: Any = None,
+    act_power: float | None = None,
+    device: str = "cpu",
+    show: bool = True,
+) -> QuantReport:
     """Load the q4 LUT checkpoint `src`, `convert_q4_to_q2` it, save it as `dst`; returns the report (also in
     dst's config). With `calib` (a KD cache or a data source): GPTQ indices from Hessians of the q4 model
     itself or, given the FP `reference` model (a spec for `load_model`), block-wise calibration against it
@@ -186,12 +240,14 @@ def convert_checkpoint(src: str | Path, dst: str | Path, mlp: tuple[int, int] = 
         names = {n for n, layer in lut_layers(model) if group_of(n) in ("mlp", "attn") and layer.kind == "linear"}
         hessians = hessians_for(model, names, calib, tokenizer, num_sequences=calib_sequences, seq_len=calib_len)
     act_power = resolve_act_power(model, act_power)
-    report = convert_q4_to_q2(model, mlp, attn, tighten_rounds=tighten_rounds, hessians=hessians,
-                              act_power=act_power)
+    report = convert_q4_to_q2(model, mlp, attn, tighten_rounds=tighten_rounds, hessians=hessians, act_power=act_power)
     recon = None
     if reference is not None:
-        recon = blockwise if isinstance(blockwise, ReconstructConfig) else ReconstructConfig.from_dict(
-            blockwise or {}, source="convert blockwise")
+        recon = (
+            blockwise
+            if isinstance(blockwise, ReconstructConfig)
+            else ReconstructConfig.from_dict(blockwise or {}, source="convert blockwise")
+        )
         ref_model, ref_tok = load_model(reference, device=dev)
         if ref_tok.get_vocab() != tokenizer.get_vocab():
             raise LutqError(f"convert: the reference {reference} has another tokenizer than {src}")

@@ -40,8 +40,9 @@ def _orthonormal_extension(base: torch.Tensor, extra: int, gen: torch.Generator)
 
 
 @torch.no_grad()
-def svd_scales(w: torch.Tensor, rank: int, group_size: int = 32, *, floor: float = 0.01
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def svd_scales(
+    w: torch.Tensor, rank: int, group_size: int = 32, *, floor: float = 0.01
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(A [out, r], B [r, in], g [r]) with unit columns / rows: the rank-r SVD of the group-max-|W| map."""
     n_in = w.shape[1]
     gmap = group_max_abs(w.detach().double(), group_size).clamp_min(1e-12)
@@ -82,15 +83,24 @@ def repick_indices_(layer: LUTLinear, target: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def init_from_weight_(layer: LUTLinear, weight: torch.Tensor, *, group_size: int = 32,
-                      lut_kind: str = "uniform", tighten_rounds: int = 0, floor: float = 0.01,
-                      col_weight: torch.Tensor | None = None) -> float:
+def init_from_weight_(
+    layer: LUTLinear,
+    weight: torch.Tensor,
+    *,
+    group_size: int = 32,
+    lut_kind: str = "uniform",
+    tighten_rounds: int = 0,
+    floor: float = 0.01,
+    col_weight: torch.Tensor | None = None,
+) -> float:
     """Initialize scales, LUT (uniform: kept; kmeans: fitted to W/S weighted by S²) and idx; return rel. error."""
     if lut_kind not in LUT_KINDS:
         raise LutqError(f"lut_kind must be one of {LUT_KINDS}, got {lut_kind!r}")
     if tuple(weight.shape) != (layer.out_features, layer.in_features):
-        raise LutqError(f"init: weight shape {tuple(weight.shape)} does not match the layer "
-                        f"({layer.out_features}, {layer.in_features})")
+        raise LutqError(
+            f"init: weight shape {tuple(weight.shape)} does not match the layer "
+            f"({layer.out_features}, {layer.in_features})"
+        )
     w = weight.detach().to(device=layer.scale_A.device, dtype=torch.float32)
     a, b, g = svd_scales(w, layer.rank, group_size, floor=floor)
     layer.scale_A.copy_(a)
@@ -108,8 +118,9 @@ def init_from_weight_(layer: LUTLinear, weight: torch.Tensor, *, group_size: int
 
 
 @torch.no_grad()
-def tighten_(layer: LUTLinear, target: torch.Tensor, rounds: int,
-             col_weight: torch.Tensor | None = None) -> list[float]:
+def tighten_(
+    layer: LUTLinear, target: torch.Tensor, rounds: int, col_weight: torch.Tensor | None = None
+) -> list[float]:
     """Up to `rounds` of (LS refit of A·g, LS refit of B·g, idx re-pick), kept only while the error falls.
 
     Returns the error after init and after each kept round (non-increasing).
@@ -148,8 +159,11 @@ def _pair_products(m: torch.Tensor) -> torch.Tensor:
 def unit_factors(layer: LUTLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(Â, g, B̂) in float64, without FP16 rounding."""
     a, b = layer.scale_A.double(), layer.scale_B.double()
-    return (a / a.norm(dim=0).clamp_min(layer.eps), layer.scale_g.double(),
-            b / b.norm(dim=1, keepdim=True).clamp_min(layer.eps))
+    return (
+        a / a.norm(dim=0).clamp_min(layer.eps),
+        layer.scale_g.double(),
+        b / b.norm(dim=1, keepdim=True).clamp_min(layer.eps),
+    )
 
 
 def _refit_a_(layer: LUTLinear, t: torch.Tensor, col_weight: torch.Tensor | None = None) -> None:

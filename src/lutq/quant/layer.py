@@ -243,8 +243,7 @@ class LUTLinear(nn.Module):
         u = lut[idx]
         if start is not None:
             if start.shape != u.shape:
-                raise LutqError(f"LUTLinear.unfreeze: start has shape {tuple(start.shape)}, the layer "
-                                f"{tuple(u.shape)}")
+                raise LutqError(f"LUTLinear.unfreeze: start has shape {tuple(start.shape)}, the layer {tuple(u.shape)}")
             if not 0 < margin < 0.5:  # 0 would put weights on an edge, where nearest() picks the lower entry
                 raise LutqError(f"LUTLinear.unfreeze: margin must be in (0, 0.5), got {margin}")
             mids = (lut[1:] + lut[:-1]) / 2
@@ -261,14 +260,25 @@ class LUTLinear(nn.Module):
     # ------------------------------------------------------------------------------------- layout
     def layout(self) -> dict[str, Any]:
         """What a checkpoint needs to rebuild this module before loading its tensors."""
-        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
-                "lut_size": self.lut_size, "rank": self.rank, "bias": self.bias is not None,
-                "mode": self.mode, "snapped": self.snapped, "ste_fp16": self.ste_fp16,
-                "factored": self.factored, "eps": self.eps}
+        return {
+            "kind": self.kind,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "lut_size": self.lut_size,
+            "rank": self.rank,
+            "bias": self.bias is not None,
+            "mode": self.mode,
+            "snapped": self.snapped,
+            "ste_fp16": self.ste_fp16,
+            "factored": self.factored,
+            "eps": self.eps,
+        }
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, lut_size={self.lut_size}, "
-                f"rank={self.rank}, bias={self.bias is not None}, mode={self.mode}, snapped={self.snapped}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, lut_size={self.lut_size}, "
+            f"rank={self.rank}, bias={self.bias is not None}, mode={self.mode}, snapped={self.snapped}"
+        )
 
 
 class LUTEmbedding(LUTLinear):
@@ -279,8 +289,17 @@ class LUTEmbedding(LUTLinear):
 
     kind = "embedding"
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, lut_size: int = 16, rank: int = 4, *,
-                 padding_idx: int | None = None, embed_scale: float = 1.0, **kw: Any) -> None:
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        lut_size: int = 16,
+        rank: int = 4,
+        *,
+        padding_idx: int | None = None,
+        embed_scale: float = 1.0,
+        **kw: Any,
+    ) -> None:
         kw.pop("bias", None)
         super().__init__(embedding_dim, num_embeddings, lut_size, rank, bias=False, **kw)
         self.padding_idx, self.embed_scale = padding_idx, embed_scale
@@ -293,8 +312,9 @@ class LUTEmbedding(LUTLinear):
         return {**super().layout(), "padding_idx": self.padding_idx, "embed_scale": self.embed_scale}
 
 
-def build_from_layout(layout: dict[str, Any], *, device: torch.device | str | None = None,
-                      dtype: torch.dtype | None = None) -> LUTLinear:
+def build_from_layout(
+    layout: dict[str, Any], *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> LUTLinear:
     """Rebuild an (uninitialized) LUTLinear / LUTEmbedding from `layer.layout()`."""
     d = dict(layout)
     kind, snapped = d.pop("kind", "linear"), d.pop("snapped", False)

@@ -36,8 +36,9 @@ def uniform_lut(n: int) -> torch.Tensor:
     return repair_lut(round_fp16(torch.linspace(-1.0, 1.0, n, dtype=torch.float64)).float())
 
 
-def kmeans_lut(values: torch.Tensor, weights: torch.Tensor | None, n: int, *, iters: int = 50,
-               max_points: int = 1 << 16) -> torch.Tensor:
+def kmeans_lut(
+    values: torch.Tensor, weights: torch.Tensor | None, n: int, *, iters: int = 50, max_points: int = 1 << 16
+) -> torch.Tensor:
     """Weighted 1-D k-means (Lloyd, quantile init) of `values` into n centroids; FP16-exact, strictly increasing.
 
     The values are sorted once, after which each Lloyd step is a searchsorted of the n-1 cluster
@@ -183,8 +184,10 @@ def unpack_indices(packed: torch.Tensor, bits: int, shape: tuple[int, ...] | tor
     n = math.prod(shape)
     per = 8 // b
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != math.ceil(n / per):
-        raise LutqError(f"unpack_indices: expected {math.ceil(n / per)} packed uint8 bytes for shape "
-                        f"{tuple(shape)} at {b} bits, got {packed.dtype} {tuple(packed.shape)}")
+        raise LutqError(
+            f"unpack_indices: expected {math.ceil(n / per)} packed uint8 bytes for shape "
+            f"{tuple(shape)} at {b} bits, got {packed.dtype} {tuple(packed.shape)}"
+        )
     if b == 8:
         return packed.clone().view(tuple(shape))
     shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * b

@@ -80,8 +80,10 @@ class QuantConfig(ConfigBase):
         if not self.init_act_power >= 0:
             raise LutqError(f"QuantConfig.init_act_power must be >= 0, got {self.init_act_power}")
         if self.group_size < 1 or self.tighten_rounds < 0:
-            raise LutqError(f"QuantConfig: group_size must be >= 1 and tighten_rounds >= 0 "
-                            f"(got {self.group_size}, {self.tighten_rounds})")
+            raise LutqError(
+                f"QuantConfig: group_size must be >= 1 and tighten_rounds >= 0 "
+                f"(got {self.group_size}, {self.tighten_rounds})"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
@@ -100,8 +102,11 @@ class QuantConfig(ConfigBase):
     def spec_for(self, name: str) -> tuple[str, LayerSpec] | None:
         """(group, spec) for module `name`, or None when it is not quantized under this config."""
         group = group_of(name)
-        if group is None or (group == "lm_head" and not self.quantize_lm_head) or (
-                group == "embed" and not self.quantize_embeddings):
+        if (
+            group is None
+            or (group == "lm_head" and not self.quantize_lm_head)
+            or (group == "embed" and not self.quantize_embeddings)
+        ):
             return None
         for pattern, spec in self.overrides.items():
             if matches(pattern, name):
@@ -117,8 +122,10 @@ def _as_spec(value: Any, where: str) -> LayerSpec | None:
         return value
     if isinstance(value, dict):
         return LayerSpec.from_dict(value, source=where)
-    raise LutqError(f"QuantConfig.{where}: expected a LayerSpec, a dict, None or {FULL_PRECISION!r} (keep the layer in "
-                    f"full precision), got {value!r}")
+    raise LutqError(
+        f"QuantConfig.{where}: expected a LayerSpec, a dict, None or {FULL_PRECISION!r} (keep the layer in "
+        f"full precision), got {value!r}"
+    )
 
 
 def group_of(name: str) -> str | None:

@@ -71,9 +71,11 @@ class ReconstructConfig(ConfigBase):
         if self.latent_start not in LATENT_STARTS:
             raise LutqError(f"reconstruct: latent_start must be one of {LATENT_STARTS}, got {self.latent_start!r}")
         if min(self.steps, self.latent_steps) < 0 or self.batch_size < 1 or not min(self.lr, self.latent_lr) > 0:
-            raise LutqError(f"reconstruct: steps >= 0, batch_size >= 1 and lr > 0 needed (got steps "
-                            f"{self.steps} / {self.latent_steps}, batch {self.batch_size}, lr {self.lr} / "
-                            f"{self.latent_lr})")
+            raise LutqError(
+                f"reconstruct: steps >= 0, batch_size >= 1 and lr > 0 needed (got steps "
+                f"{self.steps} / {self.latent_steps}, batch {self.batch_size}, lr {self.lr} / "
+                f"{self.latent_lr})"
+            )
 
 
 class _Stop(Exception):
@@ -81,8 +83,9 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def _block_inputs(reference: nn.Module, blocks: torch.Tensor, batch_size: int
-                  ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+def _block_inputs(
+    reference: nn.Module, blocks: torch.Tensor, batch_size: int
+) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
     """(the first block's input hidden states per chunk of `batch_size` sequences, every block's keyword
     arguments for a chunk of that size) from the reference model's own forward."""
     layers = decoder_layers(reference)
@@ -100,14 +103,18 @@ def _block_inputs(reference: nn.Module, blocks: torch.Tensor, batch_size: int
                 kwargs[i] = {k: v for k, v in kw.items() if k != "hidden_states"}
             if not first or i == len(layers) - 1:
                 raise _Stop
+
         return hook
 
     for s in range(0, blocks.shape[0], batch_size):
         first = s == 0
-        hooks = [layer.register_forward_pre_hook(capture(i, first), with_kwargs=True)
-                 for i, layer in enumerate(layers) if first or i == 0]
+        hooks = [
+            layer.register_forward_pre_hook(capture(i, first), with_kwargs=True)
+            for i, layer in enumerate(layers)
+            if first or i == 0
+        ]
         try:
-            body(input_ids=blocks[s:s + batch_size].to(device), use_cache=False)
+            body(input_ids=blocks[s : s + batch_size].to(device), use_cache=False)
         except _Stop:
             pass
         finally:
@@ -132,8 +139,9 @@ def _mean_loss(block: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor],
     return sum(float(_recon_loss(_run_block(block, x, kwargs), y)) for x, y in zip(xs, ys, strict=True)) / len(xs)
 
 
-def _sublayer_stages(block: nn.Module, layers: dict[str, LUTLinear], x: torch.Tensor,
-                     kwargs: dict[str, Any]) -> list[list[str]]:
+def _sublayer_stages(
+    block: nn.Module, layers: dict[str, LUTLinear], x: torch.Tensor, kwargs: dict[str, Any]
+) -> list[list[str]]:
     """The block's LUT layers grouped by the input tensor they read, in forward order."""
     # The input tensors themselves are kept (not their id()): a freed tensor's id can be reused by the next
     # one, which would merge e.g. o_proj into the gate/up stage on some runs and not others.
@@ -142,6 +150,7 @@ def _sublayer_stages(block: nn.Module, layers: dict[str, LUTLinear], x: torch.Te
     def hook(name: str):
         def fn(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             order.append((name, args[0]))
+
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
@@ -162,9 +171,21 @@ def _sublayer_stages(block: nn.Module, layers: dict[str, LUTLinear], x: torch.Te
     return stages
 
 
-def _train_block(block: nn.Module, layers: dict[str, LUTLinear], xs: list[torch.Tensor], ys: list[torch.Tensor],
-                 kwargs: dict[str, Any], *, before: float, steps: int, lr: float, latent: bool, train_lut: bool,
-                 seed: int, starts: dict[str, torch.Tensor] | None = None) -> float:
+def _train_block(
+    block: nn.Module,
+    layers: dict[str, LUTLinear],
+    xs: list[torch.Tensor],
+    ys: list[torch.Tensor],
+    kwargs: dict[str, Any],
+    *,
+    before: float,
+    steps: int,
+    lr: float,
+    latent: bool,
+    train_lut: bool,
+    seed: int,
+    starts: dict[str, torch.Tensor] | None = None,
+) -> float:
     """Adam on the block's scales (and LUTs), or with `latent` on latent weights (u = W / S, started at W_eff, or at
     `starts` clipped into their bins) whose indices are re-picked every step (straight-through, then frozen
     again), to reconstruct ys. Returns the loss over all chunks afterwards; the trained state is kept only
@@ -181,7 +202,8 @@ def _train_block(block: nn.Module, layers: dict[str, LUTLinear], xs: list[torch.
     params = [p for p in block.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1.0))))
+        opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1.0)))
+    )
     gen = torch.Generator().manual_seed(seed)
     was_training = block.training
     block.train()
@@ -212,9 +234,15 @@ def _train_block(block: nn.Module, layers: dict[str, LUTLinear], xs: list[torch.
     return after
 
 
-def reconstruct_(model: nn.Module, reference: nn.Module, blocks: torch.Tensor,
-                 cfg: ReconstructConfig | None = None, *, reinit: bool = False,
-                 show_progress: bool = True) -> QuantReport:
+def reconstruct_(
+    model: nn.Module,
+    reference: nn.Module,
+    blocks: torch.Tensor,
+    cfg: ReconstructConfig | None = None,
+    *,
+    reinit: bool = False,
+    show_progress: bool = True,
+) -> QuantReport:
     """Calibrate the LUT layers of `model` block by block against the FP `reference` (same architecture and
     layer names) on token blocks [N, L]; in place. Returns the per-layer report (weight error vs. the FP
     weight, GPTQ output error) with each block's reconstruction loss before / after in `report.blocks`.
@@ -237,8 +265,10 @@ def reconstruct_(model: nn.Module, reference: nn.Module, blocks: torch.Tensor,
     model_was_training, ref_was_training = model.training, reference.training
     model.eval()
     reference.eval()
-    report = QuantReport(title=f"block-wise calibration ({'sequential GPTQ' if cfg.gptq else 'no GPTQ'}, "
-                               f"{cfg.steps} reconstruction steps per block, target {cfg.target})")
+    report = QuantReport(
+        title=f"block-wise calibration ({'sequential GPTQ' if cfg.gptq else 'no GPTQ'}, "
+        f"{cfg.steps} reconstruction steps per block, target {cfg.target})"
+    )
     try:
         xs_fp, kwargs = _block_inputs(reference, blocks, bs)
         xs_q = [x.clone() for x in xs_fp]
@@ -261,24 +291,52 @@ def reconstruct_(model: nn.Module, reference: nn.Module, blocks: torch.Tensor,
                         for n in stage:
                             if qcfg.init_act_power and reinit:  # activation-aware init on this block's real inputs
                                 spec = qcfg.spec_for(n)
-                                init_from_weight_(layers[n], weights[n], group_size=qcfg.group_size,
-                                                  lut_kind=spec[1].lut_kind if spec else "kmeans",
-                                                  tighten_rounds=qcfg.tighten_rounds,
-                                                  col_weight=column_weights(hessians[n], qcfg.init_act_power))
-                            out_errs[n] = calibrate_layer_(layers[n], weights[n], hessians[n], damp=qcfg.gptq_damp,
-                                                           refit_rounds=qcfg.gptq_refit_rounds)
+                                init_from_weight_(
+                                    layers[n],
+                                    weights[n],
+                                    group_size=qcfg.group_size,
+                                    lut_kind=spec[1].lut_kind if spec else "kmeans",
+                                    tighten_rounds=qcfg.tighten_rounds,
+                                    col_weight=column_weights(hessians[n], qcfg.init_act_power),
+                                )
+                            out_errs[n] = calibrate_layer_(
+                                layers[n],
+                                weights[n],
+                                hessians[n],
+                                damp=qcfg.gptq_damp,
+                                refit_rounds=qcfg.gptq_refit_rounds,
+                            )
                 before = after = _mean_loss(q_block, xs_q, ys, kwargs[i])
                 for latent, steps, lr in ((True, cfg.latent_steps, cfg.latent_lr), (False, cfg.steps, cfg.lr)):
                     if steps and layers:
-                        after = _train_block(q_block, layers, xs_q, ys, kwargs[i], before=after, steps=steps, lr=lr,
-                                             latent=latent, train_lut=cfg.train_lut and not latent,
-                                             seed=cfg.seed * 100_003 + 2 * i + latent,
-                                             starts=weights if latent and cfg.latent_start == "fp" else None)
+                        after = _train_block(
+                            q_block,
+                            layers,
+                            xs_q,
+                            ys,
+                            kwargs[i],
+                            before=after,
+                            steps=steps,
+                            lr=lr,
+                            latent=latent,
+                            train_lut=cfg.train_lut and not latent,
+                            seed=cfg.seed * 100_003 + 2 * i + latent,
+                            starts=weights if latent and cfg.latent_start == "fp" else None,
+                        )
                 report.blocks.append({"block": i, "loss_before": before, "loss_after": after})
                 for n, layer in layers.items():
-                    report.rows.append(QuantRow(n, group_of(n) or "other", (layer.out_features, layer.in_features),
-                                                layer.lut_size, layer.rank, "kept", relative_error(layer, weights[n]),
-                                                out_errs.get(n)))
+                    report.rows.append(
+                        QuantRow(
+                            n,
+                            group_of(n) or "other",
+                            (layer.out_features, layer.in_features),
+                            layer.lut_size,
+                            layer.rank,
+                            "kept",
+                            relative_error(layer, weights[n]),
+                            out_errs.get(n),
+                        )
+                    )
                 with torch.no_grad():
                     xs_q = [_run_block(q_block, x, kwargs[i]) for x in xs_q]
                 xs_fp = ys_fp
@@ -306,8 +364,14 @@ def _reference_weight(reference: nn.Module, name: str) -> torch.Tensor:
     return m.weight.detach()
 
 
-def quantize_blockwise(model: nn.Module, config: Any, blocks: torch.Tensor, recon: ReconstructConfig | None = None,
-                       *, show_progress: bool = True) -> QuantReport:
+def quantize_blockwise(
+    model: nn.Module,
+    config: Any,
+    blocks: torch.Tensor,
+    recon: ReconstructConfig | None = None,
+    *,
+    show_progress: bool = True,
+) -> QuantReport:
     """`quantize(model, config)` then `reconstruct_` against a copy of the FP model taken first: the
     one-call block-wise calibrated PTQ (the copy doubles the model's memory while it runs).
 

@@ -38,8 +38,10 @@ class SnapReport:
     def summary(self) -> str:
         changed = sum(r["idx_changed"] for r in self.layers)
         total = sum(r["numel"] for r in self.layers)
-        return (f"snapped {len(self.layers)} layers; {changed}/{total} indices re-picked; probe {self.probe_shape}: "
-                f"max |Δlogit| {self.max_abs_error:.4g}, ‖Δ‖/‖logits‖ {self.rel_error:.4g}")
+        return (
+            f"snapped {len(self.layers)} layers; {changed}/{total} indices re-picked; probe {self.probe_shape}: "
+            f"max |Δlogit| {self.max_abs_error:.4g}, ‖Δ‖/‖logits‖ {self.rel_error:.4g}"
+        )
 
 
 @torch.no_grad()
@@ -88,8 +90,10 @@ def snap_model(model: nn.Module, probe_input_ids: torch.Tensor | None = None) ->
     latent = [name for name, layer in layers if layer.mode == "latent"]
     if latent:  # checked for all layers first: snapping in place must not stop half-way
         more = f" (and {len(latent) - 1} more)" if len(latent) > 1 else ""
-        raise LutqError(f"snap: LUT layer {latent[0]}{more} is latent, with no fixed indices; run `lutq convert "
-                        "latent-to-frozen` first (nothing was snapped)")
+        raise LutqError(
+            f"snap: LUT layer {latent[0]}{more} is latent, with no fixed indices; run `lutq convert "
+            "latent-to-frozen` first (nothing was snapped)"
+        )
     device = next(model.parameters()).device
     probe = (_default_probe(model) if probe_input_ids is None else probe_input_ids).to(device)
     was_training = model.training
@@ -97,8 +101,10 @@ def snap_model(model: nn.Module, probe_input_ids: torch.Tensor | None = None) ->
     before = model(probe).logits.float()
     if not before.isfinite().all():
         model.train(was_training)
-        raise LutqError("snap: the model's logits on the probe batch are not finite before snapping (NaN/inf "
-                        "weights?); nothing was snapped")
+        raise LutqError(
+            "snap: the model's logits on the probe batch are not finite before snapping (NaN/inf "
+            "weights?); nothing was snapped"
+        )
     report = SnapReport(probe_shape=tuple(probe.shape))
     for name, layer in layers:
         report.layers.append({"name": name, **snap_layer_(layer)})

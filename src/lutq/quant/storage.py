@@ -32,8 +32,11 @@ _FP16_WHEN_SNAPPED = ("lut", "scale_A", "scale_B", "scale_g", "bias")
 def quant_layout(model: nn.Module) -> dict[str, Any]:
     """JSON-able description of the model's LUT layers (and the QuantConfig, when known)."""
     cfg = quant_config_of(model)
-    return {"version": LAYOUT_VERSION, "config": None if cfg is None else cfg.to_dict(),
-            "layers": {name: layer.layout() for name, layer in lut_layers(model)}}
+    return {
+        "version": LAYOUT_VERSION,
+        "config": None if cfg is None else cfg.to_dict(),
+        "layers": {name: layer.layout() for name, layer in lut_layers(model)},
+    }
 
 
 def apply_quant_layout(model: nn.Module, layout: dict[str, Any]) -> nn.Module:
@@ -50,8 +53,10 @@ def apply_quant_layout(model: nn.Module, layout: dict[str, Any]) -> nn.Module:
             raise LutqError(f"config.json quant.layers[{name!r}]: expected an object, got {spec!r}")
         shape = (spec.get("out_features"), spec.get("in_features"))
         if not isinstance(module, nn.Linear | nn.Embedding) or tuple(module.weight.shape) != shape:
-            raise LutqError(f"config.json quant.layers[{name!r}]: expected a linear/embedding of shape {shape}, "
-                            f"found {type(module).__name__} {tuple(getattr(module, 'weight', torch.empty(0)).shape)}")
+            raise LutqError(
+                f"config.json quant.layers[{name!r}]: expected a linear/embedding of shape {shape}, "
+                f"found {type(module).__name__} {tuple(getattr(module, 'weight', torch.empty(0)).shape)}"
+            )
         try:
             layer = build_from_layout(spec, device=module.weight.device, dtype=module.weight.dtype)
         except (KeyError, TypeError) as e:
@@ -103,9 +108,13 @@ def is_snapped(model: nn.Module) -> bool:
 def layer_bits(layer: LUTLinear) -> dict[str, int]:
     """The size formula for one LUT layer, in bits (FP16 LUT, scales and bias)."""
     out, n_in, r = layer.out_features, layer.in_features, layer.rank
-    return {"weights": out * n_in, "index_bits": out * n_in * storage_bits(index_bits(layer.lut_size)),
-            "lut_bits": 16 * layer.lut_size, "scale_bits": 16 * r * (out + n_in + 1),
-            "bias_bits": 16 * out if layer.bias is not None else 0}
+    return {
+        "weights": out * n_in,
+        "index_bits": out * n_in * storage_bits(index_bits(layer.lut_size)),
+        "lut_bits": 16 * layer.lut_size,
+        "scale_bits": 16 * r * (out + n_in + 1),
+        "bias_bits": 16 * out if layer.bias is not None else 0,
+    }
 
 
 def size_report(model: nn.Module) -> dict[str, Any]:
@@ -121,8 +130,10 @@ def size_report(model: nn.Module) -> dict[str, Any]:
             g[k] = g.get(k, 0) + v
         g["layers"] = g.get("layers", 0) + 1
         lut_prefixes.append((name + ".", layer))
-    total = {k: sum(g.get(k, 0) for g in groups.values())
-             for k in ("layers", "weights", "index_bits", "lut_bits", "scale_bits", "bias_bits")}
+    total = {
+        k: sum(g.get(k, 0) for g in groups.values())
+        for k in ("layers", "weights", "index_bits", "lut_bits", "scale_bits", "bias_bits")
+    }
     for g in (*groups.values(), total):
         bits = g["index_bits"] + g["lut_bits"] + g["scale_bits"] + g["bias_bits"]
         g["bits"] = bits
@@ -141,7 +152,7 @@ def size_report(model: nn.Module) -> dict[str, Any]:
             dense_params += t.numel()
             continue
         prefix, layer = owner
-        leaf = key[len(prefix):]
+        leaf = key[len(prefix) :]
         if leaf == "idx":
             disk_bytes += math.ceil(t.numel() * storage_bits(index_bits(layer.lut_size)) / 8)
             dense_params += t.numel()
@@ -149,6 +160,12 @@ def size_report(model: nn.Module) -> dict[str, Any]:
             disk_bytes += 2 * t.numel()
         else:
             disk_bytes += t.numel() * t.element_size()
-    return {"groups": groups, "quantized": total, "other_params": other_params, "other_bytes": other_bytes,
-            "total_bytes": math.ceil(total["bits"] / 8) + other_bytes, "disk_bytes": disk_bytes,
-            "dense_params": dense_params}
+    return {
+        "groups": groups,
+        "quantized": total,
+        "other_params": other_params,
+        "other_bytes": other_bytes,
+        "total_bytes": math.ceil(total["bits"] / 8) + other_bytes,
+        "disk_bytes": disk_bytes,
+        "dense_params": dense_params,
+    }

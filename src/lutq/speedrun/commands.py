@@ -11,16 +11,29 @@ from lutq.core.console import console
 
 def speedrun_command(
     recipe: str = typer.Argument("default", help="Built-in recipe (default, q2a4-progressive, q4a4) or a TOML file."),
-    budget: float = typer.Option(None, "--budget", help="Minutes to aim for; scales the recipe's steps and "
-                                 "sequence counts (the recipe states what its counts are sized for)."),
-    run_dir: Path = typer.Option(None, "--run-dir", help="Where stages write (default: runs/speedrun-RECIPE). "
-                                 "Re-running with the same dir skips finished stages and resumes the rest."),
-    log_dir: Path = typer.Option(None, "--log-dir", help="Where log.md / log.jsonl are appended (default: the run "
-                                 "dir's parent, i.e. runs/)."),
+    budget: float = typer.Option(
+        None,
+        "--budget",
+        help="Minutes to aim for; scales the recipe's steps and "
+        "sequence counts (the recipe states what its counts are sized for).",
+    ),
+    run_dir: Path = typer.Option(
+        None,
+        "--run-dir",
+        help="Where stages write (default: runs/speedrun-RECIPE). "
+        "Re-running with the same dir skips finished stages and resumes the rest.",
+    ),
+    log_dir: Path = typer.Option(
+        None, "--log-dir", help="Where log.md / log.jsonl are appended (default: the run dir's parent, i.e. runs/)."
+    ),
     force: list[str] = typer.Option([], "--force", help="Re-run this stage from scratch (repeatable)."),
-    overrides: list[str] = typer.Option([], "--set", help="Change a stage param: STAGE.KEY=VALUE, VALUE in TOML "
-                                        "(e.g. q4a4_init.preset=q4a4_r32, q4a4.steps=400, q2a4.kd.full_kl_weight=0.5;"
-                                        " repeatable). Changed stages re-run, and later stages using their output."),
+    overrides: list[str] = typer.Option(
+        [],
+        "--set",
+        help="Change a stage param: STAGE.KEY=VALUE, VALUE in TOML "
+        "(e.g. q4a4_init.preset=q4a4_r32, q4a4.steps=400, q2a4.kd.full_kl_weight=0.5;"
+        " repeatable). Changed stages re-run, and later stages using their output.",
+    ),
     stop_after: str = typer.Option(None, "--stop-after", help="Stop after this stage."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the stages and their params, run nothing."),
     list_recipes: bool = typer.Option(False, "--list", help="List the built-in recipes and stage kinds."),
@@ -48,8 +61,18 @@ def speedrun_command(
         for s in r.stages:  # the params the run would use (plugin kinds too), escaped from rich markup
             console.print(escape(f"  {s.name} [{s.kind}]: {stage_params(s, factor)}"))
         return
-    speedrun(SpeedrunConfig(recipe=recipe, budget=budget, run_dir=run_dir, log_dir=log_dir, force=tuple(force),
-                            overrides=tuple(overrides), stop_after=stop_after, log=not no_log))
+    speedrun(
+        SpeedrunConfig(
+            recipe=recipe,
+            budget=budget,
+            run_dir=run_dir,
+            log_dir=log_dir,
+            force=tuple(force),
+            overrides=tuple(overrides),
+            stop_after=stop_after,
+            log=not no_log,
+        )
+    )
 
 
 def register(app: typer.Typer) -> None:

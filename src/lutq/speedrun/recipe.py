@@ -66,8 +66,9 @@ def load_recipe(name_or_path: str | Path = "default", overrides: list[str] | tup
     builtins = builtin_recipes()
     if not path.is_file():
         if str(name_or_path) not in builtins:
-            raise LutqError(f"unknown recipe {str(name_or_path)!r}: not a file, and the built-ins are "
-                            f"{', '.join(sorted(builtins))}")
+            raise LutqError(
+                f"unknown recipe {str(name_or_path)!r}: not a file, and the built-ins are {', '.join(sorted(builtins))}"
+            )
         path = builtins[str(name_or_path)]
     try:
         data = tomllib.loads(path.read_text())
@@ -85,8 +86,7 @@ def parse_recipe(data: dict[str, Any], path: Path | None = None) -> Recipe:
     for i, s in enumerate(data.get("stages", [])):
         bad = sorted(set(s) - STAGE_KEYS)
         if bad or "name" not in s or "kind" not in s:
-            raise LutqError(f"{where}: stages[{i}] needs name and kind, may have scale and params "
-                            f"(unknown: {bad})")
+            raise LutqError(f"{where}: stages[{i}] needs name and kind, may have scale and params (unknown: {bad})")
         scale = s.get("scale")
         if scale is not None and (not isinstance(scale, list) or not all(isinstance(k, str) for k in scale)):
             raise LutqError(f"{where}: stages[{i}] scale must be a list of param names, got {scale!r}")
@@ -102,8 +102,14 @@ def parse_recipe(data: dict[str, Any], path: Path | None = None) -> Recipe:
     if report is not None and report not in {s.name for s in stages}:
         raise LutqError(f"{where}: report = {report!r} is not a stage")
     name = data.get("name") or (path.stem if path else "recipe")
-    return Recipe(name=name, stages=stages, description=data.get("description", ""), budget_minutes=budget,
-                  report=report, path=path)
+    return Recipe(
+        name=name,
+        stages=stages,
+        description=data.get("description", ""),
+        budget_minutes=budget,
+        report=report,
+        path=path,
+    )
 
 
 def with_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> Recipe:
@@ -123,8 +129,9 @@ def with_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> Re
             raise LutqError(f"--set {item!r}: expected STAGE.KEY=VALUE (e.g. q4a4.steps=400)")
         stage = stages.get(path[0])
         if stage is None:
-            raise LutqError(f"--set {item!r}: no stage {path[0]!r} in recipe {recipe.name!r}; stages: "
-                            f"{', '.join(stages)}")
+            raise LutqError(
+                f"--set {item!r}: no stage {path[0]!r} in recipe {recipe.name!r}; stages: {', '.join(stages)}"
+            )
         target = stage.params
         for part in path[1:-1]:
             sub = target.setdefault(part, {})
@@ -132,8 +139,9 @@ def with_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> Re
                 raise LutqError(f"--set {item!r}: {path[0]}.{part} is {sub!r}, not a table")
             target = sub
         target[path[-1]] = _toml_value(raw.strip())
-    out = replace(recipe, stages=[stages[s.name] for s in recipe.stages],
-                  meta={**recipe.meta, "overrides": list(overrides)})
+    out = replace(
+        recipe, stages=[stages[s.name] for s in recipe.stages], meta={**recipe.meta, "overrides": list(overrides)}
+    )
     check_stages(out.stages, f"recipe {recipe.name!r} with --set {' '.join(overrides)}")
     return out
 

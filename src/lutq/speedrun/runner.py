@@ -122,8 +122,9 @@ class StageResult:
 
 
 # -- params: budget scaling and @references -------------------------------------------------------------
-def scale_params(params: dict[str, Any], keys: tuple[str, ...], factor: float,
-                 defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+def scale_params(
+    params: dict[str, Any], keys: tuple[str, ...], factor: float, defaults: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Multiply the numeric params named in `keys` by `factor` (ints stay ints: 0 stays 0, others >= 1).
 
     A key absent from `params` is scaled from `defaults` (the kind's default) and added only when scaling
@@ -203,8 +204,9 @@ def check_stages(stages: list[StageSpec], where: str = "recipe") -> None:
             names = {f.name for f in dataclasses.fields(kind.params)} if is_dc else set()
             unknown = sorted(set(s.scale) - names)
             if names and unknown:
-                raise LutqError(f"{where}: stage {s.name!r}: scale names unknown param(s) {unknown}; "
-                                f"valid: {sorted(names)}")
+                raise LutqError(
+                    f"{where}: stage {s.name!r}: scale names unknown param(s) {unknown}; valid: {sorted(names)}"
+                )
         for ref in references(s.params):
             if ref not in seen:
                 raise LutqError(f"{where}: stage {s.name!r} refers to @{ref}, which is not an earlier stage")
@@ -249,8 +251,10 @@ def _force_token(run_dir: Path, force: tuple[str, ...]) -> str | None:
     if not force:
         return None
     token = uuid.uuid4().hex[:16]
-    atomic_write_json(run_dir / FORCE_FILE, {"force": sorted(force), "token": token,
-                                             "started": datetime.now(UTC).isoformat(timespec="seconds")})
+    atomic_write_json(
+        run_dir / FORCE_FILE,
+        {"force": sorted(force), "token": token, "started": datetime.now(UTC).isoformat(timespec="seconds")},
+    )
     return token
 
 
@@ -283,8 +287,9 @@ def run_stages(
     return list(results.values())
 
 
-def _run_one(spec: StageSpec, run_dir: Path, results: dict[str, StageResult], factor: float,
-             force: str | None) -> StageResult:
+def _run_one(
+    spec: StageSpec, run_dir: Path, results: dict[str, StageResult], factor: float, force: str | None
+) -> StageResult:
     """Run, resume or skip one stage. `force`: the --force token when this stage is forced (see _force_token)."""
     kind = get_kind(spec.kind)
     params = stage_params(spec, factor)
@@ -305,9 +310,17 @@ def _run_one(spec: StageSpec, run_dir: Path, results: dict[str, StageResult], fa
                 raise LutqError(f"{stage_dir / done.get('output', 'out')} is missing")
             kind.check(ctx, cfg)
             console.print(f"[dim]speedrun: {spec.name}: done earlier ({done.get('elapsed_s', 0):.0f} s), skipped[/]")
-            return StageResult(spec.name, spec.kind, "skipped", stage_dir / done.get("output", "out"), 0.0,
-                               float(done.get("elapsed_s", 0.0)), fp, done.get("summary", {}),
-                               f"{fp}@{done.get('finished', '')}")
+            return StageResult(
+                spec.name,
+                spec.kind,
+                "skipped",
+                stage_dir / done.get("output", "out"),
+                0.0,
+                float(done.get("elapsed_s", 0.0)),
+                fp,
+                done.get("summary", {}),
+                f"{fp}@{done.get('finished', '')}",
+            )
         except LutqError as e:
             console.print(f"[yellow]speedrun: {spec.name}: output no longer valid ({e}); re-running[/]")
             _clear(stage_dir)
@@ -321,11 +334,18 @@ def _run_one(spec: StageSpec, run_dir: Path, results: dict[str, StageResult], fa
     console.rule(f"speedrun: {spec.name} ({spec.kind})")
     stage_dir.mkdir(parents=True, exist_ok=True)
     previous = float(started.get("elapsed_before_s", 0.0)) if ctx.resume and started else 0.0
-    atomic_write_json(stage_dir / STAGE_FILE, {
-        "kind": spec.kind, "fingerprint": fp, "params": resolved, "factor": factor,
-        "started": datetime.now(UTC).isoformat(timespec="seconds"), "elapsed_before_s": previous,
-        "force_token": force,
-    })
+    atomic_write_json(
+        stage_dir / STAGE_FILE,
+        {
+            "kind": spec.kind,
+            "fingerprint": fp,
+            "params": resolved,
+            "factor": factor,
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
+            "elapsed_before_s": previous,
+            "force_token": force,
+        },
+    )
     t0, cpu0 = time.perf_counter(), time.process_time()
     try:
         summary = kind.run(ctx, cfg) or {}
@@ -341,11 +361,28 @@ def _run_one(spec: StageSpec, run_dir: Path, results: dict[str, StageResult], fa
     total = previous + elapsed
     output = Path(summary.pop("output", ctx.out)).resolve().relative_to(stage_dir.resolve()).as_posix()
     finished = datetime.now(UTC).isoformat(timespec="microseconds")
-    atomic_write_json(stage_dir / DONE_FILE, {
-        "fingerprint": fp, "kind": spec.kind, "finished": finished,
-        "elapsed_s": total, "cpu_s": cpu, "output": output, "summary": summary, "force_token": force,
-    })
+    atomic_write_json(
+        stage_dir / DONE_FILE,
+        {
+            "fingerprint": fp,
+            "kind": spec.kind,
+            "finished": finished,
+            "elapsed_s": total,
+            "cpu_s": cpu,
+            "output": output,
+            "summary": summary,
+            "force_token": force,
+        },
+    )
     console.print(f"[green]speedrun: {spec.name} done in {elapsed:.0f} s[/]")
-    return StageResult(spec.name, spec.kind, "resumed" if ctx.resume else "ran", stage_dir / output, elapsed, total,
-                       fp, summary, f"{fp}@{finished}")
-
+    return StageResult(
+        spec.name,
+        spec.kind,
+        "resumed" if ctx.resume else "ran",
+        stage_dir / output,
+        elapsed,
+        total,
+        fp,
+        summary,
+        f"{fp}@{finished}",
+    )

@@ -52,16 +52,19 @@ def speedrun(cfg: SpeedrunConfig) -> SpeedrunResult:
     run_dir = Path(cfg.run_dir or Path("runs") / f"speedrun-{recipe.name}")
     log_dir = Path(cfg.log_dir or run_dir.parent)
     console.print(f"speedrun {recipe.name}: {recipe.description}".rstrip(": "))
-    console.print(f"  {len(recipe.stages)} stages, sized for {recipe.budget_minutes:g} min"
-                  + (f", scaled ×{factor:.2f} for --budget {cfg.budget:g}" if factor != 1.0 else "")
-                  + f"; run dir {run_dir}")
+    console.print(
+        f"  {len(recipe.stages)} stages, sized for {recipe.budget_minutes:g} min"
+        + (f", scaled ×{factor:.2f} for --budget {cfg.budget:g}" if factor != 1.0 else "")
+        + f"; run dir {run_dir}"
+    )
     t0 = time.perf_counter()
     results: list[StageResult] = []
     partial: dict[str, StageResult] = {}
     error = None
     try:
-        results = run_stages(recipe.stages, run_dir, factor=factor, force=cfg.force, stop_after=cfg.stop_after,
-                             results=partial)
+        results = run_stages(
+            recipe.stages, run_dir, factor=factor, force=cfg.force, stop_after=cfg.stop_after, results=partial
+        )
     except BaseException as e:
         error = e
         results = list(partial.values())  # what this run got through (done markers may be an older run's)
@@ -77,15 +80,29 @@ def speedrun(cfg: SpeedrunConfig) -> SpeedrunResult:
             files = append_log(log_dir, entry)
     if table:
         console.print(table)
-    console.print(f"speedrun {recipe.name}: done in {elapsed / 60:.1f} min; all stages "
-                  f"{sum(r.total_s for r in results) / 60:.1f} min" + (f"; logged to {files[1]}" if files else ""))
+    console.print(
+        f"speedrun {recipe.name}: done in {elapsed / 60:.1f} min; all stages "
+        f"{sum(r.total_s for r in results) / 60:.1f} min" + (f"; logged to {files[1]}" if files else "")
+    )
     return SpeedrunResult(recipe, run_dir, results, elapsed, table, rows, files)
 
 
-def _log_entry(cfg: SpeedrunConfig, recipe: Recipe, run_dir: Path, factor: float, results: list[StageResult],
-               elapsed: float, table: str, rows: list[dict[str, Any]], error: BaseException | None) -> dict[str, Any]:
-    status = "complete" if error is None and cfg.stop_after is None else (
-        "stopped" if error is None else f"failed ({type(error).__name__})")
+def _log_entry(
+    cfg: SpeedrunConfig,
+    recipe: Recipe,
+    run_dir: Path,
+    factor: float,
+    results: list[StageResult],
+    elapsed: float,
+    table: str,
+    rows: list[dict[str, Any]],
+    error: BaseException | None,
+) -> dict[str, Any]:
+    status = (
+        "complete"
+        if error is None and cfg.stop_after is None
+        else ("stopped" if error is None else f"failed ({type(error).__name__})")
+    )
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "recipe": recipe.name,
@@ -99,8 +116,10 @@ def _log_entry(cfg: SpeedrunConfig, recipe: Recipe, run_dir: Path, factor: float
         "factor": factor,
         "elapsed_s": elapsed,
         "stages_total_s": sum(r.total_s for r in results),
-        "stages": [{"name": r.name, "kind": r.kind, "status": r.status, "elapsed_s": r.elapsed_s,
-                    "total_s": r.total_s} for r in results],
+        "stages": [
+            {"name": r.name, "kind": r.kind, "status": r.status, "elapsed_s": r.elapsed_s, "total_s": r.total_s}
+            for r in results
+        ],
         "table": table,
         "figures": rows,
         "error": None if error is None else str(error)[:500],

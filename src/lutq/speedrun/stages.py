@@ -41,8 +41,9 @@ def _checkpoint_ok(path: Path) -> None:
     if not weights.is_file():
         raise LutqError(f"{weights}: missing (incomplete checkpoint)")
     if info.weights_bytes is not None and weights.stat().st_size != info.weights_bytes:
-        raise LutqError(f"{weights}: {weights.stat().st_size} bytes, config.json says {info.weights_bytes} "
-                        "(truncated or replaced)")
+        raise LutqError(
+            f"{weights}: {weights.stat().st_size} bytes, config.json says {info.weights_bytes} (truncated or replaced)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------- assets
@@ -76,8 +77,12 @@ def _run_cache(ctx: StageContext, cfg: Any) -> dict[str, Any]:
     out = build_cache(cfg.replace(out=ctx.out))  # resumes a partly written cache by itself
     meta = json.loads((out / "meta.json").read_text())
     build = json.loads((out / "build.json").read_text()) if (out / "build.json").is_file() else {}
-    return {"sequences": meta.get("sequences"), "tokens": meta.get("tokens"),
-            "bytes_per_token": meta.get("bytes_per_token"), "build": build}
+    return {
+        "sequences": meta.get("sequences"),
+        "tokens": meta.get("tokens"),
+        "bytes_per_token": meta.get("bytes_per_token"),
+        "build": build,
+    }
 
 
 def _check_cache(ctx: StageContext, cfg: Any) -> None:
@@ -124,9 +129,17 @@ def _run_quantize(ctx: StageContext, p: QuantizeParams) -> dict[str, Any]:
     config: Any = p.preset if not p.config else {**get_preset(p.preset).to_dict(), **p.config}
     if p.lut_kind is not None:
         config = resolve_config(config).with_lut_kind(p.lut_kind)
-    report = quantize_checkpoint(p.model, ctx.out, config, calib=p.calib, calib_sequences=p.calib_sequences,
-                                 calib_len=p.calib_len, blockwise=None if p.blockwise is None else p.recon_config(),
-                                 device=p.device, extra={"speedrun_stage": ctx.name})
+    report = quantize_checkpoint(
+        p.model,
+        ctx.out,
+        config,
+        calib=p.calib,
+        calib_sequences=p.calib_sequences,
+        calib_len=p.calib_len,
+        blockwise=None if p.blockwise is None else p.recon_config(),
+        device=p.device,
+        extra={"speedrun_stage": ctx.name},
+    )
     out: dict[str, Any] = {"rel_error": report.to_dict()["summary"]}
     if report.blocks:
         out["block_losses"] = [[b["loss_before"], b["loss_after"]] for b in report.blocks]
@@ -174,9 +187,17 @@ def _run_convert(ctx: StageContext, p: ConvertParams) -> dict[str, Any]:
     from lutq.models import read_checkpoint_info
     from lutq.train.recipes import convert_checkpoint
 
-    convert_checkpoint(p.input, ctx.out, tighten_rounds=p.tighten_rounds, calib=p.calib,
-                       calib_sequences=p.calib_sequences, calib_len=p.calib_len, reference=p.reference,
-                       blockwise=p.blockwise, device=p.device)
+    convert_checkpoint(
+        p.input,
+        ctx.out,
+        tighten_rounds=p.tighten_rounds,
+        calib=p.calib,
+        calib_sequences=p.calib_sequences,
+        calib_len=p.calib_len,
+        reference=p.reference,
+        blockwise=p.blockwise,
+        device=p.device,
+    )
     converted = read_checkpoint_info(ctx.out).extra.get("converted", {})
     return {"rel_error": converted.get("summary", {})}
 
@@ -196,8 +217,11 @@ def _run_snap(ctx: StageContext, p: SnapParams) -> dict[str, Any]:
     freeze_latent(model)  # a latent-trained model: fix idx = nearest(weight / S), what its forward used
     report = snap_model(model)
     save_checkpoint(ctx.out, model, tok, extra={"speedrun_stage": ctx.name, "source": str(p.input)})
-    return {"max_abs_logit_error": report.max_abs_error, "rel_logit_error": report.rel_error,
-            "summary": report.summary()}
+    return {
+        "max_abs_logit_error": report.max_abs_error,
+        "rel_logit_error": report.rel_error,
+        "summary": report.summary(),
+    }
 
 
 def _check_ckpt(ctx: StageContext, p: Any) -> None:
@@ -256,7 +280,6 @@ class EvalParams(ConfigBase):
         CompareConfig.from_dict(self.options, source="eval stage options")
 
 
-
 def _run_eval(ctx: StageContext, p: EvalParams) -> dict[str, Any]:
     import torch
 
@@ -274,8 +297,14 @@ def _run_eval(ctx: StageContext, p: EvalParams) -> dict[str, Any]:
 def _figures(row: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers of one compare row (the run log keeps these; compare.json has everything)."""
     total = row["size"]["total"]
-    return {"model": row["label"], "spec": row["model"], "size_mb": total.get("size_mb"),
-            "bits_per_weight": total.get("bits_per_weight"), "ppl": row["ppl"], "kd": row["kd"]}
+    return {
+        "model": row["label"],
+        "spec": row["model"],
+        "size_mb": total.get("size_mb"),
+        "bits_per_weight": total.get("bits_per_weight"),
+        "ppl": row["ppl"],
+        "kd": row["kd"],
+    }
 
 
 def _check_eval(ctx: StageContext, p: EvalParams) -> None:

@@ -110,7 +110,11 @@ def list_files(path: Path) -> list[tuple[str, Path]]:
 
 
 def pack(
-    path: Path, out: BinaryIO, codec: str = "zst", *, level: int | None = None,
+    path: Path,
+    out: BinaryIO,
+    codec: str = "zst",
+    *,
+    level: int | None = None,
     on_bytes: Callable[[int], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Stream `path` (a directory's contents, or one file) as a compressed tar into `out`.

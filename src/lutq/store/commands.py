@@ -23,8 +23,9 @@ def _existing(store: str | None) -> str:
     from lutq.core.errors import LutqError
 
     if store and "://" not in store and not Path(os.path.expanduser(store)).is_dir():
-        raise LutqError(f"store {store}: no such directory (--store names an existing store; `lutq store push` "
-                        "creates one)")
+        raise LutqError(
+            f"store {store}: no such directory (--store names an existing store; `lutq store push` creates one)"
+        )
     return store or ""
 
 
@@ -55,15 +56,20 @@ def push(
     m = s.push(name, path, codec=codec, level=level)
     if alias:
         s.alias(alias, name)
-    console.print(f"pushed {name}: {len(m.files)} file(s), {_size(m.total_bytes)} -> {_size(m.archive_bytes)} "
-                  f"({m.archive}) to {s.url}" + (f"; shortcut {alias}" if alias else ""), markup=False, emoji=False)
+    console.print(
+        f"pushed {name}: {len(m.files)} file(s), {_size(m.total_bytes)} -> {_size(m.archive_bytes)} "
+        f"({m.archive}) to {s.url}" + (f"; shortcut {alias}" if alias else ""),
+        markup=False,
+        emoji=False,
+    )
 
 
 @store_app.command("pull")
 def pull_one(
     name: str = typer.Argument(..., help="Artefact name or shortcut (cache:L64, ckpt:q2_best)."),
-    dest: str = typer.Option(None, "--dest", help="Where to unpack (default: the shortcut's, else ./BASENAME of "
-                             "NAME)."),
+    dest: str = typer.Option(
+        None, "--dest", help="Where to unpack (default: the shortcut's, else ./BASENAME of NAME)."
+    ),
     force: bool = typer.Option(False, "--force", help="Re-download even if DEST already matches."),
     store: str = STORE_OPT,
 ) -> None:
@@ -88,8 +94,15 @@ def list_artefacts(store: str = STORE_OPT) -> None:
     table = Table("name", "kind", "files", "size", "archive", "created", "shortcuts", title=s.url)
     for m in s.list():
         archive = f"{m.archive} ({_size(m.archive_bytes)})"
-        table.add_row(m.name, m.kind, str(len(m.files)), _size(m.total_bytes), archive, m.created,
-                      ", ".join(sorted(short.get(m.name, []))))
+        table.add_row(
+            m.name,
+            m.kind,
+            str(len(m.files)),
+            _size(m.total_bytes),
+            archive,
+            m.created,
+            ", ".join(sorted(short.get(m.name, []))),
+        )
     console.print(table)
 
 

@@ -77,11 +77,18 @@ class Manifest:
         # a damaged or hand-edited manifest is a clear error, not a KeyError half-way through a pull
         files_ok = isinstance(m.files, dict) and all(
             isinstance(f, dict) and isinstance(f.get("sha256"), str) and isinstance(f.get("bytes"), int)
-            for f in m.files.values())
+            for f in m.files.values()
+        )
         expected = m.name.rsplit("/", 1)[-1] + CODECS.get(m.codec, "?") if isinstance(m.name, str) else None
-        if (not files_ok or m.kind not in ("dir", "file") or m.codec not in CODECS or m.archive != expected
-                or (m.kind == "file" and len(m.files) != 1)
-                or not isinstance(m.archive_sha256, str) or not isinstance(m.archive_bytes, int)):
+        if (
+            not files_ok
+            or m.kind not in ("dir", "file")
+            or m.codec not in CODECS
+            or m.archive != expected
+            or (m.kind == "file" and len(m.files) != 1)
+            or not isinstance(m.archive_sha256, str)
+            or not isinstance(m.archive_bytes, int)
+        ):
             raise LutqError(f"{where}: malformed manifest (kind, codec, archive or files do not check out)")
         return m
 
@@ -179,8 +186,15 @@ class Store:
                 console.print(f"[yellow]store list: skipped {escape(str(e))}[/]")
         return out
 
-    def push(self, name: str, path: str | os.PathLike[str], *, codec: str = "zst", level: int | None = None,
-             show_progress: bool = True) -> Manifest:
+    def push(
+        self,
+        name: str,
+        path: str | os.PathLike[str],
+        *,
+        codec: str = "zst",
+        level: int | None = None,
+        show_progress: bool = True,
+    ) -> Manifest:
         """Pack `path` (directory or file) as `NAME.tar.zst|lz4` + `NAME.json`; replaces an older `name`."""
         check_name(name)
         check_codec(codec)
@@ -202,9 +216,16 @@ class Store:
                 self.fs.rm(tmp)
             raise
         manifest = Manifest(
-            name=name, archive=archive.rsplit("/", 1)[-1], codec=codec, kind="file" if path.is_file() else "dir",
-            archive_sha256=out.sha.hexdigest(), archive_bytes=out.nbytes, files=files,
-            created=datetime.now(UTC).isoformat(timespec="seconds"), lutq_version=__version__, source=path.name,
+            name=name,
+            archive=archive.rsplit("/", 1)[-1],
+            codec=codec,
+            kind="file" if path.is_file() else "dir",
+            archive_sha256=out.sha.hexdigest(),
+            archive_bytes=out.nbytes,
+            files=files,
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            lutq_version=__version__,
+            source=path.name,
         )
         self._write_json(f"{name}.json", asdict(manifest))
         for other in CODECS.values():  # a re-push with another codec leaves no stale archive behind
@@ -213,8 +234,9 @@ class Store:
                 self.fs.rm(stale)
         return manifest
 
-    def pull(self, name: str, dest: str | os.PathLike[str] | None = None, *, force: bool = False,
-             show_progress: bool = True) -> Path:
+    def pull(
+        self, name: str, dest: str | os.PathLike[str] | None = None, *, force: bool = False, show_progress: bool = True
+    ) -> Path:
         """Download artefact or shortcut `name` into `dest`, verify every checksum, then move it into place.
 
         An existing `dest` is replaced only after everything verified, and left as is when it already
@@ -276,8 +298,10 @@ class Store:
         else:
             self.manifest(name)  # must exist
             table[shortcut] = Shortcut(name=name, dest=dest)
-        self._write_json(SHORTCUTS_FILE, {"format": "lutq-store-shortcuts",
-                                          "shortcuts": {k: asdict(v) for k, v in sorted(table.items())}})
+        self._write_json(
+            SHORTCUTS_FILE,
+            {"format": "lutq-store-shortcuts", "shortcuts": {k: asdict(v) for k, v in sorted(table.items())}},
+        )
 
     def resolve(self, name: str) -> tuple[str, Path]:
         """(artefact name, default destination) for a shortcut or a plain artefact name."""
@@ -286,8 +310,10 @@ class Store:
             return table[name].name, table[name].destination(name)
         if ":" in name:
             known = ", ".join(sorted(table)) or "none defined"
-            raise LutqError(f"store {self.url}: unknown shortcut {name!r} (known: {known}); "
-                            f"define it with `lutq store alias {name} ARTEFACT`")
+            raise LutqError(
+                f"store {self.url}: unknown shortcut {name!r} (known: {known}); "
+                f"define it with `lutq store alias {name} ARTEFACT`"
+            )
         return check_name(name), Path(name.rsplit("/", 1)[-1])
 
 

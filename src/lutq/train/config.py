@@ -70,8 +70,9 @@ class TrainConfig(ConfigBase):
         from lutq.quant.api import TRAINABLE_MODES
 
         if self.mode not in TRAINABLE_MODES or self.mode == "none":
-            raise LutqError(f"train: unknown mode {self.mode!r}; choose from "
-                            f"{', '.join(m for m in TRAINABLE_MODES if m != 'none')}")
+            raise LutqError(
+                f"train: unknown mode {self.mode!r}; choose from {', '.join(m for m in TRAINABLE_MODES if m != 'none')}"
+            )
         if self.precision not in PRECISIONS:
             raise LutqError(f"train: unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "save_every"):
@@ -92,8 +93,9 @@ class TrainConfig(ConfigBase):
         if unknown:
             raise LutqError(f"train: unknown logger(s) {unknown}; choose from {', '.join(LOGGERS)}")
         if self.init is not None and self.model is not None:
-            raise LutqError("train: pass either --init CKPT (a lutq checkpoint) or --model M (quantized with "
-                            "--preset), not both")
+            raise LutqError(
+                "train: pass either --init CKPT (a lutq checkpoint) or --model M (quantized with --preset), not both"
+            )
 
     @property
     def peak_lr(self) -> float:

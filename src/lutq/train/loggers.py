@@ -21,8 +21,15 @@ def _import(name: str) -> Any:
 class Trackers:
     """Fan-out of numeric metrics to the requested trackers; a no-op when none were requested."""
 
-    def __init__(self, names: tuple[str, ...] | list[str], *, run_dir: Path, project: str,
-                 config: dict[str, Any], resume: bool = False) -> None:
+    def __init__(
+        self,
+        names: tuple[str, ...] | list[str],
+        *,
+        run_dir: Path,
+        project: str,
+        config: dict[str, Any],
+        resume: bool = False,
+    ) -> None:
         self._sinks: list[tuple[str, Any]] = []
         for name in names:
             if name not in _PACKAGES:
@@ -34,19 +41,27 @@ class Trackers:
     def _open(name: str, module: Any, run_dir: Path, project: str, config: dict[str, Any], resume: bool) -> Any:
         run_name = run_dir.name
         if name == "wandb":
-            return module.init(project=project, name=run_name, config=config, dir=str(run_dir),
-                               id=run_name, resume="allow" if resume else None)
+            return module.init(
+                project=project,
+                name=run_name,
+                config=config,
+                dir=str(run_dir),
+                id=run_name,
+                resume="allow" if resume else None,
+            )
         if name == "trackio":
-            return module.init(project=project, name=run_name, config=config,
-                               resume="allow" if resume else "never")
+            return module.init(project=project, name=run_name, config=config, resume="allow" if resume else "never")
         return module.SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def log(self, row: dict[str, Any], step: int) -> None:
         """Log the numeric entries of `row` at `step` (train/... and eval/... namespaces)."""
         if not self._sinks:
             return
-        metrics = {_key(k): float(v) for k, v in row.items()
-                   if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)}
+        metrics = {
+            _key(k): float(v)
+            for k, v in row.items()
+            if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)
+        }
         for name, sink in self._sinks:
             if name == "tensorboard":
                 for k, v in metrics.items():
@@ -65,5 +80,5 @@ class Trackers:
 
 def _key(column: str) -> str:
     if column.startswith("eval_"):
-        return "eval/" + column[len("eval_"):]
+        return "eval/" + column[len("eval_") :]
     return "train/" + column

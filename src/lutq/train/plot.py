@@ -18,8 +18,9 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_runs(runs: list[str | Path], out: str | Path, *, train_key: str = "loss",
-              eval_key: str = "eval_loss", logy: bool = False) -> Path:
+def plot_runs(
+    runs: list[str | Path], out: str | Path, *, train_key: str = "loss", eval_key: str = "eval_loss", logy: bool = False
+) -> Path:
     """Draw train (thin) and eval (markers) loss of each run into one PNG at `out`; returns `out`."""
     import matplotlib
 

@@ -66,9 +66,13 @@ def progressive(cfg: ProgressiveConfig) -> ProgressiveResult:
         return result.stages[name]
 
     q4 = stage("q4a4", preset=cfg.q4_preset, mode="all", steps=cfg.q4_steps, lr=cfg.q4_lr)
-    q2_init = convert_checkpoint(q4.checkpoint, out / "q2a4_init", tighten_rounds=cfg.convert_tighten_rounds,
-                                 calib=str(cfg.base.cache) if cfg.convert_calib_sequences else None,
-                                 calib_sequences=cfg.convert_calib_sequences)
+    q2_init = convert_checkpoint(
+        q4.checkpoint,
+        out / "q2a4_init",
+        tighten_rounds=cfg.convert_tighten_rounds,
+        calib=str(cfg.base.cache) if cfg.convert_calib_sequences else None,
+        calib_sequences=cfg.convert_calib_sequences,
+    )
     result.stages["convert"] = q2_init
     mlp = stage("q2a4_mlp", init=q2_init, model=None, mode="mlp-only", steps=cfg.q2_mlp_steps, lr=cfg.q2_mlp_lr)
     stage("q2a4_all", init=mlp.checkpoint, model=None, mode="all", steps=cfg.q2_all_steps, lr=cfg.q2_all_lr)
@@ -94,15 +98,32 @@ def run_stage(cfg: TrainConfig) -> Any:
     return train(cfg, overwrite=True)
 
 
-def convert_checkpoint(src: Path, dst: Path, *, tighten_rounds: int = 0, calib: str | None = None,
-                       calib_sequences: int = CALIB_SEQUENCES, calib_len: int = CALIB_LEN,
-                       reference: str | None = None, blockwise: dict[str, Any] | None = None,
-                       device: str = "cpu") -> Path:
+def convert_checkpoint(
+    src: Path,
+    dst: Path,
+    *,
+    tighten_rounds: int = 0,
+    calib: str | None = None,
+    calib_sequences: int = CALIB_SEQUENCES,
+    calib_len: int = CALIB_LEN,
+    reference: str | None = None,
+    blockwise: dict[str, Any] | None = None,
+    device: str = "cpu",
+) -> Path:
     """`lutq.quant.convert.convert_checkpoint` to the q2a4 targets, skipped when `dst` is already complete."""
     from lutq.quant.convert import convert_checkpoint as convert
 
     if (dst / "config.json").is_file():
         return dst
-    convert(src, dst, tighten_rounds=tighten_rounds, calib=calib, calib_sequences=calib_sequences,
-            calib_len=calib_len, reference=reference, blockwise=blockwise, device=device)
+    convert(
+        src,
+        dst,
+        tighten_rounds=tighten_rounds,
+        calib=calib,
+        calib_sequences=calib_sequences,
+        calib_len=calib_len,
+        reference=reference,
+        blockwise=blockwise,
+        device=device,
+    )
     return dst

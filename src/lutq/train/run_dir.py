@@ -131,8 +131,9 @@ class RunDir:
         columns = self.columns()
         rows = [r for r in self.rows() if r.get("step", 0) <= step]
         atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
-        atomic_write_text(self.csv, _csv_line(columns) + "".join(
-            _csv_line([_cell(r.get(c)) for c in columns]) for r in rows))
+        atomic_write_text(
+            self.csv, _csv_line(columns) + "".join(_csv_line([_cell(r.get(c)) for c in columns]) for r in rows)
+        )
 
     def clear(self) -> None:
         """Remove what a previous run wrote here (only lutq's own files; other files stay)."""
@@ -153,8 +154,10 @@ class RunDir:
         old = sorted(self.path.glob(".last.old-*"), key=lambda p: p.stat().st_mtime)
         if old and (old[-1] / "trainer_state" / "state.pt").is_file():
             return old[-1]
-        raise LutqError(f"{self.path}: nothing to resume from (no last/ checkpoint with trainer_state; "
-                        "the run was killed before its first save)")
+        raise LutqError(
+            f"{self.path}: nothing to resume from (no last/ checkpoint with trainer_state; "
+            "the run was killed before its first save)"
+        )
 
 
 def _cell(v: Any) -> Any:

@@ -102,8 +102,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
     seed_everything(cfg.seed)
     cache = KDCache(cfg.cache)
     if cfg.kd.full_kl_weight and not cache.has_teacher_lse:
-        raise LutqError(f"train: --full-kl-weight needs the teacher's log-sum-exp, which KD cache {cfg.cache} "
-                        "lacks (built before lutq stored it); rebuild it with `lutq cache`")
+        raise LutqError(
+            f"train: --full-kl-weight needs the teacher's log-sum-exp, which KD cache {cfg.cache} "
+            "lacks (built before lutq stored it); rebuild it with `lutq cache`"
+        )
     _check_batch(cfg, ctx)
 
     # the student: a checkpoint (resume / --init) or a FP model quantized with the preset
@@ -111,8 +113,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
     if resume:
         ckpt = run.resume_checkpoint()
         model, tokenizer, _ = load_checkpoint(ckpt)
-        state = load_trainer_state(ckpt, keys=("optimizer", "scheduler", "rng", "step", "tokens", "elapsed",
-                                               "best_eval_loss"))
+        state = load_trainer_state(
+            ckpt, keys=("optimizer", "scheduler", "rng", "step", "tokens", "elapsed", "best_eval_loss")
+        )
     else:
         model, tokenizer = build_student(cfg, cache, verbose=ctx.is_main)
         if cfg.latent:
@@ -143,8 +146,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
         if (why := compile_unavailable(ctx.device)) is None:
             compile_decoder_layers(model)
         elif ctx.is_main:
-            console.print(f"[yellow]note:[/] torch.compile does not work on {ctx.device} here ({why}); training "
-                          "eager (on a CPU inductor needs a C++ compiler)")
+            console.print(
+                f"[yellow]note:[/] torch.compile does not work on {ctx.device} here ({why}); training "
+                "eager (on a CPU inductor needs a C++ compiler)"
+            )
     student: torch.nn.Module = KDStudent(model, cfg.kd)
     if ctx.distributed:
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
@@ -165,17 +170,18 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
             run.clear()  # an overwritten run must not leave a stale best/ or last/ behind
             run.write_config(_run_record(cfg, cache, ctx, precision))
             run.start_logs(csv_columns([ppl_name(s) for s in cfg.ppl_texts]))
-        trackers = Trackers(cfg.loggers, run_dir=run.path, project=cfg.project, config=cfg.to_dict(),
-                            resume=resume)
+        trackers = Trackers(cfg.loggers, run_dir=run.path, project=cfg.project, config=cfg.to_dict(), resume=resume)
 
     do_eval = cfg.eval_batches > 0 and cache.num_sequences("val") > 0
     if ctx.is_main:
         if cfg.eval_batches > 0 and not do_eval:
             console.print(f"[yellow]warning:[/] {cfg.cache} has no validation sequences; no evaluation, no best/")
         where = f"resuming {run.path} at step {step}" if resume else f"training {run.path}"
-        console.print(f"{where}: mode {cfg.mode}, {sum(p.numel() for p in params):,} trainable parameters, "
-                      f"{cfg.steps} steps × {cfg.sequences_per_step} sequences × {cache.L} tokens, "
-                      f"{ctx.device} × {ctx.world_size}, {precision}")
+        console.print(
+            f"{where}: mode {cfg.mode}, {sum(p.numel() for p in params):,} trainable parameters, "
+            f"{cfg.steps} steps × {cfg.sequences_per_step} sequences × {cache.L} tokens, "
+            f"{ctx.device} × {ctx.world_size}, {precision}"
+        )
         if note := small_batch_note(ctx.device, cfg.batch_size // ctx.world_size * cache.L):
             console.print(f"[yellow]note:[/] {note}")
         if note := ste_fp16_precision_note(model, precision):
@@ -193,12 +199,18 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
     def save_last() -> None:
         _check_finite_params(model, step, run)  # identical on every rank: all stop together
         if ctx.is_main:
-            trainer_state = {"step": step, "tokens": tokens, "elapsed": elapsed0 + time.time() - t0,
-                             "best_eval_loss": best["eval_loss"], "best_step": best["step"],
-                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "rng": rng_state(), "world_size": ctx.world_size}
-            save_checkpoint(run.last, model, tokenizer, extra=_ckpt_extra(cfg, step),
-                            trainer_state=trainer_state)
+            trainer_state = {
+                "step": step,
+                "tokens": tokens,
+                "elapsed": elapsed0 + time.time() - t0,
+                "best_eval_loss": best["eval_loss"],
+                "best_step": best["step"],
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+                "world_size": ctx.world_size,
+            }
+            save_checkpoint(run.last, model, tokenizer, extra=_ckpt_extra(cfg, step), trainer_state=trainer_state)
         ctx.barrier()
 
     def maybe_save_best(metrics: dict[str, float]) -> None:
@@ -216,8 +228,14 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
             _print_eval(0, cfg.steps, initial_eval)
 
     # deterministic batches: the global batch of micro-step i is the same however many ranks share it
-    batches = cache.batches("train", cfg.batch_size // ctx.world_size, seed=cfg.seed,
-                            start_step=step * cfg.grad_accum, rank=ctx.rank, world_size=ctx.world_size)
+    batches = cache.batches(
+        "train",
+        cfg.batch_size // ctx.world_size,
+        seed=cfg.seed,
+        start_step=step * cfg.grad_accum,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+    )
     step_metrics: dict[str, float] = {}
     t_log, tokens_log, tps = time.time(), tokens, 0.0
     try:
@@ -251,8 +269,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
                     now = time.time()
                     tps = (tokens - tokens_log) / max(now - t_log, 1e-9)
                     t_log, tokens_log = now, tokens
-                    row.update({k: step_metrics[k] for k in TRAIN_COLUMNS if k in step_metrics},
-                               lr=lr, grad_norm=grad_norm, tokens_per_s=tps)
+                    row.update(
+                        {k: step_metrics[k] for k in TRAIN_COLUMNS if k in step_metrics},
+                        lr=lr,
+                        grad_norm=grad_norm,
+                        tokens_per_s=tps,
+                    )
                 if step % cfg.eval_every == 0 or step == cfg.steps:
                     final_eval = evaluate()
                     maybe_save_best(final_eval)
@@ -270,15 +292,28 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
     except LutqError as e:
         if ctx.is_main:
             trackers.close()
-            partial = TrainResult(run_dir=run.path, step=step, tokens=tokens, elapsed_s=elapsed0 + time.time() - t0,
-                                  initial_eval=initial_eval, final_eval=final_eval)
+            partial = TrainResult(
+                run_dir=run.path,
+                step=step,
+                tokens=tokens,
+                elapsed_s=elapsed0 + time.time() - t0,
+                initial_eval=initial_eval,
+                final_eval=final_eval,
+            )
             write_summary(run, cfg, partial, status=f"stopped: {e}")
         raise
 
-    result = TrainResult(run_dir=run.path, step=step, tokens=tokens, elapsed_s=elapsed0 + time.time() - t0,
-                         initial_eval=initial_eval, final_eval=final_eval,
-                         best_eval_loss=best["eval_loss"] if math.isfinite(best["eval_loss"]) else None,
-                         best_step=best["step"], final_train_loss=step_metrics.get("loss"))
+    result = TrainResult(
+        run_dir=run.path,
+        step=step,
+        tokens=tokens,
+        elapsed_s=elapsed0 + time.time() - t0,
+        initial_eval=initial_eval,
+        final_eval=final_eval,
+        best_eval_loss=best["eval_loss"] if math.isfinite(best["eval_loss"]) else None,
+        best_step=best["step"],
+        final_train_loss=step_metrics.get("loss"),
+    )
     if ctx.is_main:
         trackers.close()
         write_summary(run, cfg, result, status="completed")
@@ -294,9 +329,11 @@ def small_batch_note(device: torch.device, micro_tokens: int) -> str | None:
     """A hint when a GPU micro-batch is too small to keep the GPU busy (None on CPUs and for large batches)."""
     if device.type != "cuda" or micro_tokens >= GPU_MIN_MICRO_TOKENS:
         return None
-    return (f"{micro_tokens:,} tokens per micro-batch; on a GPU a step has ~0.2 s of fixed host work "
-            f"(docs/benchmarks.md), so below ~{GPU_MIN_MICRO_TOKENS:,} the GPU mostly waits: raise --batch-size "
-            "(and lower --grad-accum) if memory allows")
+    return (
+        f"{micro_tokens:,} tokens per micro-batch; on a GPU a step has ~0.2 s of fixed host work "
+        f"(docs/benchmarks.md), so below ~{GPU_MIN_MICRO_TOKENS:,} the GPU mostly waits: raise --batch-size "
+        "(and lower --grad-accum) if memory allows"
+    )
 
 
 def ste_fp16_precision_note(model: torch.nn.Module, precision: str) -> str | None:
@@ -307,8 +344,10 @@ def ste_fp16_precision_note(model: torch.nn.Module, precision: str) -> str | Non
     n = sum(1 for _, layer in lut_layers(model) if layer.ste_fp16)
     if not n:
         return None
-    return (f"{n} LUT layers emulate FP16 (ste_fp16), but bf16 autocast casts their weights to bf16 in the matmul, "
-            "so training does not see the FP16 numbers; use --precision fp32 for that")
+    return (
+        f"{n} LUT layers emulate FP16 (ste_fp16), but bf16 autocast casts their weights to bf16 in the matmul, "
+        "so training does not see the FP16 numbers; use --precision fp32 for that"
+    )
 
 
 def build_student(cfg: TrainConfig, cache: KDCache, *, verbose: bool = True) -> tuple[torch.nn.Module, Any]:
@@ -318,8 +357,10 @@ def build_student(cfg: TrainConfig, cache: KDCache, *, verbose: bool = True) -> 
     if cfg.init is not None:
         model, tokenizer, info = load_checkpoint(cfg.init)
         if not info.quant:
-            raise LutqError(f"{cfg.init}: not a quantized lutq checkpoint; to start from a FP model pass "
-                            f"--model {cfg.init} --preset {cfg.preset}")
+            raise LutqError(
+                f"{cfg.init}: not a quantized lutq checkpoint; to start from a FP model pass "
+                f"--model {cfg.init} --preset {cfg.preset}"
+            )
         return model, tokenizer
     spec = cfg.model or cache.meta.get("teacher")
     if not spec:
@@ -328,31 +369,47 @@ def build_student(cfg: TrainConfig, cache: KDCache, *, verbose: bool = True) -> 
     qcfg = get_preset(cfg.preset).with_lut_kind(cfg.init_lut).replace(tighten_rounds=cfg.init_tighten)
     hessians = None
     if cfg.init_calib_sequences:
-        hessians = hessians_for(model, qcfg, str(cache.path), tokenizer, num_sequences=cfg.init_calib_sequences,
-                                show_progress=verbose)
+        hessians = hessians_for(
+            model, qcfg, str(cache.path), tokenizer, num_sequences=cfg.init_calib_sequences, show_progress=verbose
+        )
     report = quantize(model, qcfg, hessians=hessians, progress=verbose)
     if verbose:
         how = f"GPTQ on {cfg.init_calib_sequences} cache sequences" if hessians else "nearest rounding"
-        console.print(f"quantized {spec} with preset {cfg.preset} ({cfg.init_lut} LUTs, {cfg.init_tighten} "
-                      f"tighten rounds, {how})")
+        console.print(
+            f"quantized {spec} with preset {cfg.preset} ({cfg.init_lut} LUTs, {cfg.init_tighten} tighten rounds, {how})"
+        )
         console.print(report.table(per_layer=False))
     return model, tokenizer
 
 
-def evaluate_student(model: torch.nn.Module, cache: KDCache, cfg: TrainConfig, amp: Any,
-                     ppl_docs: dict[str, list[Any]], tokenizer: Any) -> dict[str, float]:
+def evaluate_student(
+    model: torch.nn.Module, cache: KDCache, cfg: TrainConfig, amp: Any, ppl_docs: dict[str, list[Any]], tokenizer: Any
+) -> dict[str, float]:
     """Validation KD metrics as eval_<name> (+ eval_ppl_<corpus> for each held-out text)."""
     from lutq.evaluate.perplexity import perplexity
 
     model.eval()
     out: dict[str, float] = {}
     with torch.no_grad(), amp():
-        metrics = evaluate_kd(model, cache, split="val", batch_size=cfg.eval_batch_size or cfg.batch_size,
-                              max_batches=cfg.eval_batches, cfg=cfg.kd)
+        metrics = evaluate_kd(
+            model,
+            cache,
+            split="val",
+            batch_size=cfg.eval_batch_size or cfg.batch_size,
+            max_batches=cfg.eval_batches,
+            cfg=cfg.kd,
+        )
         out.update({f"eval_{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)})
         for name, docs in ppl_docs.items():
-            res = perplexity(model, tokenizer, docs, max_length=cfg.ppl_max_length,
-                             stride=cfg.ppl_max_length // 2, max_tokens=cfg.ppl_max_tokens, show_progress=False)
+            res = perplexity(
+                model,
+                tokenizer,
+                docs,
+                max_length=cfg.ppl_max_length,
+                stride=cfg.ppl_max_length // 2,
+                max_tokens=cfg.ppl_max_tokens,
+                show_progress=False,
+            )
             out[f"eval_ppl_{name}"] = res.ppl
     return out
 
@@ -393,14 +450,15 @@ def _check_run_dir(run: RunDir, *, resume: bool, overwrite: bool) -> None:
     if resume and not run.exists():
         raise LutqError(f"{run.path}: nothing to resume (no run.json)")
     if not resume and run.exists() and not overwrite:
-        raise LutqError(f"{run.path}: a run already exists; continue it with --resume {run.path}, "
-                        "or pass --overwrite / another --out")
+        raise LutqError(
+            f"{run.path}: a run already exists; continue it with --resume {run.path}, "
+            "or pass --overwrite / another --out"
+        )
 
 
 def _check_batch(cfg: TrainConfig, ctx: DistContext) -> None:
     if cfg.batch_size % ctx.world_size:
-        raise LutqError(f"train: batch_size {cfg.batch_size} (global) is not divisible by the "
-                        f"{ctx.world_size} ranks")
+        raise LutqError(f"train: batch_size {cfg.batch_size} (global) is not divisible by the {ctx.world_size} ranks")
 
 
 def _all_reduce_mean(values: dict[str, float], ctx: DistContext) -> dict[str, float]:
@@ -420,15 +478,19 @@ def _check_finite_step(step: int, loss: float, grad_norm: float, run: RunDir) ->
     if not math.isfinite(grad_norm):
         bad.append(f"gradient norm is {grad_norm}")
     if bad:
-        raise LutqError(f"training diverged at step {step}: {' and '.join(bad)}; stopped without updating the "
-                        f"weights; the last good checkpoint is {_last_note(run)} (lower --lr, or check the cache)")
+        raise LutqError(
+            f"training diverged at step {step}: {' and '.join(bad)}; stopped without updating the "
+            f"weights; the last good checkpoint is {_last_note(run)} (lower --lr, or check the cache)"
+        )
 
 
 def _check_finite_params(model: torch.nn.Module, step: int, run: RunDir) -> None:
     for name, p in model.named_parameters():
         if p.requires_grad and not torch.isfinite(p).all():
-            raise LutqError(f"training diverged at step {step}: parameter {name} is not finite; not saving it; "
-                            f"the last good checkpoint is {_last_note(run)} (lower --lr)")
+            raise LutqError(
+                f"training diverged at step {step}: parameter {name} is not finite; not saving it; "
+                f"the last good checkpoint is {_last_note(run)} (lower --lr)"
+            )
 
 
 def _last_note(run: RunDir) -> str:
@@ -441,15 +503,30 @@ def _last_note(run: RunDir) -> str:
 
 
 def _ckpt_extra(cfg: TrainConfig, step: int, metrics: dict[str, float] | None = None) -> dict[str, Any]:
-    return {"train": {"run": str(cfg.out), "step": step, "mode": cfg.mode, "preset": cfg.preset,
-                      "cache": str(cfg.cache), "metrics": metrics or {}}}
+    return {
+        "train": {
+            "run": str(cfg.out),
+            "step": step,
+            "mode": cfg.mode,
+            "preset": cfg.preset,
+            "cache": str(cfg.cache),
+            "metrics": metrics or {},
+        }
+    }
 
 
 def _run_record(cfg: TrainConfig, cache: KDCache, ctx: DistContext, precision: str) -> dict[str, Any]:
     meta = {k: cache.meta.get(k) for k in ("teacher", "L", "K", "R", "source") if k in cache.meta}
-    return {"config": cfg.to_dict(), "lutq_version": __version__, "torch_version": torch.__version__,
-            "world_size": ctx.world_size, "device": str(ctx.device), "precision": precision, "cache_meta": meta,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return {
+        "config": cfg.to_dict(),
+        "lutq_version": __version__,
+        "torch_version": torch.__version__,
+        "world_size": ctx.world_size,
+        "device": str(ctx.device),
+        "precision": precision,
+        "cache_meta": meta,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
 
 
 def _print_eval(step: int, total: int, m: dict[str, float], train_loss: float | None = None) -> None:
@@ -481,17 +558,21 @@ def write_summary(run: RunDir, cfg: TrainConfig, result: TrainResult, *, status:
     """summary.md: status, the numbers before/after, where the checkpoints are, the config."""
     from lutq.core.atomic import atomic_write_text
 
-    lines = [f"# lutq train: {run.path}", "", f"- status: {status}",
-             f"- steps: {result.step}/{cfg.steps}, tokens: {result.tokens:,}, time: {result.elapsed_s:.1f} s "
-             f"({result.tokens / max(result.elapsed_s, 1e-9):,.0f} tok/s)",
-             f"- student: {cfg.init or cfg.model or 'cache teacher'} ({cfg.preset}), mode {cfg.mode}",
-             f"- best validation loss: {_fmt(result.best_eval_loss)} at step {result.best_step}",
-             f"- final train loss: {_fmt(result.final_train_loss)}", ""]
+    lines = [
+        f"# lutq train: {run.path}",
+        "",
+        f"- status: {status}",
+        f"- steps: {result.step}/{cfg.steps}, tokens: {result.tokens:,}, time: {result.elapsed_s:.1f} s "
+        f"({result.tokens / max(result.elapsed_s, 1e-9):,.0f} tok/s)",
+        f"- student: {cfg.init or cfg.model or 'cache teacher'} ({cfg.preset}), mode {cfg.mode}",
+        f"- best validation loss: {_fmt(result.best_eval_loss)} at step {result.best_step}",
+        f"- final train loss: {_fmt(result.final_train_loss)}",
+        "",
+    ]
     keys = sorted((set(result.initial_eval) | set(result.final_eval)) - {"eval_tokens", "eval_sequences"})
     if keys:
         lines += ["| metric | initial | final |", "|---|---|---|"]
-        lines += [f"| {k[5:]} | {_fmt(result.initial_eval.get(k))} | {_fmt(result.final_eval.get(k))} |"
-                  for k in keys]
+        lines += [f"| {k[5:]} | {_fmt(result.initial_eval.get(k))} | {_fmt(result.final_eval.get(k))} |" for k in keys]
         lines.append("")
     lines += ["## config", "", "```json", _json(cfg.to_dict()), "```", ""]
     atomic_write_text(run.summary, "\n".join(lines))
