@@ -159,6 +159,55 @@ def test_hub_id_in_the_local_cache_loads_without_network(no_network, empty_hf_ca
     torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids))
 
 
+def _fake_datasets(calls: list[dict]) -> object:
+    """A stand-in for the `datasets` package that records the offline flags load_dataset ran under."""
+    import types
+
+    from huggingface_hub import constants
+
+    config = types.SimpleNamespace(HF_HUB_OFFLINE=False, HF_DATASETS_OFFLINE=False)
+
+    def load_dataset(name, split):
+        calls.append({"hub": constants.HF_HUB_OFFLINE, "datasets": config.HF_HUB_OFFLINE, "name": name})
+        if name == "cached/corpus":
+            return [{"text": "from the local cache"}]
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (OfflineModeIsEnabled)")
+
+    return types.SimpleNamespace(config=config, load_dataset=load_dataset)
+
+
+@pytest.mark.timeout(120)
+def test_hf_source_without_network_uses_the_cache_at_once(
+    no_network, empty_hf_cache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    from lutq.data.sources import load_documents
+
+    calls: list[dict] = []
+    fake = _fake_datasets(calls)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    docs = load_documents("hf:cached/corpus", val_fraction=0.0)
+    assert [d.text for d in docs] == ["from the local cache"]
+    t0 = time.perf_counter()
+    with pytest.raises(LutqError, match=r"hf:no/such.*hub is unreachable.*local datasets cache"):
+        load_documents("hf:no/such")
+    assert time.perf_counter() - t0 < 10
+    # both loads ran in offline mode, and the flags are back as they were
+    assert [(c["hub"], c["datasets"]) for c in calls] == [(True, True), (True, True)]
+    assert constants.HF_HUB_OFFLINE is False and fake.config.HF_HUB_OFFLINE is False
+
+
+def test_hf_source_with_the_hub_reachable_is_left_online(empty_hf_cache, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lutq.data import sources
+
+    calls: list[dict] = []
+    monkeypatch.setitem(sys.modules, "datasets", _fake_datasets(calls))
+    monkeypatch.setattr(sources, "hub_unreachable", lambda: None)
+    sources.load_documents("hf:cached/corpus", val_fraction=0.0)
+    assert calls == [{"hub": False, "datasets": False, "name": "cached/corpus"}]
+
+
 def test_gguf_file_loads_as_a_plain_model(tmp_path: Path) -> None:
     ref = write_tiny_gguf(tmp_path / "tiny.gguf")
     model, tok = load_model(tmp_path / "tiny.gguf")
@@ -439,6 +488,45 @@ def test_download_with_a_different_sha256_is_refused(tmp_path: Path, monkeypatch
     with pytest.raises(LutqError, match="refusing"):
         fetch_mod.download(src)
     assert list((tmp_path / "downloads").iterdir()) == []
+
+
+@pytest.mark.parametrize("index", ["match", "mismatch", "none"])
+def test_hand_placed_deb_is_checked_against_the_apt_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, index: str
+) -> None:
+    import hashlib
+    import importlib
+
+    from lutq.assets.registry import Source
+
+    fetch_mod = importlib.import_module("lutq.assets.fetch")
+    monkeypatch.setenv("LUTQ_HOME", str(tmp_path))
+    deb = tmp_path / "downloads" / "pkg-doc_1.0_all.deb"
+    deb.parent.mkdir()
+    deb.write_bytes(b"a debian archive")
+    good = hashlib.sha256(b"a debian archive").hexdigest()
+    sums = {"match": {good, "1" * 64}, "mismatch": {"1" * 64}, "none": None}[index]
+    monkeypatch.setattr(fetch_mod, "apt_index_sha256s", lambda package: sums)
+    monkeypatch.setattr(fetch_mod, "_run", lambda cmd, cwd: pytest.fail(f"nothing should be downloaded: {cmd}"))
+    src = Source("apt", "pkg-doc", "pkg-doc_*_all.deb", None)
+    if index == "mismatch":
+        with pytest.raises(LutqError, match=r"pkg-doc_1\.0_all\.deb: sha256 .* not one that apt"):
+            fetch_mod.download(src)
+        assert deb.read_bytes() == b"a debian archive"  # reported, not deleted
+    else:  # listed by the index, or no index to ask (not Debian): used as it is
+        assert fetch_mod.download(src) == deb
+
+
+def test_apt_index_sha256s_reads_every_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    fetch_mod = importlib.import_module("lutq.assets.fetch")
+    show = "Package: p\nVersion: 1\nSHA256: " + "a" * 64 + "\n\nPackage: p\nVersion: 2\nSHA256: " + "b" * 64 + "\n"
+    monkeypatch.setattr(fetch_mod.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(fetch_mod, "_run", lambda cmd, cwd: subprocess.CompletedProcess(cmd, 0, show, ""))
+    assert fetch_mod.apt_index_sha256s("p") == {"a" * 64, "b" * 64}
+    monkeypatch.setattr(fetch_mod, "_run", lambda cmd, cwd: subprocess.CompletedProcess(cmd, 100, "", "E: no"))
+    assert fetch_mod.apt_index_sha256s("p") is None
 
 
 # --- token files ----------------------------------------------------------------------------------------

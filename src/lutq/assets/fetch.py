@@ -104,7 +104,10 @@ def download(src: Source) -> Path:
     dl = lutq_home() / "downloads"
     dl.mkdir(parents=True, exist_ok=True)
     for existing in sorted(glob.glob(str(dl / src.filename_glob))):
-        if src.sha256 is None or sha256_file(existing) == src.sha256:
+        if src.sha256 is None:
+            _check_against_apt_index(src, Path(existing))
+            return Path(existing)
+        if sha256_file(existing) == src.sha256:
             return Path(existing)
     with tempfile.TemporaryDirectory(dir=dl) as tmp:
         if src.registry in ("pypi", "pypi-sdist"):
@@ -138,6 +141,33 @@ def download(src: Source) -> Path:
         final = dl / got.name
         shutil.move(str(got), final)
         return final
+
+
+def apt_index_sha256s(package: str) -> set[str] | None:
+    """The SHA256 sums that apt's (signed) package index lists for `package`, every version it knows;
+    None when apt-cache is not there to ask (not Debian) or knows nothing of the package."""
+    if not shutil.which("apt-cache"):
+        return None
+    result = _run(["apt-cache", "show", package], cwd=".")
+    sums = set(re.findall(r"^SHA256: ([0-9a-f]{64})$", result.stdout or "", flags=re.MULTILINE))
+    return sums or None
+
+
+def _check_against_apt_index(src: Source, path: Path) -> None:
+    """A .deb already in downloads/ (fetched earlier, or put there by hand) is checked against apt's index:
+    `apt-get download` verifies what it fetches, but nothing verified a file that was placed by hand."""
+    if src.registry != "apt":
+        return
+    known = apt_index_sha256s(src.package)
+    if known is None:
+        console.print(f"[yellow]{path}: not verified (no apt index lists {src.package} on this machine)[/]")
+        return
+    if (digest := sha256_file(path)) not in known:
+        raise LutqError(
+            f"{path}: sha256 {digest} is not one that apt's signed index lists for {src.package} "
+            f"({', '.join(sorted(known))}); delete the file (or run `apt-get update` if your package lists "
+            "are older than it) and fetch again"
+        )
 
 
 def _run(cmd: list[str], cwd: str) -> subprocess.CompletedProcess[str]:

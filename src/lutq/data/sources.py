@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from lutq.assets.corpora import SPLITS, Document, normalize_conversation, split_documents
 from lutq.core.errors import LutqError
+from lutq.core.hub import hub_offline, hub_unreachable, offline_hub
 
 DEFAULT_VAL_FRACTION = 0.05
 
@@ -175,9 +177,15 @@ def _hf_documents(spec: str) -> list[Document]:
         import datasets
     except ImportError:
         raise LutqError(f"data source {spec!r} needs the `datasets` package (pip install datasets)") from None
+    # Without the hub, datasets retries for ~25 s before it looks in its cache: ask once (3 s) and, when the hub
+    # cannot be reached, load in offline mode (the local cache, or a clear error at once).
+    unreachable = None if hub_offline() else hub_unreachable()
     try:
-        ds = datasets.load_dataset(name, split=split or "train")
+        with offline_hub(datasets.config) if unreachable else nullcontext():
+            ds = datasets.load_dataset(name, split=split or "train")
     except Exception as e:  # network, unknown name, bad split: one clear line
         reason = str(e).splitlines()[0] if str(e) else repr(e)
+        if unreachable:
+            reason += f" (the hub is unreachable: {unreachable}; only the local datasets cache was searched)"
         raise LutqError(f"cannot load {spec!r} with datasets: {reason}") from e
     return list(records_to_documents(((f"{spec}[{i}]", r) for i, r in enumerate(ds)), name))

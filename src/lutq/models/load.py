@@ -5,8 +5,6 @@ can provide it)."""
 from __future__ import annotations
 
 import json
-import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ import torch
 
 from lutq.core.device import resolve_device
 from lutq.core.errors import LutqError
+from lutq.core.hub import hub_offline, hub_unreachable
 
 # HF architecture class -> short name used across lutq (layer patterns, tiny test configs).
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -111,42 +110,6 @@ def lutq_format(cfg: Path) -> str | None:
     return fmt if isinstance(fmt, str) and fmt.startswith("lutq-") else None
 
 
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").strip().upper()
-    return bool(constants.HF_HUB_OFFLINE) or env in ("1", "ON", "YES", "TRUE")
-
-
-def _unreachable(url: str, timeout: float = 3.0) -> str | None:
-    """Why `url`'s host (or the HTTPS proxy in use) cannot be reached within `timeout` seconds, or None.
-
-    A TCP connect in a daemon thread, so neither a slow DNS resolver nor dropped packets can hang the caller; the
-    hub client's own retries would take ~25 s to give up."""
-    import socket
-    import urllib.parse
-    import urllib.request
-
-    proxy = urllib.request.getproxies().get("https")
-    target = urllib.parse.urlsplit(proxy if proxy and "://" in proxy else f"http://{proxy}" if proxy else url)
-    host, port = target.hostname, target.port or (443 if target.scheme == "https" else 80)
-    if not host:
-        return f"no host in {url!r}"
-    result: list[str | None] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result.append(None)
-        except OSError as e:
-            result.append(f"{type(e).__name__}: {e}")
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout + 0.5)
-    return result[0] if result else f"no answer from {host}:{port} within {timeout:.0f}s"
-
-
 def _hub_source(repo_id: str) -> dict[str, Any]:
     """How to load hub id `repo_id`: from the local Hugging Face cache when it holds the model (no network at all),
     else from the hub when it answers; else, within seconds, a LutqError naming the id and the ways out."""
@@ -168,9 +131,9 @@ def _hub_source(repo_id: str) -> dict[str, Any]:
         "model into the Hugging Face cache where the hub is reachable"
     )
     where = f"no such local path, not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
-    if _hub_offline():
+    if hub_offline():
         raise LutqError(f"model {repo_id!r}: {where}, and HF_HUB_OFFLINE is set; {ways}")
-    reason = _unreachable(constants.ENDPOINT)
+    reason = hub_unreachable(constants.ENDPOINT)
     if reason is not None:
         raise LutqError(
             f"model {repo_id!r}: {where}, and the hub {constants.ENDPOINT} is unreachable ({reason}); {ways}"
