@@ -302,7 +302,7 @@ def test_train_resume_with_bad_state_or_changed_mode(fx, tmp_path) -> None:
         save_every=1,
     )
     train(cfg)
-    with pytest.raises(LutqError, match=r"optimizer state .*--mode"):
+    with pytest.raises(LutqError, match=r"cannot resume with mode changed .*--init .*last"):
         train(cfg.replace(steps=2, mode="mlp-only"), resume=True)
     state = run / "last" / "trainer_state" / "state.pt"
     saved = torch.load(state, weights_only=True)

@@ -151,7 +151,11 @@ def train_command(
     if resume is not None:
         if out is not None and Path(out) != Path(resume):
             raise LutqError(f"--resume {resume} continues in place; drop --out {out}")
-        base = RunDir(resume).read_config().get("config", {})
+        if config is not None:
+            raise LutqError(
+                f"--resume {resume} continues the run's own config; drop --config {config} and pass the flags to change"
+            )
+        base = RunDir(resume).resume_config()  # the latest resume's flags (e.g. a longer --steps) carry over
         source, overrides["out"] = f"{resume}/run.json", str(resume)
     else:
         base = TrainConfig.from_file(config).to_dict() if config else {}

@@ -18,6 +18,15 @@ def _import(name: str) -> Any:
         raise LutqError(f"logger {name!r} needs its package: pip install 'lutq[{name}]' ({e})") from e
 
 
+def check_available(names: tuple[str, ...] | list[str]) -> None:
+    """Import each requested tracker now: an unknown or missing one is a one-line LutqError before a run starts
+    (building and quantizing the student can take minutes)."""
+    for name in names:
+        if name not in _PACKAGES:
+            raise LutqError(f"unknown logger {name!r}; choose from {', '.join(_PACKAGES)}")
+        _import(name)
+
+
 class Trackers:
     """Fan-out of numeric metrics to the requested trackers; a no-op when none were requested."""
 

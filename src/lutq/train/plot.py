@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lutq.core.atomic import atomic_write_bytes
 from lutq.core.errors import LutqError
+from lutq.core.labels import distinct_labels
 from lutq.train.run_dir import RunDir
 
 
@@ -29,23 +30,24 @@ def plot_runs(
 
     if not runs:
         raise LutqError("plot: give at least one run directory")
+    for run in runs:
+        if not RunDir(run).jsonl.is_file():
+            raise LutqError(f"{RunDir(run).jsonl}: missing; is {run} a lutq train run directory?")
     fig, ax = plt.subplots(figsize=(9, 5))
     drawn = 0
-    for i, run in enumerate(runs):
-        rd = RunDir(run)
-        if not rd.jsonl.is_file():
-            raise LutqError(f"{rd.jsonl}: missing; is {run} a lutq train run directory?")
-        rows = rd.rows()
+    for i, (run, name) in enumerate(zip(runs, distinct_labels([Path(r).resolve() for r in runs]), strict=True)):
+        rows = RunDir(run).rows()
         color = f"C{i % 10}"
         steps, vals = _series(rows, train_key)
         if steps:
-            ax.plot(steps, vals, color=color, alpha=0.6, lw=1, label=f"{rd.path.name} train")
+            ax.plot(steps, vals, color=color, alpha=0.6, lw=1, label=f"{name} train")
             drawn += 1
         steps, vals = _series(rows, eval_key)
         if steps:
-            ax.plot(steps, vals, color=color, marker="o", lw=2, label=f"{rd.path.name} val")
+            ax.plot(steps, vals, color=color, marker="o", lw=2, label=f"{name} val")
             drawn += 1
     if not drawn:
+        plt.close(fig)
         raise LutqError(f"plot: no {train_key!r} or {eval_key!r} values in {', '.join(map(str, runs))}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (KD + the run's extra terms)" if train_key == "loss" else train_key)

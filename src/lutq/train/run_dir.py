@@ -126,9 +126,11 @@ class RunDir:
                 continue
         return out
 
-    def truncate(self, step: int) -> None:
-        """Keep only rows with row['step'] <= step in both logs (used when resuming from `step`)."""
-        columns = self.columns()
+    def truncate(self, step: int, columns: list[str] | None = None) -> None:
+        """Keep only rows with row['step'] <= step in both logs (used when resuming from `step`); `columns`
+        replaces the CSV header (a resume that adds a --ppl-text), the rows are rewritten from train.jsonl."""
+        columns = list(columns) if columns is not None else self.columns()
+        self._columns = columns
         rows = [r for r in self.rows() if r.get("step", 0) <= step]
         atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
         atomic_write_text(
@@ -143,7 +145,23 @@ class RunDir:
             f.unlink(missing_ok=True)
         self._columns = None
 
+    def ppl_names(self) -> list[str]:
+        """The held-out texts this run's CSV has a perplexity column for."""
+        return [c.removeprefix("eval_ppl_") for c in self.columns() if c.startswith("eval_ppl_")]
+
     # -- checkpoints ----------------------------------------------------------------------------------
+    def resume_config(self) -> dict[str, Any]:
+        """The TrainConfig (a dict) a resume continues: the one the resume checkpoint was saved under (so the
+        flags of an earlier --resume, e.g. a longer --steps, carry over), else run.json's."""
+        config = self.read_config().get("config", {})
+        try:
+            ckpt = self.resume_checkpoint()
+        except LutqError:
+            return config  # the trainer says why there is nothing to resume
+        info = read_json(ckpt / "config.json", what="lutq checkpoint")
+        saved = info.get("extra", {}).get("train", {}).get("config") if isinstance(info, dict) else None
+        return saved if isinstance(saved, dict) else config
+
     def resume_checkpoint(self) -> Path:
         """The checkpoint to resume from: last/, or the previous last/ that a kill in the middle of its
         replacement left as .last.old-*; stale temporary directories are removed."""
@@ -156,7 +174,8 @@ class RunDir:
             return old[-1]
         raise LutqError(
             f"{self.path}: nothing to resume from (no last/ checkpoint with trainer_state; "
-            "the run was killed before its first save)"
+            "the run was killed before its first save); start it again: remove the directory or choose another --out "
+            "(`lutq train` also takes --overwrite)"
         )
 
 

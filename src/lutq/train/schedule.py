@@ -35,3 +35,20 @@ def make_scheduler(optimizer: Any, *, total: int, warmup: int, min_ratio: float)
     from torch.optim.lr_scheduler import LambdaLR
 
     return LambdaLR(optimizer, lr_lambda(total=total, warmup=warmup, min_ratio=min_ratio))
+
+
+def rebase_scheduler(scheduler: Any, peak_lr: float) -> None:
+    """After a resume loaded a saved LambdaLR + optimizer state: make the schedule this run's.
+
+    `load_state_dict` brings back the saved peak (`base_lrs`, the groups' `initial_lr`) and the groups' lr for
+    the saved step under the saved schedule, so a changed `--lr` would be ignored and a changed `--steps` /
+    `--warmup` / `--min-lr-ratio` would only apply from the second resumed step. The peak becomes `peak_lr`
+    and each group's lr what the (rebuilt) lambda gives at the saved step: the same floats as LambdaLR's own
+    step, so an unchanged run resumes to the bit.
+    """
+    groups = scheduler.optimizer.param_groups
+    scheduler.base_lrs = [peak_lr for _ in groups]
+    for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]
