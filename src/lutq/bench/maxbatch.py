@@ -19,6 +19,12 @@ class FakeOOM(RuntimeError):
     """Raised by a simulated memory limit (tests, dry runs) exactly where a real OOM would be."""
 
 
+# What torch's allocators say when an allocation fails: CUDA and MPS say "out of memory"; the CPU allocator
+# says "DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes. Error code 12 (Cannot
+# allocate memory)".
+OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
 def is_oom(exc: BaseException) -> bool:
     """True for out-of-memory errors from torch (CUDA, MPS, CPU allocator) or a `FakeOOM`."""
     if isinstance(exc, FakeOOM):
@@ -30,7 +36,8 @@ def is_oom(exc: BaseException) -> bool:
             return True
     except ImportError:
         pass
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m in text for m in OOM_MESSAGES)
 
 
 @dataclass

@@ -133,6 +133,15 @@ class QATBenchConfig(ConfigBase):
             raise LutqError("bench qat: --profile times one batch per configuration; drop --find-max-batch")
         if min(self.seq_lens, default=0) < 2 or self.batch < 1 or self.steps < 1 or self.topk < 1:
             raise LutqError("bench qat: seq lens must be >= 2, batch, steps and topk >= 1")
+        if self.warmup < 0:
+            raise LutqError(f"bench qat: --warmup must be >= 0, got {self.warmup}")
+        if self.find_max_batch and not 1 <= self.max_batch_lo <= self.max_batch_hi:
+            raise LutqError(
+                f"bench qat: --max-batch {self.max_batch_hi} is below the search's smallest batch "
+                f"{self.max_batch_lo}; give --max-batch >= {max(1, self.max_batch_lo)}"
+            )
+        if self.find_max_batch and self.max_batch_multiple < 1:
+            raise LutqError(f"bench qat: max_batch_multiple must be >= 1, got {self.max_batch_multiple}")
 
 
 def check_shape(shape: str) -> None:

@@ -3,6 +3,7 @@ generation, streamed output. `generate_reply` is what `lutq chat` and the tests 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,12 +31,15 @@ class ChatConfig(ConfigBase):
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise LutqError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.greedy and self.temperature <= 0:
-            raise LutqError(f"temperature must be > 0 when sampling (or use --greedy), got {self.temperature}")
+        # written as `not (x > 0)` so that NaN (which `--temperature nan` parses to) is refused too
+        if not self.greedy and not 0 < self.temperature < math.inf:
+            raise LutqError(
+                f"temperature must be > 0 and finite when sampling (or use --greedy), got {self.temperature}"
+            )
         if not 0 < self.top_p <= 1:
             raise LutqError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise LutqError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise LutqError(f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty}")
 
 
 def supports_thinking(tokenizer: Any) -> bool:

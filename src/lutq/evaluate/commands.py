@@ -33,11 +33,13 @@ def ppl_cmd(
     """Sliding-window perplexity (documents joined by a blank line; every token after the first scored once)."""
     from lutq.core.atomic import atomic_write_json
     from lutq.evaluate.compare import load_text
-    from lutq.evaluate.perplexity import perplexity
+    from lutq.evaluate.perplexity import PplConfig, perplexity
     from lutq.evaluate.size import model_size, size_table
     from lutq.models import load_model
 
-    texts = {spec: load_text(spec) for spec in text}  # a bad text spec fails before the model loads
+    # bad window options and text specs fail before the model loads
+    PplConfig(max_length=max_length, stride=stride, batch_size=batch_size, max_tokens=max_tokens).validate()
+    texts = {spec: load_text(spec) for spec in text}
     m, tok = load_model(model, dtype=dtype, device=resolve_device(device))
     size = model_size(m)
     console.print(size_table(size, title=f"size of {model}"))

@@ -13,6 +13,7 @@ from typing import Any
 from lutq.core.configs import ConfigBase
 from lutq.core.console import console
 from lutq.core.errors import LutqError
+from lutq.core.labels import distinct_labels
 
 
 @dataclass
@@ -89,6 +90,11 @@ class CompareResult:
         return "\n".join(lines) + "\n\n" + note + "\n"
 
 
+def model_labels(specs: Sequence[str]) -> dict[str, str]:
+    """{label: spec}, one short distinct label per spec (lutq.core.labels.distinct_labels)."""
+    return dict(zip(distinct_labels(specs), specs, strict=True))
+
+
 def _fmt(v: float | None, digits: int) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
@@ -110,6 +116,8 @@ def evaluate_model(
     from lutq.evaluate.perplexity import perplexity
     from lutq.evaluate.size import model_size
 
+    if cache is not None:  # a student the cache cannot score fails before minutes of perplexity, not after
+        cache.check_tokenizer(tokenizer, model)
     size = model_size(model)
     row: dict[str, Any] = {"size": size, "ppl": {}, "ppl_tokens": {}, "kd": None}
     for name, docs in texts.items():
@@ -127,7 +135,6 @@ def evaluate_model(
     if cache is not None:
         from lutq.kd import evaluate_kd
 
-        cache.check_tokenizer(tokenizer, model)
         row["kd"] = evaluate_kd(
             model, cache, split=cfg.kd_split, batch_size=cfg.kd_batch_size, max_batches=cfg.kd_max_batches
         )
@@ -148,11 +155,17 @@ def compare(
     from lutq.models import load_model
 
     cfg = CompareConfig.from_dict(options, source="compare options")
-    labelled = dict(models) if isinstance(models, Mapping) else {Path(str(m)).name or str(m): str(m) for m in models}
+    labelled = dict(models) if isinstance(models, Mapping) else model_labels([str(m) for m in models])
     if not labelled:
         raise LutqError("compare: no models given")
     if not texts and not cache:
         raise LutqError("compare: nothing to measure; give texts (--text) and/or a KD cache (--cache)")
+    if texts:  # bad window options fail before the first model loads
+        from lutq.evaluate.perplexity import PplConfig
+
+        PplConfig(
+            max_length=cfg.max_length, stride=cfg.stride, batch_size=cfg.batch_size, max_tokens=cfg.max_tokens
+        ).validate()
     docs = {spec: load_text(spec) for spec in texts}
     kd_cache = None
     if cache:

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import resource
 import time
 from typing import Any
 
 import torch
 
+from lutq.bench.timing import peak_memory_mb
 from lutq.core.device import resolve_device
 from lutq.core.errors import LutqError
 from lutq.pretrain.config import PretrainConfig
@@ -38,6 +38,8 @@ def bench_pretrain(
     (MFU is None on a CPU or an unknown GPU)."""
     if steps < 1 or warmup < 0:
         raise LutqError(f"bench needs steps >= 1 and warmup >= 0, got {steps} / {warmup}")
+    if seq_len < 1 or micro_batch < 1:
+        raise LutqError(f"bench pretrain needs --seq-len and --micro-batch >= 1, got {seq_len} / {micro_batch}")
     dev = resolve_device(device)
     precision = resolve_precision(dtype, dev)
     cfg = ModelConfig.preset(size, vocab_size=vocab_size, variant=variant, **model_overrides)
@@ -75,10 +77,7 @@ def bench_pretrain(
     n_params = count_params(model)
     fpt = flops_per_token(cfg, seq_len, n_params)
     peak = peak_flops(dev)
-    if dev.type == "cuda":
-        peak_mem = torch.cuda.max_memory_allocated(dev)
-    else:
-        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak RSS (Linux: KiB)
+    peak_mem = peak_memory_mb(dev) * 2**20  # CUDA: max allocated; CPU: the process's peak RSS (KiB or bytes)
     return {
         "size": size,
         "variant": variant,

@@ -108,10 +108,12 @@ def pretrain_command(
     from lutq.pretrain.train import load_run_config, pretrain
 
     if resume:
-        ignored = sorted(k for k in flags if k not in RUNTIME_FIELDS)
+        # --data may point at the token file's new place (its identity is checked against run.json)
+        changeable = (*RUNTIME_FIELDS, "data")
+        ignored = sorted(k for k in flags if k not in changeable)
         if ignored:
             console.print(f"[yellow]note:[/] --resume uses the run's own config; ignoring {', '.join(ignored)}")
-        cfg = load_run_config(resume).replace(**{k: v for k, v in flags.items() if k in RUNTIME_FIELDS})
+        cfg = load_run_config(resume).replace(**{k: v for k, v in flags.items() if k in changeable})
         pretrain(cfg, run=run, resume=True)
         return
     base = PretrainConfig.from_file(config) if config else PretrainConfig()

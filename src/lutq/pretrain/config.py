@@ -6,6 +6,7 @@ built-in default. The resolved config is what `run.json` records and what a resu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,6 +143,13 @@ class PretrainConfig(ConfigBase):
         for name in ("seq_len", "micro_batch", "grad_accum", "steps", "eval_iters", "log_every"):
             if getattr(c, name) <= 0:
                 raise LutqError(f"{name} must be positive, got {getattr(c, name)}")
+        for name in ("eval_every", "save_every", "sample_tokens", "warmup"):
+            if getattr(c, name) < 0:
+                raise LutqError(f"{name} must be >= 0 (0: never / none), got {getattr(c, name)}")
+        if c.stop_after is not None and c.stop_after < 1:
+            raise LutqError(f"stop_after must be at least 1 step, got {c.stop_after}")
+        if c.time_limit is not None and not c.time_limit > 0:
+            raise LutqError(f"time_limit must be a positive number of minutes, got {c.time_limit}")
         if not 0 < c.val_fraction < 1:
             raise LutqError(f"val_fraction must be in (0, 1), got {c.val_fraction}")
         parse_seq_schedule(c.seq_schedule)
@@ -188,6 +196,21 @@ def unused_seq_len_note(seq_len: int | None, seq_schedule: str | None) -> str | 
     return (
         f"--seq-len {seq_len} is not used: the seq schedule {seq_schedule!r} sets the length from step 0 "
         f"(training starts at {schedule[0][0]}); --seq-len applies only before the schedule's first entry"
+    )
+
+
+def heldout_overlap_note(plan: Plan, meta: dict[str, Any]) -> str | None:
+    """A note when the token file's held-out documents (its last `heldout_tail_tokens` tokens, the `SRC:val`
+    split) reach into the part the run trains on: `lutq eval ppl --text SRC:val` would then score text the
+    model was trained on. None when they all lie in the held-out tail (or the meta does not say)."""
+    heldout = meta.get("heldout_tail_tokens")
+    if not isinstance(heldout, int) or isinstance(heldout, bool) or heldout <= plan.val_tokens:
+        return None
+    fraction = math.ceil(heldout / (plan.train_tokens + plan.val_tokens) * 1e4) / 1e4
+    return (
+        f"the token file's held-out documents are its last {heldout:,} tokens, but only {plan.val_tokens:,} are "
+        f"held out (val_fraction): {heldout - plan.val_tokens:,} tokens of them are trained on, so perplexity on "
+        f"the sources' :val split is no longer held-out; use --val-fraction {fraction:g} or more"
     )
 
 
@@ -286,6 +309,11 @@ def make_plan(cfg: PretrainConfig, n_tokens: int, vocab_size: int, world_size: i
         flops=flops,
         notes=notes,
     )
+    if cfg.warmup >= steps:
+        notes.append(
+            f"--warmup {cfg.warmup} is not shorter than the run ({steps:,} steps): warmup is cut to "
+            f"{max(0, steps - 1)} steps and the lr never decays (the last step runs at the peak lr)"
+        )
     if plan.epochs > 1:
         notes.append(
             f"the plan reads the training tokens {plan.epochs:.1f} times (epochs > 1): expect repetition "

@@ -17,6 +17,7 @@ matrices, while norm gains, temperatures and null slots stay fp32 so small updat
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -35,8 +36,15 @@ from lutq.data.tokens import TokenData
 from lutq.models import load_trainer_state
 from lutq.models.checkpoint import load_optimizer_state
 from lutq.models.runtime import AUTO_PRECISIONS, auto_picks_bf16
-from lutq.pretrain.checkpoint import load_weights_into, save_pretrain_checkpoint
-from lutq.pretrain.config import RUNTIME_FIELDS, Plan, PretrainConfig, make_plan, unused_seq_len_note
+from lutq.pretrain.checkpoint import load_weights_into, read_pretrain_config, save_pretrain_checkpoint
+from lutq.pretrain.config import (
+    RUNTIME_FIELDS,
+    Plan,
+    PretrainConfig,
+    heldout_overlap_note,
+    make_plan,
+    unused_seq_len_note,
+)
 from lutq.pretrain.flops import device_name, mfu, peak_flops
 from lutq.pretrain.model import GPT, flops_per_token
 from lutq.train.run_dir import RunDir
@@ -241,12 +249,50 @@ def load_run_config(run: str | Path) -> PretrainConfig:
 
 
 def _check_resume_config(saved: PretrainConfig, cfg: PretrainConfig, run: Path) -> None:
+    # `data` may name another path (the token file moved with the run): _check_resume_run checks its identity
     a, b = saved.to_dict(), cfg.to_dict()
-    diff = sorted(k for k in a if k not in RUNTIME_FIELDS and a[k] != b.get(k))
+    diff = sorted(k for k in a if k not in (*RUNTIME_FIELDS, "data") and a[k] != b.get(k))
     if diff:
         raise LutqError(
             f"{run}: cannot resume exactly, the config differs from run.json in "
             + ", ".join(f"{k} ({a[k]!r} -> {b.get(k)!r})" for k in diff)
+        )
+
+
+# What a resume must find unchanged in the token file (run.json records it)
+DATA_IDENTITY = ("tokenizer_fingerprint", "vocab_size", "eos_id", "tokens", "sample_sha256")
+
+
+def data_digest(data: TokenData, samples: int = 4096) -> str:
+    """sha256 of the token count and of `samples` tokens at evenly spaced positions: tells a re-prepared or
+    replaced token file apart without reading all of it (a copy of the same file has the same digest)."""
+    idx = np.linspace(0, len(data) - 1, min(samples, len(data))).round().astype(np.int64)
+    h = hashlib.sha256(str(len(data)).encode())
+    h.update(np.asarray(data.tokens[idx], dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def data_record(data: TokenData) -> dict[str, Any]:
+    """The token file's identity as run.json records it."""
+    meta = {k: data.meta.get(k) for k in ("tokenizer", "tokenizer_fingerprint", "vocab_size", "eos_id", "tokens")}
+    return meta | {"sources": data.meta.get("sources"), "sample_sha256": data_digest(data)}
+
+
+def _check_resume_run(saved: dict[str, Any], data: TokenData, world_size: int, run: Path) -> None:
+    """Refuse a resume that cannot be exact for reasons outside the config: another number of processes (the
+    global batch is micro x accum x world) or a token file that is not the one the run started on (other
+    windows, and a held-out tail that may now hold tokens already trained on)."""
+    if saved.get("world_size") is not None and int(saved["world_size"]) != world_size:
+        raise LutqError(
+            f"{run}: cannot resume exactly, the run was started with world size {saved['world_size']} and this "
+            f"invocation has {world_size} (the global batch would change); resume with as many processes"
+        )
+    recorded, now = saved.get("data") or {}, data_record(data)
+    diff = [k for k in DATA_IDENTITY if recorded.get(k) is not None and now[k] is not None and recorded[k] != now[k]]
+    if diff:
+        raise LutqError(
+            f"{run}: cannot resume exactly, the token file {data.path} is not the one the run started on: "
+            + ", ".join(f"{k} ({recorded[k]!r} -> {now[k]!r})" for k in diff)
         )
 
 
@@ -338,6 +384,8 @@ def _pretrain(cfg: PretrainConfig, dist: DistContext, *, run: bool, resume: bool
     plan = make_plan(cfg, len(data), data.vocab_size, dist.world_size)
     if not resume and (note := unused_seq_len_note(explicit_seq_len, cfg.seq_schedule)):
         plan.notes.append(note)
+    if note := heldout_overlap_note(plan, data.meta):
+        plan.notes.append(note)
     if dist.is_main:
         print_plan(plan, cfg, precision, device)
     result: dict[str, Any] = {
@@ -356,6 +404,7 @@ def _pretrain(cfg: PretrainConfig, dist: DistContext, *, run: bool, resume: bool
     run_dir = RunDir(cfg.out)
     if resume:
         _check_resume_config(load_run_config(run_dir.path), cfg, run_dir.path)
+        _check_resume_run(run_dir.read_config(), data, dist.world_size, run_dir.path)
     elif run_dir.exists():
         raise LutqError(
             f"{run_dir.path} already holds a run; continue it with --resume {run_dir.path} or choose another --out"
@@ -380,10 +429,7 @@ def _pretrain(cfg: PretrainConfig, dist: DistContext, *, run: bool, resume: bool
                 "model": plan.model.to_dict(),
                 "params": plan.params,
                 "world_size": dist.world_size,
-                "data": {
-                    k: data.meta.get(k)
-                    for k in ("tokenizer", "tokenizer_fingerprint", "vocab_size", "eos_id", "tokens", "sources")
-                },
+                "data": data_record(data),
             }
         )
         run_dir.start_logs(COLUMNS)
@@ -426,8 +472,8 @@ def _pretrain(cfg: PretrainConfig, dist: DistContext, *, run: bool, resume: bool
             loss = all_mean(loss_t, dist).item()
             if not math.isfinite(loss):
                 raise LutqError(
-                    f"loss is {loss} at step {state.step + 1}; lower --lr or check the data "
-                    f"(last good checkpoint: {run_dir.last})"
+                    f"{run_dir.path}: loss is {loss} at step {state.step + 1}; lower --lr or check the data "
+                    f"({_last_checkpoint_note(run_dir)})"
                 )
             dt = time.perf_counter() - t0
             state.step += 1
@@ -490,6 +536,17 @@ def _pretrain(cfg: PretrainConfig, dist: DistContext, *, run: bool, resume: bool
     return result
 
 
+def _last_checkpoint_note(run_dir: RunDir) -> str:
+    """The last good checkpoint of a run stopped by a bad loss: last/ and its step, or that none was saved."""
+    if not (run_dir.last / "trainer_state" / "state.pt").is_file():
+        return "no checkpoint was saved before it: start again, e.g. with a lower --lr"
+    try:
+        step = read_pretrain_config(run_dir.last).get("extra", {}).get("step", "?")
+    except LutqError:
+        step = "?"
+    return f"last good checkpoint: {run_dir.last} at step {step}"
+
+
 def _load_tokenizer(data: TokenData) -> Any:
     try:
         return data.load_tokenizer()
@@ -510,8 +567,11 @@ def generate_sample(
     """A sampled continuation (temperature 0.8, top-k 50, seeded) of the first held-out tokens."""
     device = next(model.parameters()).device
     start = plan.train_tokens
+    # begin at a document, when one starts early in the tail with a whole prompt after it (the file ends with
+    # EOS: a tail inside one long document has its only EOS last, and an empty prompt cannot be sampled from)
     eos = np.nonzero(np.asarray(data.tokens[start : start + 4096]) == data.eos_id)[0]
-    start += int(eos[0]) + 1 if len(eos) and eos[0] + 1 + prompt_tokens < 4096 else 0  # begin at a document
+    if len(eos) and eos[0] + 1 + prompt_tokens < 4096 and start + eos[0] + 1 + prompt_tokens <= len(data):
+        start += int(eos[0]) + 1
     prompt = torch.from_numpy(np.asarray(data.tokens[start : start + prompt_tokens]).astype(np.int64))[None].to(device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     model.eval()
