@@ -210,3 +210,13 @@ def require_asset(name: str) -> None:
 
     if not is_fetched(name):
         pytest.skip(f"asset {name!r} not fetched; run `lutq assets fetch {name}` (make test does)")
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited and been reaped (to fake what a killed lutq process left)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid  # no process has it now (pids are not reused this quickly)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from lutq.core import ConfigBase, LutqError, atomic_dir, atomic_write_json, lutq_home
+from lutq.testing import dead_pid
 
 
 @dataclass
@@ -47,6 +48,57 @@ def test_config_refuses_unknown_keys(tmp_path: Path) -> None:
         Outer.from_file(tmp_path / "missing.toml")
 
 
+@dataclass
+class Typed(ConfigBase):
+    flag: bool = False
+    mode: str = "all"
+    kind: str | None = None
+    steps: int | None = None
+    pair: tuple[int, int] = (1, 2)
+    table: dict[str, int] = field(default_factory=dict)
+
+
+@pytest.mark.parametrize(
+    ("data", "where", "expected"),
+    [
+        ({"lr": "1e-3"}, "lr", "a number"),
+        ({"lr": True}, "lr", "a number"),
+        ({"inner": {"rank": 1.5}}, "inner.rank", "an integer"),
+        ({"inner": {"rank": "4"}}, "inner.rank", "an integer"),
+        ({"inner": 4}, "inner", "a table of Inner settings"),
+        ({"sizes": 3}, "sizes", "a list"),
+        ({"sizes": [1, "2"]}, r"sizes\[1\]", "an integer"),
+        ({"name": 3}, "name", "a string"),
+    ],
+)
+def test_config_refuses_wrong_types_naming_file_and_key(tmp_path: Path, data, where, expected) -> None:
+    with pytest.raises(LutqError, match=rf"^cfg\.toml\.{where}: expected {expected}, got"):
+        Outer.from_dict(data, source="cfg.toml")
+
+
+def test_config_type_checks_flags_optionals_and_fixed_tuples() -> None:
+    for data, msg in [
+        ({"flag": "yes"}, "flag: expected true or false"),
+        ({"flag": 1}, "flag: expected true or false"),
+        ({"steps": 2.5}, "steps: expected an integer"),
+        ({"pair": [1]}, "pair: expected 2 values"),
+        ({"table": [1]}, "table: expected a table"),
+    ]:
+        with pytest.raises(LutqError, match=msg):
+            Typed.from_dict(data, source="t")
+    ok = Typed.from_dict({"flag": True, "mode": Path("p"), "kind": None, "steps": 3, "pair": [3, 4], "table": {}})
+    assert (ok.flag, ok.mode, ok.kind, ok.steps, ok.pair) == (True, "p", None, 3, (3, 4))
+
+
+def test_a_partial_nested_table_keeps_the_other_defaults() -> None:
+    from lutq.quant.presets import QuantConfig
+
+    # [mlp] lut_kind = "kmeans" alone: the MLP stays QuantConfig's 4 entries at rank 32 (was LayerSpec's 16 / 4)
+    cfg = QuantConfig.from_dict({"mlp": {"lut_kind": "kmeans"}}, source="q.toml")
+    assert (cfg.mlp.lut_size, cfg.mlp.rank, cfg.mlp.lut_kind) == (4, 32, "kmeans")
+    assert Outer.from_dict({"inner": {}}).inner.rank == 4
+
+
 def test_atomic_dir_keeps_old_on_failure(tmp_path: Path) -> None:
     target = tmp_path / "d"
     with atomic_dir(target) as tmp:
@@ -68,15 +120,6 @@ def test_lutq_home_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert lutq_home() == tmp_path / "h" and (tmp_path / "h").is_dir()
 
 
-def _dead_pid() -> int:
-    import subprocess
-    import sys
-
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid  # exited and reaped: no process has it (pids are not reused this quickly)
-
-
 def test_atomic_dir_swaps_in_one_step_and_leaves_nothing_behind(tmp_path: Path, monkeypatch) -> None:
     import lutq.core.atomic as atomic
 
@@ -94,7 +137,7 @@ def test_atomic_dir_swaps_in_one_step_and_leaves_nothing_behind(tmp_path: Path, 
 
 
 def test_atomic_dir_puts_right_what_a_kill_left(tmp_path: Path) -> None:
-    target, dead = tmp_path / "ckpt", _dead_pid()
+    target, dead = tmp_path / "ckpt", dead_pid()
     parked = tmp_path / f".ckpt.old-{dead}"  # killed between its two renames: the old dir parked, no target
     parked.mkdir()
     (parked / "f").write_text("old")
@@ -108,3 +151,18 @@ def test_atomic_dir_puts_right_what_a_kill_left(tmp_path: Path) -> None:
     with atomic_dir(target) as tmp:
         (tmp / "f").write_text("new")
     assert (target / "f").read_text() == "new" and mine.is_dir()
+
+
+def test_atomic_write_removes_what_a_killed_writer_left(tmp_path: Path) -> None:
+    from lutq.core.atomic import atomic_write_bytes
+
+    dead = dead_pid()
+    stale = tmp_path / f".shard.bin.{dead}.x1y2.tmp"  # a SIGKILL in the middle of writing shard.bin
+    stale.write_bytes(b"\0" * 100)
+    live = tmp_path / f".shard.bin.{os.getpid()}.live.tmp"  # another writer of this process, still running
+    live.write_bytes(b"")
+    other = tmp_path / f".other.bin.{dead}.x1y2.tmp"  # another file's: left for its own next write
+    other.write_bytes(b"")
+    atomic_write_bytes(tmp_path / "shard.bin", b"data")
+    assert (tmp_path / "shard.bin").read_bytes() == b"data"
+    assert not stale.exists() and live.exists() and other.exists()

@@ -657,3 +657,18 @@ def test_token_meta_eos_outside_the_vocabulary_is_refused(tmp_path: Path, tok_di
     meta_path(data.path).write_text(json.dumps(meta))
     with pytest.raises(LutqError, match="eos_id"):
         TokenData.open(data.path)
+
+
+def test_save_checkpoint_never_replaces_a_directory_of_something_else(tmp_path: Path) -> None:
+    from lutq.models import save_checkpoint
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("precious")
+    with pytest.raises(LutqError, match=r"data: exists, is not empty and is not a lutq checkpoint"):
+        save_checkpoint(data, model, tok)
+    assert (data / "notes.txt").read_text() == "precious"
+    save_checkpoint(tmp_path / "ckpt", model, tok)
+    save_checkpoint(tmp_path / "ckpt", model, tok)  # a checkpoint is replaced whole
+    assert (tmp_path / "ckpt" / "config.json").is_file()

@@ -12,9 +12,11 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from lutq.core.errors import LutqError
 
 
 def _fsync_dir(path: Path) -> None:
@@ -27,10 +29,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write `data` to `path` atomically (temp file in the same directory + os.replace)."""
+    """Write `data` to `path` atomically (temp file `.NAME.PID.*.tmp` in the same directory + os.replace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_scratch(path)  # a temp file that a killed writer of `path` left (it can be as large as a shard)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -156,6 +159,41 @@ def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = True) -> Itera
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(path.parent)
+
+
+def check_replaceable(
+    out: str | os.PathLike[str],
+    *,
+    what: str,
+    is_ours: Callable[[Path], bool],
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    may_be_input: bool = False,
+    input_what: str = "input",
+) -> None:
+    """Refuse, before any work, an OUT that a command writing a whole directory (`atomic_dir`) must not replace.
+
+    OUT may be new, an empty directory, or `what` (`is_ours(OUT)`: a previous output of the same kind, replaced
+    on success). It may never be a file, a non-empty directory of anything else, or a directory holding one of
+    the `inputs`; nor an input itself unless `may_be_input` (an in-place rewrite of a checkpoint)."""
+    out = Path(out)
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not out.is_dir():
+        raise LutqError(f"{out}: exists and is not a directory; choose another OUT")
+    dst = out.resolve()
+    for src in inputs:
+        if not Path(src).exists():
+            continue
+        src_path = Path(src).resolve()
+        if dst in src_path.parents or (dst == src_path and not may_be_input):
+            raise LutqError(
+                f"{out}: is or holds the {input_what} {src}, which writing OUT would delete; choose another OUT"
+            )
+    if any(out.iterdir()) and not is_ours(out):
+        raise LutqError(
+            f"{out}: exists, is not empty and is not {what}; writing OUT replaces the whole directory: remove it "
+            "or choose another OUT"
+        )
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import tomllib
 import types
 import typing
@@ -40,6 +41,9 @@ class ConfigBase:
         hints = typing.get_type_hints(cls)
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
+            default = _default(names[key])
+            if isinstance(value, dict) and isinstance(default, ConfigBase) and type(default) is hints.get(key):
+                value = {**default.to_dict(), **value}  # a partial table changes only the keys it names
             kwargs[key] = _coerce(hints.get(key), value, f"{source}.{key}")
         return cls(**kwargs)
 
@@ -62,18 +66,72 @@ class ConfigBase:
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
-    if hint is None or value is None:
+    """`value` (from TOML / JSON / a dict) as the field's type `hint`, or a LutqError naming `where` (file.key):
+    a string where a number belongs, a float for an int, a number for a flag are mistakes, not settings."""
+    if hint is None or hint is Any or value is None:
         return value
-    origin = typing.get_origin(hint)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _coerce(args[0], value, where) if len(args) == 1 else value
-    if isinstance(hint, type) and issubclass(hint, ConfigBase) and isinstance(value, dict):
-        return hint.from_dict(value, source=where)
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _coerce(option, value, where)
+            except LutqError as e:
+                errors.append(e)
+        if len(options) == 1:
+            raise errors[0]
+        raise LutqError(f"{where}: expected {_name(hint)}, got {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise LutqError(f"{where}: expected one of {list(args)}, got {value!r}")
+        return value
+    if isinstance(hint, type) and issubclass(hint, ConfigBase):
+        if isinstance(value, hint):
+            return value
+        if isinstance(value, dict):
+            return hint.from_dict(value, source=where)
+        raise LutqError(f"{where}: expected a table of {hint.__name__} settings, got {value!r}")
+    if hint is bool:
+        return _expect(value, isinstance(value, bool), "true or false", where)
+    if hint is int:
+        return _expect(value, isinstance(value, numbers.Integral) and not isinstance(value, bool), "an integer", where)
+    if hint is float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        return float(_expect(value, ok, "a number", where))
+    if hint is str:
+        return str(_expect(value, isinstance(value, str | Path), "a string", where))
     if hint is Path:
-        return Path(value)
-    if origin is tuple and isinstance(value, list):
-        return tuple(value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        return Path(_expect(value, isinstance(value, str | Path), "a path (string)", where))
+    if origin in (tuple, list):
+        _expect(value, isinstance(value, list | tuple), "a list", where)
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            items = [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+        elif origin is tuple and args:
+            if len(args) != len(value):
+                raise LutqError(f"{where}: expected {len(args)} values, got {value!r}")
+            items = [_coerce(h, v, f"{where}[{i}]") for i, (h, v) in enumerate(zip(args, value, strict=True))]
+        else:
+            items = [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        return _expect(value, isinstance(value, dict), "a table", where)
     return value
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _expect(value: Any, ok: bool, what: str, where: str) -> Any:
+    if not ok:
+        raise LutqError(f"{where}: expected {what}, got {value!r}")
+    return value
+
+
+def _name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

@@ -61,7 +61,7 @@ def offline_hub(*modules: Any) -> Iterator[None]:
     datasets.config) and restores them after."""
     from huggingface_hub import constants
 
-    targets = [constants, *modules]
+    targets = [constants, *(m for m in modules if m is not None)]
     saved = [
         (m, name, getattr(m, name))
         for m in targets

@@ -181,7 +181,7 @@ def _hf_documents(spec: str) -> list[Document]:
     # cannot be reached, load in offline mode (the local cache, or a clear error at once).
     unreachable = None if hub_offline() else hub_unreachable()
     try:
-        with offline_hub(datasets.config) if unreachable else nullcontext():
+        with offline_hub(getattr(datasets, "config", None)) if unreachable else nullcontext():
             ds = datasets.load_dataset(name, split=split or "train")
     except Exception as e:  # network, unknown name, bad split: one clear line
         reason = str(e).splitlines()[0] if str(e) else repr(e)

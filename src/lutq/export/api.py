@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lutq.core.atomic import check_replaceable
 from lutq.core.configs import ConfigBase
 from lutq.core.console import console
 from lutq.core.errors import LutqError
@@ -84,19 +85,13 @@ def _is_lutq_export(path: Path) -> bool:
 def check_out(out: Path, ckpt: str | Path | nn.Module) -> None:
     """OUT may be new, an empty directory or a previous lutq export (replaced atomically on success); never the
     checkpoint being exported or a directory holding it, a file, or a directory of anything else."""
-    if not (out.exists() or out.is_symlink()):
-        return
-    if not out.is_dir():
-        raise LutqError(f"{out}: exists and is not a directory; choose another OUT")
-    if not isinstance(ckpt, nn.Module) and Path(ckpt).exists():
-        src, dst = Path(ckpt).resolve(), out.resolve()
-        if dst == src or dst in src.parents:
-            raise LutqError(f"{out}: is (or holds) the checkpoint {ckpt} being exported; choose another OUT")
-    if any(out.iterdir()) and not _is_lutq_export(out):
-        raise LutqError(
-            f"{out}: exists, is not empty and is not a previous lutq export (no lutq-ane config.json, "
-            f"{' or '.join(EXPORT_MARKERS)}); remove it or choose another OUT"
-        )
+    check_replaceable(
+        out,
+        what=f"a previous lutq export (no lutq-ane config.json, {' or '.join(EXPORT_MARKERS)})",
+        is_ours=_is_lutq_export,
+        inputs=[] if isinstance(ckpt, nn.Module) else [ckpt],
+        input_what="checkpoint being exported",
+    )
 
 
 @torch.no_grad()

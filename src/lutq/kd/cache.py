@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from lutq.core import ConfigBase, LutqError, atomic_write_json, console, lutq_home, progress, sha256_file
+from lutq.core.atomic import check_replaceable
 from lutq.core.device import resolve_device
 from lutq.core.formats import read_json
 from lutq.kd.shards import (
@@ -83,6 +84,16 @@ class CacheConfig(ConfigBase):
             raise LutqError(f"cache config val_fraction={self.val_fraction} must be in [0, 1)")
         if self.total_sequences() < 1:
             raise LutqError("cache config asks for no sequences (num_sequences / max_tokens)")
+        if self.split_sizes()["train"] < 1:
+            asked = (
+                f"max_tokens={self.max_tokens}"
+                if self.max_tokens is not None
+                else f"num_sequences={self.num_sequences}"
+            )
+            raise LutqError(
+                f"cache config {asked} ({self.total_sequences()} sequence(s)) with val_fraction={self.val_fraction} "
+                "leaves no training sequence: ask for more sequences or set val_fraction=0"
+            )
         if not self.source.startswith("hf:") and self.source.rpartition(":")[2] in SPLITS:
             raise LutqError(f"cache source {self.source!r}: give the whole source; lutq makes the val split")
 
@@ -195,6 +206,7 @@ class CachePlan:
     blocks: dict[str, np.ndarray]
     shards: list[dict[str, Any]]  # {file, split, start, stop}, in write order
     info: dict[str, Any]
+    legacy_hash: str = ""  # the plan hash without the teacher fingerprint (caches written before it was added)
 
 
 def make_plan(cfg: CacheConfig, model: torch.nn.Module, tokenizer: Any, dtype: torch.dtype) -> CachePlan:
@@ -210,6 +222,12 @@ def make_plan(cfg: CacheConfig, model: torch.nn.Module, tokenizer: Any, dtype: t
     vocab_limit = min(len(tokenizer), vocab)
     if vocab < K or (R and vocab_limit - K < 1):
         raise LutqError(f"K={K}, R={R} do not fit the teacher's vocabulary of {vocab}")
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and context < L:
+        raise LutqError(
+            f"L={L} is longer than the teacher's context ({cfg.model}: max_position_embeddings={context}); "
+            "its logits past that are not what it was trained to give. Use a smaller -L"
+        )
     docs = document_splits(cfg.source, cfg.val_fraction)
     is_chat = any(d.messages for split in docs.values() for d in split)
     template = ({"none": "raw"}.get(cfg.thinking, f"think_{cfg.thinking}")) if is_chat else "text"
@@ -237,6 +255,7 @@ def make_plan(cfg: CacheConfig, model: torch.nn.Module, tokenizer: Any, dtype: t
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "overwrite", "dtype", "device")}
     data_hash = hashlib.sha256(b"".join(blocks[s].tobytes() for s in ("train", "val"))).hexdigest()
     arrays = {a: ARRAY_DTYPES[a] for a in ARRAY_DTYPES if R or not a.startswith("neg")}
+    teacher_fp = teacher_fingerprint(model)
     info = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -272,10 +291,12 @@ def make_plan(cfg: CacheConfig, model: torch.nn.Module, tokenizer: Any, dtype: t
         "tokens": {s: len(b) * L for s, b in blocks.items()},
         "arrays": arrays,
         "settings": settings,
-        "plan_hash": _plan_hash(settings, dtype, vocab, data_hash, arrays),
+        "teacher_fingerprint": teacher_fp,
+        "plan_hash": _plan_hash(settings, dtype, vocab, data_hash, arrays, teacher_fp),
         "versions": _versions(),
     }
-    return CachePlan(Path(cfg.out) if cfg.out else lutq_home() / "caches" / name, blocks, shards, info)
+    out = Path(cfg.out) if cfg.out else lutq_home() / "caches" / name
+    return CachePlan(out, blocks, shards, info, _plan_hash(settings, dtype, vocab, data_hash, arrays, None))
 
 
 class _Counter:
@@ -290,9 +311,34 @@ class _Counter:
             yield d
 
 
-def _plan_hash(settings: dict[str, Any], dtype: torch.dtype, vocab: int, data_hash: str, arrays: dict[str, str]) -> str:
-    key = repr((sorted(settings.items()), str(dtype), vocab, data_hash, FORMAT_VERSION, sorted(arrays)))
+def _plan_hash(
+    settings: dict[str, Any],
+    dtype: torch.dtype,
+    vocab: int,
+    data_hash: str,
+    arrays: dict[str, str],
+    teacher: str | None,
+) -> str:
+    """The identity of a plan; `teacher` None gives the hash of caches written before `teacher_fingerprint`."""
+    parts = (sorted(settings.items()), str(dtype), vocab, data_hash, FORMAT_VERSION, sorted(arrays))
+    key = repr(parts if teacher is None else (*parts, teacher))
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+@torch.no_grad()
+def teacher_fingerprint(model: torch.nn.Module, per_tensor: int = 4096) -> str:
+    """sha256 over the teacher's parameter and buffer names, shapes, dtypes and up to `per_tensor` evenly spaced
+    values of each (their exact bytes, so the same on any device): a resumed cache refuses a teacher whose weights
+    changed under the same --model (a checkpoint rewritten by a training run), at the cost of a few gathers."""
+    h = hashlib.sha256()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        flat = t.detach().reshape(-1)
+        if flat.numel() > per_tensor:
+            n = flat.numel()  # evenly spaced, in integers (float32 linspace rounds past the end of 28M)
+            flat = flat[torch.arange(per_tensor, device=flat.device) * (n - 1) // (per_tensor - 1)]
+        h.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _logits_size(model: torch.nn.Module) -> int:
@@ -348,12 +394,21 @@ def prepare(
     dtype = next(model.parameters()).dtype
     plan = make_plan(cfg, model, tokenizer, dtype)
     out = plan.out
+    # OUT is new, empty or a KD cache (resumed, or replaced with --overwrite): never a directory of anything else
+    check_replaceable(
+        out,
+        what=f"a KD cache (no {META} or {PROGRESS})",
+        is_ours=lambda p: any((p / f).is_file() for f in (META, PROGRESS)),
+    )
     if cfg.overwrite and rank == 0 and out.exists():
         shutil.rmtree(out)
     for f in (META, PROGRESS):
         if (out / f).is_file():
             old = read_json(out / f, what="KD cache")
-            if not isinstance(old, dict) or old.get("plan_hash") != plan.info["plan_hash"]:
+            # a cache written before the teacher fingerprint was added is checked without it
+            old = old if isinstance(old, dict) else {}
+            accepted = {plan.info["plan_hash"]} | (set() if "teacher_fingerprint" in old else {plan.legacy_hash})
+            if old.get("plan_hash") not in accepted:
                 raise LutqError(
                     f"{out} holds a KD cache with other settings or data ({f}); "
                     "pass --overwrite or choose another --out"
@@ -544,6 +599,7 @@ __all__ = [
     "make_plan",
     "negative_uniforms",
     "sample_negatives",
+    "teacher_fingerprint",
     "teacher_targets",
     "write_shards",
 ]

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lutq import __version__
-from lutq.core.atomic import atomic_dir, atomic_write_bytes, atomic_write_json, sha256_file
+from lutq.core.atomic import atomic_dir, atomic_write_bytes, atomic_write_json, check_replaceable, sha256_file
 from lutq.core.device import resolve_device
 from lutq.core.errors import LutqError
 from lutq.core.formats import read_versioned_json
@@ -51,6 +51,30 @@ def _has_quant_layers(model: torch.nn.Module) -> bool:
     return any(getattr(m, "lutq_quantized", False) for m in model.modules())
 
 
+def is_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` holds a lutq checkpoint (its config.json says format FORMAT)."""
+    from lutq.models.load import lutq_format
+
+    config = Path(path) / "config.json"
+    try:
+        return config.is_file() and lutq_format(config) == FORMAT
+    except LutqError:  # an unreadable config.json
+        return False
+
+
+def check_checkpoint_out(out: str | os.PathLike[str], *inputs: str | os.PathLike[str]) -> None:
+    """Where a checkpoint is written may be new, an empty directory or a lutq checkpoint (replaced whole on success,
+    the input itself included: an in-place rewrite); never a file, a directory of anything else, or a directory
+    holding one of the `inputs`. Commands call it before loading anything; `save_checkpoint` checks it again."""
+    check_replaceable(
+        out,
+        what=f"a lutq checkpoint (no config.json of format {FORMAT})",
+        is_ours=is_checkpoint,
+        inputs=inputs,
+        may_be_input=True,
+    )
+
+
 def save_checkpoint(
     path: str | os.PathLike[str],
     model: torch.nn.Module,
@@ -59,8 +83,10 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     trainer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `model` (+ tokenizer, + optional trainer state) as a checkpoint directory, atomically."""
+    """Write `model` (+ tokenizer, + optional trainer state) as a checkpoint directory, atomically. `path` may be
+    new, empty or a lutq checkpoint (replaced whole); anything else there is refused, never deleted."""
     path = Path(path)
+    check_checkpoint_out(path)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     quant = None
     snapped = False

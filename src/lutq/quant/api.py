@@ -19,6 +19,7 @@ from lutq.quant.layer import LUTEmbedding, LUTLinear
 from lutq.quant.presets import CALIB_LEN, CALIB_SEQUENCES, LayerSpec, QuantConfig, group_of, resolve_config
 
 TRAINABLE_MODES = ("all", "mlp-only", "attn-only", "g-only", "freeze-g", "lut", "none")
+FLAG_ERROR = 1.0  # a layer error above this (W_eff farther from W than zero is) or not finite is flagged
 
 
 @dataclasses.dataclass
@@ -55,6 +56,10 @@ class QuantReport:
         errs = [r.out_error for r in self.rows if r.out_error is not None and group in (None, r.group)]
         return sum(errs) / len(errs) if errs else None
 
+    def flagged(self) -> list[str]:
+        """Layers whose relative error is not finite or above FLAG_ERROR: a wrong init, not a coarse LUT."""
+        return [r.name for r in self.rows if r.rel_error is not None and not r.rel_error <= FLAG_ERROR]
+
     def to_dict(self) -> dict[str, Any]:
         groups = sorted({r.group for r in self.rows})
         summary: dict[str, dict[str, Any]] = {}
@@ -69,20 +74,28 @@ class QuantReport:
         out = {"title": self.title, "layers": [dataclasses.asdict(r) for r in self.rows], "summary": summary}
         if self.blocks:
             out["blocks"] = self.blocks
+        if self.flagged():
+            out["flagged"] = self.flagged()
         return out
 
     def table(self, *, per_layer: bool = True) -> Any:
         """A rich Table: one row per layer (or per group with per_layer=False) with relative errors."""
         from rich.table import Table
 
-        t = Table(title=self.title)
+        flagged = set(self.flagged())
+        caption = (
+            f"[bold red]{len(flagged)} layers flagged (!)[/]: ‖W_eff−W‖/‖W‖ not finite or > {FLAG_ERROR}, a wrong init"
+            if flagged
+            else None
+        )
+        t = Table(title=self.title, caption=caption)
         calibrated = any(r.out_error is not None for r in self.rows)
         cols = ["layer", "group", "shape", "lut", "rank", "‖W_eff−W‖/‖W‖"] + (["output error"] if calibrated else [])
         for col in cols:
             t.add_column(col, justify="left" if col in ("layer", "group") else "right")
         if per_layer:
             for r in self.rows:
-                err = "-" if r.rel_error is None else f"{r.rel_error:.4f}"
+                err = "-" if r.rel_error is None else f"{r.rel_error:.4f}" + (" !" if r.name in flagged else "")
                 out = ["-" if r.out_error is None else f"{r.out_error:.4f}"] if calibrated else []
                 t.add_row(
                     r.name, r.group, f"{r.shape[0]}×{r.shape[1]}", f"{r.lut_size} {r.lut_kind}", str(r.rank), err, *out
@@ -184,6 +197,8 @@ def quantize(
     with progress_bar(transient=True) as bar:
         task = bar.add_task("quantizing", total=len(targets), visible=progress)
         for name, module, group, spec in targets:
+            if init and name not in skip_init:
+                _check_finite(name, module.weight)
             layer = _make_layer(module, spec, cfg)
             err = out_err = None
             if init and name not in skip_init:
@@ -220,6 +235,15 @@ def quantize(
             bar.advance(task)
     model.lutq_config = cfg
     return report
+
+
+def _check_finite(name: str, weight: torch.Tensor) -> None:
+    bad = int((~torch.isfinite(weight.detach())).sum())
+    if bad:
+        raise LutqError(
+            f"quantize: {name}: the weight has {bad} non-finite value(s) (NaN/inf) of {weight.numel()}; "
+            "the source model is broken (nothing was written)"
+        )
 
 
 def quant_config_of(model: nn.Module) -> QuantConfig | None:
@@ -330,11 +354,13 @@ def quantize_checkpoint(
     `device` ("auto": CUDA when present); the checkpoint is written from the CPU either way."""
     from lutq.core.device import resolve_device
     from lutq.models import load_model, save_checkpoint
+    from lutq.models.checkpoint import check_checkpoint_out
     from lutq.quant.calibrate import calibration_blocks, hessians_for
     from lutq.quant.reconstruct import ReconstructConfig, quantize_blockwise
 
     if blockwise is not None and calib is None:
         raise LutqError("quantize: block-wise calibration needs calibration data (calib)")
+    check_checkpoint_out(out, model_spec)
     if blockwise is not None and not isinstance(blockwise, ReconstructConfig):
         blockwise = ReconstructConfig.from_dict(dict(blockwise), source="quantize blockwise")
     dev = resolve_device(device)
@@ -351,6 +377,13 @@ def quantize_checkpoint(
             )
         )
         report = quantize(model, config, hessians=hessians, progress=show_progress)
+    if report.flagged():
+        from lutq.core.console import console
+
+        console.print(
+            f"[bold red]warning:[/] {len(report.flagged())} layer(s) with a relative error not finite or "
+            f"> {FLAG_ERROR} (a wrong init): {', '.join(report.flagged()[:4])}"
+        )
     meta: dict[str, Any] = {
         "source_model": str(model_spec),
         "quantize": report.to_dict()["summary"],

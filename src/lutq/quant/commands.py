@@ -181,8 +181,10 @@ def convert_latent_cmd(
 ) -> None:
     """Latent → frozen: fix the indices from the trained FP weights and drop those weights."""
     from lutq.models import save_checkpoint
+    from lutq.models.checkpoint import check_checkpoint_out
     from lutq.quant import freeze_latent
 
+    check_checkpoint_out(out, ckpt)
     model, tok, info = _load_quantized(ckpt)
     n = freeze_latent(model)
     if n == 0:
@@ -201,8 +203,14 @@ def snap_cmd(
     import torch
 
     from lutq.models import save_checkpoint
+    from lutq.models.checkpoint import check_checkpoint_out
     from lutq.quant import snap_model
 
+    for flag, value in (("--probe-tokens", probe_tokens), ("--probe-batch", probe_batch)):
+        if value < 1:
+            raise LutqError(f"snap: {flag} must be at least 1, got {value}")
+    if out is not None:
+        check_checkpoint_out(out, ckpt)
     model, tok, info = _load_quantized(ckpt)
     vocab = int(model.config.vocab_size)
     probe = torch.randint(0, vocab, (probe_batch, probe_tokens), generator=torch.Generator().manual_seed(0))

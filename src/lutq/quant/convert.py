@@ -144,6 +144,7 @@ def convert_q4_to_q2(
     (default: the model's QuantConfig.init_act_power; 0 turns it off)."""
     act_power = resolve_act_power(model, act_power)
     targets = {"mlp": mlp, "attn": attn}
+    _check_targets(model, targets)
     report = QuantReport(title=f"convert q4 → q2 (mlp {mlp}, attn {attn}); error vs. the q4 W_eff")
     for name, layer in list(lut_layers(model)):
         group = group_of(name) or "other"
@@ -174,6 +175,28 @@ def convert_q4_to_q2(
         cfg.mlp, cfg.attn = LayerSpec(*mlp, cfg.mlp.lut_kind), LayerSpec(*attn, cfg.attn.lut_kind)
         cfg.preset = "q2a4" if (mlp, attn) == ((4, 32), (16, 8)) else None
     return report
+
+
+def _check_targets(model: nn.Module, targets: dict[str, tuple[int, int]]) -> None:
+    """Refuse, before any layer is replaced, a LUT that would have to grow (a conversion only reduces LUTs) and a
+    model already at the targets (a q2 checkpoint given for a q4 one: the conversion would change nothing)."""
+    changes = 0
+    for name, layer in lut_layers(model):
+        group = group_of(name) or "other"
+        if group not in targets:
+            continue
+        lut_size, rank = targets[group]
+        if layer.lut_size < lut_size:
+            raise LutqError(
+                f"convert q4→q2: {name} has a {layer.lut_size}-entry LUT; a conversion only reduces LUTs and "
+                f"cannot grow it to {lut_size} (is the input the q4 checkpoint?)"
+            )
+        changes += layer.lut_size > lut_size or layer.rank < rank
+    if not changes and any(group_of(n) in targets for n, _ in lut_layers(model)):
+        raise LutqError(
+            f"convert q4→q2: every mlp/attn layer is already at the targets (mlp {targets['mlp']}, attn "
+            f"{targets['attn']}: LUT size, rank); nothing to convert (is the input the q4 checkpoint?)"
+        )
 
 
 def unfreeze_latent(model: nn.Module) -> int:
@@ -226,11 +249,13 @@ def convert_checkpoint(
     from lutq.core.console import console
     from lutq.core.device import resolve_device
     from lutq.models import load_checkpoint, load_model, save_checkpoint
+    from lutq.models.checkpoint import check_checkpoint_out
     from lutq.quant.calibrate import calibration_blocks, hessians_for
     from lutq.quant.reconstruct import ReconstructConfig, reconstruct_
 
     if reference is not None and calib is None:
         raise LutqError("convert: a reference model calibrates on data; pass calib too")
+    check_checkpoint_out(dst, src)
     dev = resolve_device(device)
     model, tokenizer, info = load_checkpoint(src, device=dev)
     if not any(True for _ in lut_layers(model)):
