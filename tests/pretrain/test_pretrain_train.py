@@ -238,7 +238,10 @@ def test_cli_dry_run_resume_and_errors(token_file: Path, tmp_path: Path) -> None
         app, [*base, "--out", str(run), "--steps", "4", "--seq-schedule", "8@0,16@2", "--stop-after", "2", "--run"]
     )
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["pretrain", "--resume", str(run), "--lr", "5", "--run"])
+    res = runner.invoke(app, ["pretrain", "--resume", str(run), "--lr", "5", "--run"])  # refused, not ignored
+    assert res.exit_code != 0 and "cannot change --lr" in str(res.exception) and "--stop-after" in str(res.exception)
+    assert load_trainer_state(run / "last")["step"] == 2
+    res = runner.invoke(app, ["pretrain", "--resume", str(run), "--log-every", "1", "--run"])
     assert res.exit_code == 0, res.output
     log = rows(run)
     assert [r["seq_len"] for r in log] == [8, 8, 16, 16]

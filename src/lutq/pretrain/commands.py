@@ -110,9 +110,13 @@ def pretrain_command(
     if resume:
         # --data may point at the token file's new place (its identity is checked against run.json)
         changeable = (*RUNTIME_FIELDS, "data")
-        ignored = sorted(k for k in flags if k not in changeable)
-        if ignored:
-            console.print(f"[yellow]note:[/] --resume uses the run's own config; ignoring {', '.join(ignored)}")
+        fixed = sorted(k for k in flags if k not in changeable)
+        if fixed:  # refused, not ignored: a run that silently kept its old --steps or --lr is worse than an error
+            raise LutqError(
+                f"--resume {resume} continues the run exactly as run.json says; cannot change "
+                f"{', '.join('--' + k.replace('_', '-') for k in fixed)} (a resume may change "
+                f"{', '.join('--' + k.replace('_', '-') for k in changeable)}); start a new run for other settings"
+            )
         cfg = load_run_config(resume).replace(**{k: v for k, v in flags.items() if k in changeable})
         pretrain(cfg, run=run, resume=True)
         return
