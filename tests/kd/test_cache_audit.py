@@ -154,3 +154,13 @@ def test_a_cache_written_before_the_teacher_fingerprint_still_resumes(root, teac
     (old / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(LutqError, match="other settings"):
         build_cache(tiny_cache_config(root, out=old, num_sequences=16, shard_size=4), teacher)
+
+
+def test_cli_refuses_both_sequences_and_max_tokens(tmp_path):
+    from typer.testing import CliRunner
+
+    from lutq.cli import app
+
+    res = CliRunner().invoke(app, ["cache", "-n", "100", "--max-tokens", "4096", "-o", str(tmp_path / "c")])
+    assert isinstance(res.exception, LutqError) and "not both" in str(res.exception)
+    assert not (tmp_path / "c").exists()

@@ -47,9 +47,12 @@ def cache(
     """Run the teacher over packed L-token blocks and store its top-K logits; resumes after a kill."""
     if ctx.invoked_subcommand is not None:
         return
-    from lutq.core import console
+    from lutq.core import LutqError, console
     from lutq.kd.cache import CacheConfig, build_cache
 
+    given = getattr(ctx.get_parameter_source("sequences"), "name", None)  # typer may carry its own click
+    if max_tokens is not None and given == "COMMANDLINE":
+        raise LutqError(f"cache: give --sequences ({sequences}) or --max-tokens ({max_tokens}), not both")
     cfg = CacheConfig(
         model=model,
         source=source,
