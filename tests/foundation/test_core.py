@@ -90,6 +90,14 @@ def test_config_type_checks_flags_optionals_and_fixed_tuples() -> None:
     assert (ok.flag, ok.mode, ok.kind, ok.steps, ok.pair) == (True, "p", None, 3, (3, 4))
 
 
+def test_a_check_after_parsing_names_the_file(tmp_path: Path) -> None:
+    from lutq.quant.presets import QuantConfig
+
+    (tmp_path / "q.toml").write_text('mode = "latnet"\n')
+    with pytest.raises(LutqError, match=r"q\.toml: QuantConfig\.mode must be 'frozen' or 'latent'"):
+        QuantConfig.from_file(tmp_path / "q.toml")
+
+
 def test_a_partial_nested_table_keeps_the_other_defaults() -> None:
     from lutq.quant.presets import QuantConfig
 

@@ -45,7 +45,12 @@ class ConfigBase:
             if isinstance(value, dict) and isinstance(default, ConfigBase) and type(default) is hints.get(key):
                 value = {**default.to_dict(), **value}  # a partial table changes only the keys it names
             kwargs[key] = _coerce(hints.get(key), value, f"{source}.{key}")
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except LutqError as e:  # a check in __post_init__: say which file (or dict) the values came from
+            if str(e).startswith(source):
+                raise
+            raise LutqError(f"{source}: {e}") from e
 
     @classmethod
     def from_file(cls, path: str | Path, *, section: str | None = None) -> Self:
