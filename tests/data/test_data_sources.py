@@ -92,6 +92,21 @@ def test_file_split_suffix_is_whole_document_split(tmp_path):
     assert [d.id for d in splits["val"]] == [d.id for d in val]
 
 
+def test_a_single_book_file_is_held_out_by_sections(tmp_path):
+    # one .txt file is one document: before, its val split was empty (a KD cache warned, eval had nothing)
+    book = tmp_path / "book.txt"
+    text = "\n\n".join(f"Chapter {i}. " + "The quick brown fox jumps. " * 40 for i in range(120))
+    book.write_text(text)
+    split = document_splits(str(book), 0.1)
+    assert split["val"] and split["train"]
+    ids = [d.id for d in split["train"] + split["val"]]
+    assert len(set(ids)) == len(ids) and all(i.startswith("book.txt#") for i in ids)
+    pieces = sorted(split["train"] + split["val"], key=lambda d: d.id)
+    assert "\n\n".join(d.text for d in pieces) == text  # sections of the book, nothing lost or repeated
+    assert [d.text for d in load_documents(f"{book}:val", val_fraction=0.1)] == [d.text for d in split["val"]]
+    assert len(load_documents(str(book))) == 1  # the whole file is still one document
+
+
 def test_hf_source_without_datasets_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails
     with pytest.raises(LutqError, match=r"'hf:org/thing' needs the `datasets` package"):

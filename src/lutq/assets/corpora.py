@@ -38,8 +38,34 @@ def is_validation(doc_id: str, val_fraction: float) -> bool:
     return h / 2**64 < val_fraction
 
 
+SECTION_CHARS = 2000  # a lone text document is held out by sections of at least this many characters
+MAX_SECTIONS = 50
+
+
+def sections(doc: Document) -> list[Document]:
+    """A plain-text document cut at blank lines into consecutive sections (ids `ID#0000`, ...) of at least
+    SECTION_CHARS characters and about 1/MAX_SECTIONS of the text each; [doc] when it is too short to cut."""
+    size = max(SECTION_CHARS, len(doc.text) // MAX_SECTIONS)
+    for sep in ("\n\n", "\n"):  # paragraphs; lines for a text without blank lines
+        parts: list[str] = []
+        for piece in doc.text.split(sep):
+            if parts and len(parts[-1]) < size:
+                parts[-1] += sep + piece
+            else:
+                parts.append(piece)
+        if len(parts) > 1 and len(parts[-1]) < size:  # a short tail joins the section before it
+            parts[-2] += sep + parts.pop()
+        if len(parts) > 1:
+            return [Document(id=f"{doc.id}#{i:04d}", text=t) for i, t in enumerate(parts)]
+    return [doc]
+
+
 def split_documents(docs: list[Document], val_fraction: float) -> dict[str, list[Document]]:
-    """Split by whole documents with `is_validation`; at least one validation document when asked for."""
+    """Split by whole documents with `is_validation`; at least one validation document when asked for. A source
+    of one plain-text document (a single book file) is split by its sections (`sections`) instead, so that it
+    has a held-out part at all."""
+    if val_fraction > 0 and len(docs) == 1 and not docs[0].messages:
+        docs = sections(docs[0])
     val = [d for d in docs if is_validation(d.id, val_fraction)]
     if val_fraction > 0 and not val and len(docs) > 1:
         val = [min(docs, key=lambda d: hashlib.sha256(d.id.encode()).hexdigest())]
