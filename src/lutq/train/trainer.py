@@ -13,7 +13,6 @@ its share of every global batch, gradients are averaged, and rank 0 evaluates, l
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import time
@@ -40,27 +39,10 @@ from lutq.quant import get_preset, lut_layers, project_luts_, quantize, set_trai
 from lutq.quant.calibrate import hessians_for
 from lutq.train.config import TrainConfig
 from lutq.train.loggers import Trackers, check_available
+from lutq.train.resume import best_on_disk, cache_identity, check_resume_config, check_run_dir, evals_from_log
 from lutq.train.run_dir import TRAIN_COLUMNS, RunDir, csv_columns, ppl_name
 from lutq.train.schedule import make_scheduler, rebase_scheduler
 from lutq.train.state import DistContext, rng_state, seed_everything, set_rng_state, setup_distributed
-
-# What a resume cannot change: how the student was built and what trains (the weights and the optimizer state
-# come from last/), and the data stream (the batch of step s is fixed by the seed and the batch shape).
-RESUME_FIXED = (
-    "init",
-    "model",
-    "preset",
-    "init_lut",
-    "init_tighten",
-    "init_calib_sequences",
-    "mode",
-    "train_lut",
-    "latent",
-    "batch_size",
-    "grad_accum",
-    "seed",
-)
-CACHE_IDENTITY = ("teacher", "L", "K", "R", "source", "train_sequences")
 
 # On an H200 a SmolLM2-135M KD-QAT step took 0.45 s at 8 x 128 tokens and 0.35 s at 256 x 128: ~0.2 s of it is
 # host work fixed per step (docs/benchmarks.md, "GPU"); below this many tokens per micro-batch the GPU mostly waits.
@@ -118,7 +100,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
 
 def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool) -> TrainResult:
     run = RunDir(cfg.out)
-    _check_run_dir(run, resume=resume, overwrite=overwrite)
+    check_run_dir(run, resume=resume, overwrite=overwrite)
     seed_everything(cfg.seed)
     cache = KDCache(cfg.cache)
     if cfg.kd.full_kl_weight and not cache.has_teacher_lse:
@@ -132,7 +114,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
     state: dict[str, Any] = {}
     if resume:
         ckpt = run.resume_checkpoint()
-        _check_resume_config(cfg, run, cache)
+        check_resume_config(cfg, run, cache)
         state = load_trainer_state(
             ckpt, keys=("optimizer", "scheduler", "rng", "step", "tokens", "elapsed", "best_eval_loss")
         )
@@ -166,7 +148,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
         set_rng_state(state["rng"])
         step, tokens, elapsed0 = int(state["step"]), int(state["tokens"]), float(state["elapsed"])
         best = {"eval_loss": float(state["best_eval_loss"]), "step": state.get("best_step")}
-        if (saved_best := _best_on_disk(run)) and saved_best["eval_loss"] < best["eval_loss"]:
+        if (saved_best := best_on_disk(run)) and saved_best["eval_loss"] < best["eval_loss"]:
             best = saved_best  # best/ was saved after last/ (a kill in between): a resume must not replace it by worse
 
     # one module for the forward + loss, wrapped for DDP; --compile compiles the decoder layers (regionally)
@@ -194,7 +176,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
         if resume:  # a --ppl-text added on resume gets its CSV column
             names = list(dict.fromkeys([*run.ppl_names(), *(ppl_name(s) for s in cfg.ppl_texts)]))
             run.truncate(step, csv_columns(names))
-            initial_eval, final_eval = _evals_from_log(run)
+            initial_eval, final_eval = evals_from_log(run)
         else:
             run.clear()  # an overwritten run must not leave a stale best/ or last/ behind
             run.write_config(_run_record(cfg, cache, ctx, precision))
@@ -480,7 +462,7 @@ def _finished(cfg: TrainConfig, run: RunDir, state: dict[str, Any], ctx: DistCon
         console.print(
             f"{run.path}: already finished (step {step}/{cfg.steps}); pass --steps above {step} to train longer"
         )
-    initial_eval, final_eval = _evals_from_log(run)
+    initial_eval, final_eval = evals_from_log(run)
     losses = [r["loss"] for r in run.rows() if isinstance(r.get("loss"), int | float)]
     best_loss = float(state["best_eval_loss"])
     return TrainResult(
@@ -494,72 +476,6 @@ def _finished(cfg: TrainConfig, run: RunDir, state: dict[str, Any], ctx: DistCon
         best_step=state.get("best_step"),
         final_train_loss=losses[-1] if losses else None,
     )
-
-
-def _check_resume_config(cfg: TrainConfig, run: RunDir, cache: KDCache) -> None:
-    """Refuse a resume whose config changes what cannot change (RESUME_FIXED) or trains on another cache."""
-    saved_dict = run.resume_config()  # the config the checkpoint was saved under (run.json's for older runs)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    saved = TrainConfig.from_dict({k: v for k, v in saved_dict.items() if k in known}, source=str(run.path))
-    fix = f"start a new run from its weights instead: --init {run.last} --out ANOTHER_DIR"
-    for name in RESUME_FIXED:
-        old, new = getattr(saved, name), getattr(cfg, name)
-        if old != new and not _same_path(old, new):
-            raise LutqError(f"{run.path}: cannot resume with {name} changed ({old!r} -> {new!r}); {fix}")
-    recorded = run.read_config().get("cache_meta", {})
-    current = _cache_identity(cache)
-    for key in CACHE_IDENTITY:
-        if key in recorded and key in current and recorded[key] != current[key]:
-            raise LutqError(
-                f"{run.path}: cannot resume on KD cache {cache.path}: its {key} is {current[key]!r}, the run's "
-                f"cache had {recorded[key]!r}; {fix}"
-            )
-
-
-def _same_path(old: Any, new: Any) -> bool:
-    """Whether two spellings of --init / --model name the same thing: the same file or directory (a relative and
-    an absolute path, another working directory), or an old path that is gone (the run was moved with its
-    inputs; on resume the weights come from last/, so what --init was matters no more)."""
-    if not (isinstance(old, str | Path) and isinstance(new, str | Path)) or not Path(new).exists():
-        return False
-    return not Path(old).exists() or Path(old).resolve() == Path(new).resolve()
-
-
-def _cache_identity(cache: KDCache) -> dict[str, Any]:
-    meta = {k: cache.meta.get(k) for k in CACHE_IDENTITY if k in cache.meta}
-    return {**meta, "train_sequences": cache.num_sequences("train")}
-
-
-def _best_on_disk(run: RunDir) -> dict[str, Any] | None:
-    """{"eval_loss", "step"} of the run's best/ checkpoint, from its config.json (None without a readable one)."""
-    import json
-
-    try:
-        info = json.loads((run.best / "config.json").read_text())["extra"]["train"]
-        return {"eval_loss": float(info["metrics"]["eval_loss"]), "step": int(info["step"])}
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _evals_from_log(run: RunDir) -> tuple[dict[str, float], dict[str, float]]:
-    """(eval metrics at step 0, latest eval metrics) from train.jsonl, for a resumed run's summary."""
-    evals = [{k: v for k, v in r.items() if k.startswith("eval_")} for r in run.rows()]
-    evals = [e for e in evals if e]
-    rows0 = [r for r in run.rows() if r.get("step") == 0]
-    initial = {k: v for k, v in rows0[0].items() if k.startswith("eval_")} if rows0 else {}
-    return initial, (evals[-1] if evals else {})
-
-
-def _check_run_dir(run: RunDir, *, resume: bool, overwrite: bool) -> None:
-    if resume and not run.exists():
-        raise LutqError(f"{run.path}: nothing to resume (no run.json)")
-    if resume and overwrite:
-        raise LutqError(f"{run.path}: --resume continues a run, --overwrite starts it over; pass one of them")
-    if not resume and run.exists() and not overwrite:
-        raise LutqError(
-            f"{run.path}: a run already exists; continue it with --resume {run.path}, "
-            "or pass --overwrite / another --out"
-        )
 
 
 def _check_batch(cfg: TrainConfig, ctx: DistContext) -> None:
@@ -623,7 +539,7 @@ def _ckpt_extra(cfg: TrainConfig, step: int, metrics: dict[str, float] | None = 
 
 
 def _run_record(cfg: TrainConfig, cache: KDCache, ctx: DistContext, precision: str) -> dict[str, Any]:
-    meta = _cache_identity(cache)
+    meta = cache_identity(cache)
     return {
         "config": cfg.to_dict(),
         "lutq_version": __version__,
