@@ -265,3 +265,15 @@ def test_plot_labels_runs_that_share_a_directory_name(tmp_path, monkeypatch):
     monkeypatch.chdir(runs[0])
     plot_runs(["."], tmp_path / "one.png")
     assert labels == ["out train"]
+
+
+def test_a_run_from_init_records_the_students_own_preset(kd, tmp_path):
+    # summary.md and the checkpoints said "(q2a4)", TrainConfig.preset's default, for a q4a4 --init student
+    first = kd.config(tmp_path / "q4", steps=1, preset="q4a4")
+    train(first)
+    cfg = dataclasses.replace(kd.config(tmp_path / "run", steps=1), model=None, init=first.out / "last")
+    assert cfg.preset == "q2a4"
+    train(cfg)
+    assert "/last (q4a4), mode all" in (cfg.out / "summary.md").read_text()
+    extra = json.loads((cfg.out / "last" / "config.json").read_text())["extra"]["train"]
+    assert extra["preset"] == "q4a4"

@@ -35,7 +35,15 @@ from lutq.models.runtime import (
     compile_unavailable,
     set_grad_checkpointing,
 )
-from lutq.quant import get_preset, lut_layers, project_luts_, quantize, set_trainable, unfreeze_latent
+from lutq.quant import (
+    get_preset,
+    lut_layers,
+    project_luts_,
+    quant_config_of,
+    quantize,
+    set_trainable,
+    unfreeze_latent,
+)
 from lutq.quant.calibrate import hessians_for
 from lutq.train.config import TrainConfig
 from lutq.train.loggers import Trackers, check_available
@@ -126,6 +134,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
         if cfg.latent:
             unfreeze_latent(model)  # starts at W_eff: the same indices, now free to move
     cache.check_tokenizer(tokenizer, model)
+    preset = student_preset(model, cfg)
     trainable = set_trainable(model, cfg.mode, lut=cfg.train_lut)
     if not trainable:
         raise LutqError(f"train: mode {cfg.mode!r} leaves no trainable parameters in this model")
@@ -221,13 +230,15 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
                 "rng": rng_state(),
                 "world_size": ctx.world_size,
             }
-            save_checkpoint(run.last, model, tokenizer, extra=_ckpt_extra(cfg, step), trainer_state=trainer_state)
+            save_checkpoint(
+                run.last, model, tokenizer, extra=_ckpt_extra(cfg, step, preset=preset), trainer_state=trainer_state
+            )
         ctx.barrier()
 
     def maybe_save_best(metrics: dict[str, float]) -> None:
         if ctx.is_main and metrics.get("eval_loss", math.inf) < best["eval_loss"]:
             best.update(eval_loss=metrics["eval_loss"], step=step)
-            save_checkpoint(run.best, model, tokenizer, extra=_ckpt_extra(cfg, step, metrics))
+            save_checkpoint(run.best, model, tokenizer, extra=_ckpt_extra(cfg, step, metrics, preset=preset))
 
     t0 = time.time()
     if not resume:
@@ -313,7 +324,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
                 initial_eval=initial_eval,
                 final_eval=final_eval,
             )
-            write_summary(run, cfg, partial, status=f"stopped: {e}")
+            write_summary(run, cfg, partial, status=f"stopped: {e}", preset=preset)
         raise
 
     result = TrainResult(
@@ -329,7 +340,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
     )
     if ctx.is_main:
         trackers.close()
-        write_summary(run, cfg, result, status="completed")
+        write_summary(run, cfg, result, status="completed", preset=preset)
     ctx.barrier()  # the ranks leave (and tear down the process group) together, after rank 0's writing
     return result
 
@@ -524,13 +535,22 @@ def _last_note(run: RunDir) -> str:
     return f"{run.last} (step {json.loads(state.read_text()).get('step')})"
 
 
-def _ckpt_extra(cfg: TrainConfig, step: int, metrics: dict[str, float] | None = None) -> dict[str, Any]:
+def student_preset(model: torch.nn.Module, cfg: TrainConfig) -> str:
+    """The student's preset: its own quant config's when it has one (an --init checkpoint: cfg.preset is only
+    the default then, not what the student is), else cfg.preset; 'custom' for a config built without one."""
+    qcfg = quant_config_of(model)
+    if qcfg is not None and qcfg.preset:
+        return qcfg.preset
+    return "custom" if cfg.init is not None else cfg.preset
+
+
+def _ckpt_extra(cfg: TrainConfig, step: int, metrics: dict[str, float] | None = None, *, preset: str) -> dict[str, Any]:
     return {
         "train": {
             "run": str(cfg.out),
             "step": step,
             "mode": cfg.mode,
-            "preset": cfg.preset,
+            "preset": preset,
             "cache": str(cfg.cache),
             "metrics": metrics or {},
             "config": cfg.to_dict(),  # what a later --resume continues (RunDir.resume_config)
@@ -577,8 +597,11 @@ def _bar(enabled: bool, total: int, start: int) -> Any:
 # summary
 
 
-def write_summary(run: RunDir, cfg: TrainConfig, result: TrainResult, *, status: str) -> None:
-    """summary.md: status, the numbers before/after, where the checkpoints are, the config."""
+def write_summary(
+    run: RunDir, cfg: TrainConfig, result: TrainResult, *, status: str, preset: str | None = None
+) -> None:
+    """summary.md: status, the numbers before/after, where the checkpoints are, the config. `preset`: the
+    student's (`student_preset`; default cfg.preset)."""
     from lutq.core.atomic import atomic_write_text
 
     lines = [
@@ -587,7 +610,7 @@ def write_summary(run: RunDir, cfg: TrainConfig, result: TrainResult, *, status:
         f"- status: {status}",
         f"- steps: {result.step}/{cfg.steps}, tokens: {result.tokens:,}, time: {result.elapsed_s:.1f} s "
         f"({result.tokens / max(result.elapsed_s, 1e-9):,.0f} tok/s)",
-        f"- student: {cfg.init or cfg.model or 'cache teacher'} ({cfg.preset}), mode {cfg.mode}",
+        f"- student: {cfg.init or cfg.model or 'cache teacher'} ({preset or cfg.preset}), mode {cfg.mode}",
         f"- best validation loss: {_fmt(result.best_eval_loss)} at step {result.best_step}",
         f"- final train loss: {_fmt(result.final_train_loss)}",
         "",
