@@ -395,3 +395,15 @@ def test_recipe_edits_between_runs(tmp_path: Path) -> None:
         "table": "ran",
     }
     assert (tmp_path / "second" / "out" / "value.txt").read_text() == "aaab"
+
+
+def test_a_quantize_stage_partial_table_changes_only_its_keys() -> None:
+    from lutq.speedrun.stages import QuantizeParams, stage_quant_config
+
+    # {mlp = {rank = 8}} over q4a4: 16 entries at rank 8 (a partial table used to take LayerSpec's or
+    # QuantConfig's defaults for the keys it did not name)
+    cfg = stage_quant_config(QuantizeParams(preset="q4a4", config={"mlp": {"rank": 8}, "tighten_rounds": 2}))
+    assert (cfg.mlp.lut_size, cfg.mlp.rank, cfg.attn.rank, cfg.tighten_rounds) == (16, 8, 4, 2)
+    assert cfg.preset == "q4a4"
+    plain = stage_quant_config(QuantizeParams(preset="q2a4", lut_kind="kmeans"))
+    assert (plain.mlp.lut_size, plain.mlp.rank, plain.mlp.lut_kind, plain.attn.lut_kind) == (4, 32, "kmeans", "kmeans")

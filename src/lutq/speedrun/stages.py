@@ -121,14 +121,24 @@ class QuantizeParams(ConfigBase):
         return ReconstructConfig.from_dict(self.blockwise or {}, source="quantize stage blockwise")
 
 
-def _run_quantize(ctx: StageContext, p: QuantizeParams) -> dict[str, Any]:
+def stage_quant_config(p: QuantizeParams) -> Any:
+    """The QuantConfig a quantize stage uses: the preset, `config`'s fields over it (a partial table such as
+    {mlp = {rank = 8}} over the preset's table, not over LayerSpec's defaults), then `lut_kind`."""
     from lutq.quant import get_preset
-    from lutq.quant.api import quantize_checkpoint
     from lutq.quant.presets import resolve_config
 
-    config: Any = p.preset if not p.config else {**get_preset(p.preset).to_dict(), **p.config}
-    if p.lut_kind is not None:
-        config = resolve_config(config).with_lut_kind(p.lut_kind)
+    config = get_preset(p.preset).to_dict()
+    for key, value in p.config.items():
+        both = isinstance(value, dict) and isinstance(config.get(key), dict)
+        config[key] = {**config[key], **value} if both else value
+    cfg = resolve_config(config)
+    return cfg.with_lut_kind(p.lut_kind) if p.lut_kind is not None else cfg
+
+
+def _run_quantize(ctx: StageContext, p: QuantizeParams) -> dict[str, Any]:
+    from lutq.quant.api import quantize_checkpoint
+
+    config = stage_quant_config(p)
     report = quantize_checkpoint(
         p.model,
         ctx.out,
