@@ -164,3 +164,20 @@ def test_cli_refuses_both_sequences_and_max_tokens(tmp_path):
     res = CliRunner().invoke(app, ["cache", "-n", "100", "--max-tokens", "4096", "-o", str(tmp_path / "c")])
     assert isinstance(res.exception, LutqError) and "not both" in str(res.exception)
     assert not (tmp_path / "c").exists()
+
+
+def test_a_cache_resumed_on_another_device_says_its_negatives_are_mixed(root, teacher, tmp_path, monkeypatch, capsys):
+    import json
+
+    cfg = tiny_cache_config(root, out=tmp_path / "c", num_sequences=16, shard_size=4, negatives=3)
+    _kill_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(cfg, teacher)
+    monkeypatch.undo()
+    progress = cfg.out / "progress.json"
+    state = json.loads(progress.read_text())
+    assert state["negatives_device"] == "cpu"
+    progress.write_text(json.dumps(state | {"negatives_device": "cuda"}))  # as if the first part ran on a GPU
+    build_cache(cfg, teacher)
+    assert "drew their random negatives on cuda" in capsys.readouterr().err.replace("\n", " ")  # the console: stderr
+    assert json.loads((cfg.out / "meta.json").read_text())["negatives_device"] == "cuda+cpu"

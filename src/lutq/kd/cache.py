@@ -292,6 +292,8 @@ def make_plan(cfg: CacheConfig, model: torch.nn.Module, tokenizer: Any, dtype: t
         "arrays": arrays,
         "settings": settings,
         "teacher_fingerprint": teacher_fp,
+        # CPU and CUDA generators draw different negatives for the same (seed, split, index): say which one did
+        "negatives_device": next(model.parameters()).device.type if R else None,
         "plan_hash": _plan_hash(settings, dtype, vocab, data_hash, arrays, teacher_fp),
         "versions": _versions(),
     }
@@ -413,6 +415,16 @@ def prepare(
                     f"{out} holds a KD cache with other settings or data ({f}); "
                     "pass --overwrite or choose another --out"
                 )
+            was, now = old.get("negatives_device"), plan.info["negatives_device"]
+            if f == PROGRESS and was and now and now not in was.split("+"):
+                console.print(
+                    f"[yellow]note:[/] {out}: the shards written so far drew their random negatives on {was}, the "
+                    f"rest draw them on {now}: each is still uniform and fixed by (seed, split, index), but the "
+                    f"cache will not be byte-identical to one written on one device"
+                )
+                plan.info["negatives_device"] = f"{was}+{now}"  # meta.json says the cache is mixed
+            elif f == PROGRESS and was:
+                plan.info["negatives_device"] = was
     if not (out / META).is_file():
         atomic_write_json(out / PROGRESS, {**plan.info, "shards": plan.shards})
     return plan, model
