@@ -161,16 +161,18 @@ def test_atomic_dir_puts_right_what_a_kill_left(tmp_path: Path) -> None:
     assert (target / "f").read_text() == "new" and mine.is_dir()
 
 
-def test_atomic_write_removes_what_a_killed_writer_left(tmp_path: Path) -> None:
-    from lutq.core.atomic import atomic_write_bytes
+def test_what_killed_writers_left_is_removed_once_per_job(tmp_path: Path) -> None:
+    from lutq.core.atomic import atomic_write_bytes, remove_stale_scratch_in
 
     dead = dead_pid()
     stale = tmp_path / f".shard.bin.{dead}.x1y2.tmp"  # a SIGKILL in the middle of writing shard.bin
     stale.write_bytes(b"\0" * 100)
+    other = tmp_path / f".other.bin.{dead}.x1y2.tmp"  # another file's, same dead writer
+    other.write_bytes(b"")
     live = tmp_path / f".shard.bin.{os.getpid()}.live.tmp"  # another writer of this process, still running
     live.write_bytes(b"")
-    other = tmp_path / f".other.bin.{dead}.x1y2.tmp"  # another file's: left for its own next write
-    other.write_bytes(b"")
-    atomic_write_bytes(tmp_path / "shard.bin", b"data")
+    atomic_write_bytes(tmp_path / "shard.bin", b"data")  # a write stays O(1): it lists nothing
+    assert (tmp_path / "shard.bin").read_bytes() == b"data" and stale.exists()
+    remove_stale_scratch_in(tmp_path)  # what a job (a KD cache build) calls once when it starts or resumes
+    assert not stale.exists() and not other.exists() and live.exists()
     assert (tmp_path / "shard.bin").read_bytes() == b"data"
-    assert not stale.exists() and live.exists() and other.exists()

@@ -32,7 +32,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write `data` to `path` atomically (temp file `.NAME.PID.*.tmp` in the same directory + os.replace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_scratch(path)  # a temp file that a killed writer of `path` left (it can be as large as a shard)
+    # named for the writer's PID, so what a killed writer leaves is found later (`remove_stale_scratch_in`); not
+    # swept here: one directory listing per write grows with the directory (8.4 ms per write next to 8,000 shards)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -97,8 +98,18 @@ def remove_stale_scratch(path: Path) -> None:
     """Remove the scratch files and directories that killed processes left next to `path`: `.NAME.PID.*.tmp` (this
     module's, `lutq.data.tokens`') and `.NAME.PID.*.raw`, whose process PID no longer runs (those of running
     processes are kept)."""
-    scratch = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\..*\.(tmp|raw)")
-    for entry in path.parent.iterdir():
+    _remove_dead_scratch(path.parent, re.escape(path.name))
+
+
+def remove_stale_scratch_in(directory: Path) -> None:
+    """`remove_stale_scratch` for every name in `directory` at once (one listing): what a job that writes many
+    files there (a KD cache's shards) calls once when it starts or resumes."""
+    _remove_dead_scratch(Path(directory), r".+")
+
+
+def _remove_dead_scratch(directory: Path, name: str) -> None:
+    scratch = re.compile(rf"\.{name}\.(\d+)\.[^.]*\.(tmp|raw)")
+    for entry in directory.iterdir():
         if (m := scratch.fullmatch(entry.name)) and not _pid_alive(int(m.group(1))):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from lutq.core import ConfigBase, LutqError, atomic_write_json, console, lutq_home, progress, sha256_file
-from lutq.core.atomic import check_replaceable
+from lutq.core.atomic import check_replaceable, remove_stale_scratch_in
 from lutq.core.device import resolve_device
 from lutq.core.formats import read_json
 from lutq.kd.shards import (
@@ -425,6 +425,8 @@ def prepare(
                 plan.info["negatives_device"] = f"{was}+{now}"  # meta.json says the cache is mixed
             elif f == PROGRESS and was:
                 plan.info["negatives_device"] = was
+    if rank == 0 and out.is_dir():
+        remove_stale_scratch_in(out)  # a shard-sized temp file of a killed build (the other ranks wait for rank 0)
     if not (out / META).is_file():
         atomic_write_json(out / PROGRESS, {**plan.info, "shards": plan.shards})
     return plan, model
