@@ -36,7 +36,7 @@ from lutq.data.tokens import TokenData
 from lutq.models import load_trainer_state
 from lutq.models.checkpoint import load_optimizer_state
 from lutq.models.runtime import AUTO_PRECISIONS, auto_picks_bf16
-from lutq.pretrain.checkpoint import load_weights_into, read_pretrain_config, save_pretrain_checkpoint
+from lutq.pretrain.checkpoint import load_weights_into, save_pretrain_checkpoint
 from lutq.pretrain.config import (
     RUNTIME_FIELDS,
     Plan,
@@ -538,12 +538,9 @@ def _pretrain(cfg: PretrainConfig, dist: DistContext, *, run: bool, resume: bool
 
 def _last_checkpoint_note(run_dir: RunDir) -> str:
     """The last good checkpoint of a run stopped by a bad loss: last/ and its step, or that none was saved."""
-    if not (run_dir.last / "trainer_state" / "state.pt").is_file():
+    step = run_dir.last_step()
+    if step is None:
         return "no checkpoint was saved before it: start again, e.g. with a lower --lr"
-    try:
-        step = read_pretrain_config(run_dir.last).get("extra", {}).get("step", "?")
-    except LutqError:
-        step = "?"
     return f"last good checkpoint: {run_dir.last} at step {step}"
 
 

@@ -81,9 +81,9 @@ def best_on_disk(run: RunDir) -> dict[str, Any] | None:
 
 def evals_from_log(run: RunDir) -> tuple[dict[str, float], dict[str, float]]:
     """(eval metrics at step 0, latest eval metrics) from train.jsonl, for a resumed run's summary."""
-    evals = [{k: v for k, v in r.items() if k.startswith("eval_")} for r in run.rows()]
-    evals = [e for e in evals if e]
-    rows0 = [r for r in run.rows() if r.get("step") == 0]
+    rows = run.rows()
+    evals = [e for r in rows if (e := {k: v for k, v in r.items() if k.startswith("eval_")})]
+    rows0 = [r for r in rows if r.get("step") == 0]
     initial = {k: v for k, v in rows0[0].items() if k.startswith("eval_")} if rows0 else {}
     return initial, (evals[-1] if evals else {})
 

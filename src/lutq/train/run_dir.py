@@ -162,6 +162,14 @@ class RunDir:
         saved = info.get("extra", {}).get("train", {}).get("config") if isinstance(info, dict) else None
         return saved if isinstance(saved, dict) else config
 
+    def last_step(self) -> int | None:
+        """The step of the `last/` checkpoint (from its trainer_state/state.json), None when none was saved."""
+        state = self.last / "trainer_state" / "state.json"
+        try:
+            return int(json.loads(state.read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def resume_checkpoint(self) -> Path:
         """The checkpoint to resume from: last/, or the previous last/ that a kill in the middle of its
         replacement left as .last.old-*; stale temporary directories are removed."""

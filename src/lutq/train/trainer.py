@@ -527,12 +527,8 @@ def _check_finite_params(model: torch.nn.Module, step: int, run: RunDir) -> None
 
 
 def _last_note(run: RunDir) -> str:
-    state = run.last / "trainer_state" / "state.json"
-    if not state.is_file():
-        return "none (no checkpoint was saved yet)"
-    import json
-
-    return f"{run.last} (step {json.loads(state.read_text()).get('step')})"
+    step = run.last_step()
+    return "none (no checkpoint was saved yet)" if step is None else f"{run.last} (step {step})"
 
 
 def student_preset(model: torch.nn.Module, cfg: TrainConfig) -> str:
