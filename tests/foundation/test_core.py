@@ -176,3 +176,11 @@ def test_what_killed_writers_left_is_removed_once_per_job(tmp_path: Path) -> Non
     remove_stale_scratch_in(tmp_path)  # what a job (a KD cache build) calls once when it starts or resumes
     assert not stale.exists() and not other.exists() and live.exists()
     assert (tmp_path / "shard.bin").read_bytes() == b"data"
+
+
+def test_spaced_indices_stay_inside_long_arrays() -> None:
+    from lutq.core.digest import spaced_indices
+
+    idx = spaced_indices(28_311_552, 4096)  # SmolLM2's embedding: a float32 linspace ended one past it
+    assert idx[0] == 0 and idx[-1] == 28_311_551 and len(idx) == 4096 and (idx[1:] > idx[:-1]).all()
+    assert spaced_indices(5, 4096).tolist() == [0, 1, 2, 3, 4] and spaced_indices(0, 8).size == 0

@@ -32,6 +32,7 @@ import torch
 from lutq.core import ConfigBase, LutqError, atomic_write_json, console, lutq_home, progress, sha256_file
 from lutq.core.atomic import check_replaceable, remove_stale_scratch_in
 from lutq.core.device import resolve_device
+from lutq.core.digest import spaced_indices
 from lutq.core.formats import read_json
 from lutq.kd.shards import (
     ARRAY_DTYPES,
@@ -337,8 +338,7 @@ def teacher_fingerprint(model: torch.nn.Module, per_tensor: int = 4096) -> str:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         flat = t.detach().reshape(-1)
         if flat.numel() > per_tensor:
-            n = flat.numel()  # evenly spaced, in integers (float32 linspace rounds past the end of 28M)
-            flat = flat[torch.arange(per_tensor, device=flat.device) * (n - 1) // (per_tensor - 1)]
+            flat = flat[torch.from_numpy(spaced_indices(flat.numel(), per_tensor)).to(flat.device)]
         h.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 

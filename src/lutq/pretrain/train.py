@@ -31,6 +31,7 @@ from torch import nn
 
 from lutq.core.atomic import atomic_write_text
 from lutq.core.console import console, progress
+from lutq.core.digest import spaced_indices
 from lutq.core.errors import LutqError
 from lutq.data.tokens import TokenData
 from lutq.models import load_trainer_state
@@ -266,7 +267,7 @@ DATA_IDENTITY = ("tokenizer_fingerprint", "vocab_size", "eos_id", "tokens", "sam
 def data_digest(data: TokenData, samples: int = 4096) -> str:
     """sha256 of the token count and of `samples` tokens at evenly spaced positions: tells a re-prepared or
     replaced token file apart without reading all of it (a copy of the same file has the same digest)."""
-    idx = np.linspace(0, len(data) - 1, min(samples, len(data))).round().astype(np.int64)
+    idx = spaced_indices(len(data), samples)
     h = hashlib.sha256(str(len(data)).encode())
     h.update(np.asarray(data.tokens[idx], dtype=np.int64).tobytes())
     return h.hexdigest()
