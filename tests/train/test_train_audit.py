@@ -277,3 +277,17 @@ def test_a_run_from_init_records_the_students_own_preset(kd, tmp_path):
     assert "/last (q4a4), mode all" in (cfg.out / "summary.md").read_text()
     extra = json.loads((cfg.out / "last" / "config.json").read_text())["extra"]["train"]
     assert extra["preset"] == "q4a4"
+
+
+def test_resume_after_the_init_checkpoint_moved(kd, tmp_path):
+    # --init names a path that is gone (the run was moved with its inputs): the weights come from last/, so the
+    # resume goes on with the new spelling; another existing checkpoint is still refused
+    first = kd.config(tmp_path / "a", steps=1)
+    train(first)
+    cfg = dataclasses.replace(kd.config(tmp_path / "run", steps=1, save_every=1), model=None, init=first.out / "last")
+    train(cfg)
+    (tmp_path / "a").rename(tmp_path / "a-moved")
+    train(cfg.replace(steps=2, init=tmp_path / "a-moved" / "last"), resume=True)
+    assert load_trainer_state(cfg.out / "last")["step"] == 2
+    with pytest.raises(LutqError, match="cannot resume with init changed"):
+        train(cfg.replace(steps=3, init=cfg.out / "last"), resume=True)
