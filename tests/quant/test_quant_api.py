@@ -45,9 +45,19 @@ def test_presets_registry() -> None:
     assert cfg.mlp == LayerSpec(8, 2) and QuantConfig.from_dict(cfg.to_dict()) == cfg
     # a TOML file has no null: "fp" keeps a layer in full precision; anything else is an error naming the key
     toml_cfg = QuantConfig.from_dict({"overrides": {"*.self_attn.*": "fp", "*.0.mlp.*": {"lut_size": 16}}})
-    assert toml_cfg.overrides == {"*.self_attn.*": None, "*.0.mlp.*": LayerSpec(16, 4)}
+    assert toml_cfg.overrides == {"*.self_attn.*": None, "*.0.mlp.*": {"lut_size": 16}}
     assert toml_cfg.spec_for("model.layers.3.self_attn.q_proj") is None
     assert toml_cfg.spec_for("model.layers.3.mlp.up_proj") == ("mlp", toml_cfg.mlp)
+    # a partial override changes only the keys it names of the group's spec (the MLP's rank 32 and k-means stay)
+    kmeans = QuantConfig.from_dict({"mlp": {"lut_kind": "kmeans"}, "overrides": {"*.0.mlp.*": {"lut_size": 16}}})
+    assert kmeans.spec_for("model.layers.0.mlp.down_proj") == ("mlp", LayerSpec(16, 32, "kmeans"))
+    assert kmeans.spec_for("model.layers.0.self_attn.q_proj") == ("attn", kmeans.attn)
+    assert QuantConfig.from_dict(kmeans.to_dict()) == kmeans
+    assert kmeans.with_lut_kind("uniform").spec_for("model.layers.0.mlp.up_proj") == ("mlp", LayerSpec(16, 32))
+    whole = QuantConfig.from_dict({"overrides": {"x": {"lut_size": 8, "rank": 2, "lut_kind": "kmeans"}}})
+    assert whole.overrides == {"x": LayerSpec(8, 2, "kmeans")}
+    with pytest.raises(LutqError, match=r"overrides\['x'\].*rank"):
+        QuantConfig.from_dict({"overrides": {"x": {"rank": 1.5}}})
     with pytest.raises(LutqError, match=r"overrides\['x'\].*'fp'"):
         QuantConfig.from_dict({"overrides": {"x": "full"}})
     with pytest.raises(LutqError, match="lut_size"):

@@ -4,7 +4,8 @@ Layers are matched by module name, the same for Qwen3, Llama (SmolLM2) and Gemma
   mlp   `...mlp.gate_proj`, `...mlp.up_proj`, `...mlp.down_proj`
   attn  `...self_attn.q_proj`, `...k_proj`, `...v_proj`, `...o_proj`
   plus `lm_head` and `...embed_tokens` when quantize_lm_head / quantize_embeddings are set.
-Per-layer overrides map a pattern to a LayerSpec (or None, "fp" in a TOML file: keep that layer in full precision).
+Per-layer overrides map a pattern to a LayerSpec (or None, "fp" in a TOML file: keep that layer in full precision),
+or to a partial table of LayerSpec keys that changes only those keys of the spec the layer's group would give it.
 A pattern is a glob over the full module name (`model.layers.0.*`), or a regex when prefixed `re:`.
 """
 
@@ -57,7 +58,8 @@ class QuantConfig(ConfigBase):
 
     mlp: LayerSpec = dataclasses.field(default_factory=lambda: LayerSpec(4, 32))
     attn: LayerSpec = dataclasses.field(default_factory=lambda: LayerSpec(16, 8))
-    overrides: dict[str, LayerSpec | None] = dataclasses.field(default_factory=dict)
+    # pattern -> a whole LayerSpec, None (full precision), or a partial dict of LayerSpec keys (only those change)
+    overrides: dict[str, LayerSpec | dict[str, Any] | None] = dataclasses.field(default_factory=dict)
     group_size: int = 32
     tighten_rounds: int = 0
     gptq_damp: float = GPTQ_DAMP  # GPTQ damping (fraction of mean diag H), used when quantize() gets Hessians
@@ -87,14 +89,17 @@ class QuantConfig(ConfigBase):
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
-        d["overrides"] = {k: None if v is None else v.to_dict() for k, v in self.overrides.items()}
+        d["overrides"] = {k: v.to_dict() if isinstance(v, LayerSpec) else v for k, v in self.overrides.items()}
         return d
 
     def with_lut_kind(self, kind: str) -> QuantConfig:
         """A copy with every spec (groups and overrides) using LUT kind `kind`."""
         cfg = copy.deepcopy(self)
+        for pattern, spec in cfg.overrides.items():
+            if isinstance(spec, dict):
+                cfg.overrides[pattern] = {**spec, "lut_kind": kind}
         for spec in (cfg.mlp, cfg.attn, cfg.lm_head, cfg.embed, *cfg.overrides.values()):
-            if spec is not None:
+            if isinstance(spec, LayerSpec):
                 spec.lut_kind = kind
                 spec.__post_init__()
         return cfg
@@ -108,20 +113,26 @@ class QuantConfig(ConfigBase):
             or (group == "embed" and not self.quantize_embeddings)
         ):
             return None
+        base: LayerSpec = getattr(self, group)
         for pattern, spec in self.overrides.items():
             if matches(pattern, name):
+                if isinstance(spec, dict):  # a partial table: the group's spec with those keys changed
+                    spec = LayerSpec(**{**base.to_dict(), **spec})
                 return None if spec is None else (group, spec)
-        return group, getattr(self, group)
+        return group, base
 
 
-def _as_spec(value: Any, where: str) -> LayerSpec | None:
+def _as_spec(value: Any, where: str) -> LayerSpec | dict[str, Any] | None:
     # TOML has no null: the string "fp" is how a config file keeps a layer in full precision
     if value is None or (isinstance(value, str) and value.lower() == FULL_PRECISION):
         return None
     if isinstance(value, LayerSpec):
         return value
     if isinstance(value, dict):
-        return LayerSpec.from_dict(value, source=where)
+        spec = LayerSpec.from_dict(value, source=where)  # checks the keys and their types
+        keys = {f.name for f in dataclasses.fields(LayerSpec)}
+        # every key named: a whole spec; some: only those keys change the matched layer's group spec
+        return spec if keys <= value.keys() else {k: getattr(spec, k) for k in value}
     raise LutqError(
         f"QuantConfig.{where}: expected a LayerSpec, a dict, None or {FULL_PRECISION!r} (keep the layer in "
         f"full precision), got {value!r}"
