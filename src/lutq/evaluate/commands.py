@@ -50,7 +50,7 @@ def ppl_cmd(
         )
         results[spec] = r.to_dict()
         print(
-            f"{spec}: ppl {r.ppl:.4f}  (nll {r.nll:.4f} nats/token, {r.tokens} tokens, {r.windows} windows, "
+            f"{spec}: ppl {r.ppl:.4f} ({r.interval_text()})  (nll {r.nll:.4f} nats/token, {r.tokens} tokens, "
             f"window {max_length}/{stride})"
         )
     if json_out:

@@ -14,6 +14,7 @@ from lutq.core.configs import ConfigBase
 from lutq.core.console import console
 from lutq.core.errors import LutqError
 from lutq.core.labels import distinct_labels
+from lutq.evaluate.uncertainty import LEVEL, format_change, paired_ppl_ratio
 
 
 @dataclass
@@ -34,7 +35,8 @@ class CompareConfig(ConfigBase):
 
 @dataclass
 class CompareResult:
-    """Rows (one per model: label, model spec, size, ppl per text, KD metrics) plus what produced them."""
+    """Rows (one per model: label, model spec, size, ppl per text with its interval and segments, the
+    paired change against the first row, KD metrics) plus what produced them."""
 
     entries: list[dict[str, Any]]
     texts: list[str]
@@ -80,6 +82,7 @@ class CompareResult:
                     _fmt(kd.get("top1_agree"), 4),
                 ]
             lines.append("| " + " | ".join(cells) + " |")
+        lines += self._paired_markdown()
         c = self.config
         note = (
             f"Perplexity: sliding window {c.max_length}/{c.stride}"
@@ -88,6 +91,45 @@ class CompareResult:
             + f"; lutq eval compare, {self.date}."
         )
         return "\n".join(lines) + "\n\n" + note + "\n"
+
+    def _paired_markdown(self) -> list[str]:
+        """Lines of a second table: each model's perplexity against the first row's, paired on the same tokens."""
+        if len(self.entries) < 2 or not self.texts:
+            return []
+        ref = self.entries[0]
+        lines = [
+            "",
+            f"Perplexity against {ref['label']}, paired on the same tokens (change, {LEVEL:.0%} interval over the "
+            "windows' scored segments; `lutq.evaluate.uncertainty`):",
+            "",
+            "| model | " + " | ".join(f"ppl {t}" for t in self.texts) + " |",
+            "|---|" + "---:|" * len(self.texts),
+        ]
+        for r in self.entries[1:]:
+            cells = []
+            for t in self.texts:
+                p = (r.get("ppl_vs_first") or {}).get(t)
+                cells.append("- (other tokens)" if p is None else format_change(p["ratio"], p["low"], p["high"]))
+            lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+        return lines
+
+
+def add_paired(entries: list[dict[str, Any]], texts: Sequence[str]) -> None:
+    """Give every row after the first `ppl_vs_first`: {text: {ratio, low, high}} of its perplexity over the first
+    row's, paired on the same segments; None for a text the two scored on different tokens (other tokenizers)."""
+    if not entries:
+        return
+    ref = entries[0].get("ppl_segments", {})
+    for row in entries[1:]:
+        row["ppl_vs_first"] = {}
+        for t in texts:
+            a, b = ref.get(t), row.get("ppl_segments", {}).get(t)
+            same = a and b and a["ids_sha256"] == b["ids_sha256"] and a["tokens"] == b["tokens"]
+            if not same:
+                row["ppl_vs_first"][t] = None
+                continue
+            ratio, low, high = paired_ppl_ratio(a["nll"], b["nll"], a["tokens"])
+            row["ppl_vs_first"][t] = {"ratio": ratio, "low": low, "high": high}
 
 
 def model_labels(specs: Sequence[str]) -> dict[str, str]:
@@ -119,7 +161,7 @@ def evaluate_model(
     if cache is not None:  # a student the cache cannot score fails before minutes of perplexity, not after
         cache.check_tokenizer(tokenizer, model)
     size = model_size(model)
-    row: dict[str, Any] = {"size": size, "ppl": {}, "ppl_tokens": {}, "kd": None}
+    row: dict[str, Any] = {"size": size, "ppl": {}, "ppl_ci": {}, "ppl_tokens": {}, "ppl_segments": {}, "kd": None}
     for name, docs in texts.items():
         r = perplexity(
             model,
@@ -131,7 +173,9 @@ def evaluate_model(
             max_tokens=cfg.max_tokens,
         )
         row["ppl"][name] = r.ppl
+        row["ppl_ci"][name] = None if r.ppl_low is None else [r.ppl_low, r.ppl_high]
         row["ppl_tokens"][name] = r.tokens
+        row["ppl_segments"][name] = {"nll": r.segment_nll, "tokens": r.segment_tokens, "ids_sha256": r.ids_sha256}
     if cache is not None:
         from lutq.kd import evaluate_kd
 
@@ -179,4 +223,5 @@ def compare(
         entries.append({"label": label, "model": str(spec), **evaluate_model(model, tok, docs, cfg, kd_cache)})
         del model
         gc.collect()
+    add_paired(entries, list(texts))
     return CompareResult(entries, list(texts), str(cache) if cache else None, cfg)

@@ -10,13 +10,16 @@ Protocol (the same for FP models and lutq checkpoints, so the numbers compare):
    token after the first is predicted exactly once, with at least max_length − stride tokens of context
    (except in the first window).
 3. PPL = exp(Σ NLL / number of predicted tokens); the NLL is computed in float32 from the model's logits.
+4. Each window's scored tokens are a segment; the per-segment NLL sums give the 95 % interval of the
+   perplexity (`lutq.evaluate.uncertainty`) and let two models scored on the same tokens be compared paired.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from lutq.core.configs import ConfigBase
 from lutq.core.console import progress
 from lutq.core.errors import LutqError
+from lutq.evaluate.uncertainty import LEVEL, ppl_interval
 
 DOCUMENT_SEPARATOR = "\n\n"
 
@@ -52,7 +56,9 @@ class PplConfig(ConfigBase):
 
 @dataclass
 class PplResult:
-    """Perplexity and what it was computed on. `nll` is the mean NLL per predicted token (nats)."""
+    """Perplexity and what it was computed on. `nll` is the mean NLL per predicted token (nats);
+    `ppl_low` / `ppl_high` its 95 % interval over the windows' scored segments (None for one window);
+    `segment_nll` / `segment_tokens` the per-window sums it comes from; `ids_sha256` names the token ids."""
 
     ppl: float
     nll: float
@@ -62,9 +68,20 @@ class PplResult:
     text_tokens: int
     max_length: int
     stride: int
+    ppl_low: float | None = None
+    ppl_high: float | None = None
+    segment_nll: list[float] = field(default_factory=list)
+    segment_tokens: list[int] = field(default_factory=list)
+    ids_sha256: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    def interval_text(self) -> str:
+        """'95 % CI 27.9-30.2 over 16 windows', or a note that one window gives no interval."""
+        if self.ppl_low is None or self.ppl_high is None:
+            return "no interval from one window"
+        return f"{LEVEL:.0%} CI {self.ppl_low:.4g}-{self.ppl_high:.4g} over {self.windows} windows"
 
 
 @dataclass(frozen=True)
@@ -134,16 +151,15 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def window_nll(model: torch.nn.Module, ids: torch.Tensor, batch: list[Window]) -> float:
-    """Summed NLL of the scored tokens of equal-length windows, computed in one forward."""
+def window_nll(model: torch.nn.Module, ids: torch.Tensor, batch: list[Window]) -> list[float]:
+    """Summed NLL of each window's scored tokens, for equal-length windows computed in one forward."""
     x = torch.stack([ids[w.begin : w.end] for w in batch]).to(_model_device(model))
     keep = max(w.targets for w in batch)  # logits at positions L-1-keep .. L-2 predict the scored tokens
     logits = model(input_ids=x, use_cache=False, logits_to_keep=keep + 1).logits[:, :-1].float()
-    total = 0.0
-    for row, w in enumerate(batch):
-        pred = logits[row, keep - w.targets :]
-        total += F.cross_entropy(pred, x[row, -w.targets :], reduction="sum").item()
-    return total
+    return [
+        F.cross_entropy(logits[row, keep - w.targets :], x[row, -w.targets :], reduction="sum").item()
+        for row, w in enumerate(batch)
+    ]
 
 
 def perplexity(
@@ -177,17 +193,19 @@ def perplexity(
     wins = windows(ids.numel(), max_length, stride)
     was_training = model.training
     model.eval()
-    nll_sum = 0.0
+    segment_nll: list[float] = []
     try:
         with progress(transient=True) as bar:
             task = bar.add_task("perplexity", total=len(wins), visible=show_progress)
             for batch in _batches(wins, batch_size):
-                nll_sum += window_nll(model, ids, batch)
+                segment_nll += window_nll(model, ids, batch)
                 bar.advance(task, len(batch))
     finally:
         model.train(was_training)
-    tokens = sum(w.targets for w in wins)
+    segment_tokens = [w.targets for w in wins]
+    tokens, nll_sum = sum(segment_tokens), math.fsum(segment_nll)
     nll = nll_sum / tokens
+    interval = ppl_interval(segment_nll, segment_tokens)
     return PplResult(
         ppl=math.exp(nll),
         nll=nll,
@@ -197,4 +215,9 @@ def perplexity(
         text_tokens=ids.numel(),
         max_length=max_length,
         stride=stride,
+        ppl_low=interval and interval[0],
+        ppl_high=interval and interval[1],
+        segment_nll=segment_nll,
+        segment_tokens=segment_tokens,
+        ids_sha256=hashlib.sha256(ids.numpy().astype("<i8").tobytes()).hexdigest(),
     )

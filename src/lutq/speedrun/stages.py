@@ -313,6 +313,8 @@ def _figures(row: dict[str, Any]) -> dict[str, Any]:
         "size_mb": total.get("size_mb"),
         "bits_per_weight": total.get("bits_per_weight"),
         "ppl": row["ppl"],
+        "ppl_ci": row.get("ppl_ci"),
+        "ppl_vs_first": row.get("ppl_vs_first"),
         "kd": row["kd"],
     }
 

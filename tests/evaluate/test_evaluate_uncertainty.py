@@ -1,0 +1,111 @@
+"""Perplexity intervals: Student's t, the ratio estimator's standard error, paired comparisons, coverage."""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+
+import pytest
+
+from lutq.evaluate import compare, perplexity
+from lutq.evaluate.uncertainty import format_change, paired_ppl_ratio, ppl_interval, ratio_se, t_quantile
+from lutq.testing import tiny_model, tiny_tokenizer
+
+PPL = {"max_length": 64, "stride": 32}
+
+
+@pytest.mark.parametrize(
+    ("dof", "expected"),  # Student's t 0.975 quantiles from printed tables
+    [(1, 12.706), (2, 4.303), (3, 3.182), (5, 2.571), (10, 2.228), (30, 2.042), (120, 1.980)],
+)
+def test_t_quantile_matches_tables(dof: int, expected: float) -> None:
+    assert t_quantile(0.975, dof) == pytest.approx(expected, rel=2e-3)
+
+
+def test_t_quantile_refuses_zero_dof() -> None:
+    with pytest.raises(ValueError, match="dof"):
+        t_quantile(0.975, 0)
+
+
+def test_ratio_se_equal_counts_is_the_standard_error_of_the_mean() -> None:
+    rng = random.Random(0)
+    means = [rng.gauss(3.0, 0.4) for _ in range(25)]
+    se = ratio_se([m * 32 for m in means], [32] * 25)
+    assert se == pytest.approx(statistics.stdev(means) / math.sqrt(25), rel=1e-9)
+    assert ratio_se([1.0], [4]) is None  # one unit: no spread to measure
+    with pytest.raises(ValueError, match="sums"):
+        ratio_se([1.0, 2.0], [1])
+
+
+def test_ppl_interval_covers_the_true_perplexity_about_95_percent() -> None:
+    """Segments of 32 tokens whose per-token NLL shares a per-segment offset (passages differ in difficulty):
+    the interval over 20 segments should hold exp(true mean NLL) in about 95 % of 400 draws."""
+    rng, true_nll, hits, draws = random.Random(1), 2.5, 0, 400
+    for _ in range(draws):
+        sums, counts = [], []
+        for _ in range(20):
+            n = rng.choice([24, 32, 32, 40])
+            offset = rng.gauss(0.0, 0.5)
+            sums.append(sum(true_nll + offset + rng.gauss(0.0, 1.0) for _ in range(n)))
+            counts.append(n)
+        low, high = ppl_interval(sums, counts)
+        hits += low <= math.exp(true_nll) <= high
+    assert 0.90 <= hits / draws <= 0.99
+
+
+def test_paired_ratio_cancels_what_the_segments_share() -> None:
+    rng = random.Random(2)
+    counts = [32] * 16
+    ref = [c * (2.0 + rng.gauss(0, 0.5)) for c in counts]  # passages of very different difficulty
+    # a model worse by exactly 0.1 nats on every token: the ratio is e^0.1 with no spread at all
+    ratio, low, high = paired_ppl_ratio(ref, [s + 0.1 * c for s, c in zip(ref, counts, strict=True)], counts)
+    assert ratio == pytest.approx(math.exp(0.1)) and low == pytest.approx(ratio) and high == pytest.approx(ratio)
+    # a noisy 0.1-nat gap: the paired interval is much narrower than either perplexity's own
+    noisy = [s + c * (0.1 + rng.gauss(0, 0.02)) for s, c in zip(ref, counts, strict=True)]
+    ratio, low, high = paired_ppl_ratio(ref, noisy, counts)
+    own_low, own_high = ppl_interval(ref, counts)
+    assert low < ratio < high and (high - low) / ratio < (own_high - own_low) / math.exp(sum(ref) / sum(counts)) / 5
+    assert format_change(ratio, low, high).startswith("+1")  # +10.x % [...]
+    assert paired_ppl_ratio([1.0], [2.0], [4])[1:] == (None, None)
+    with pytest.raises(ValueError, match="segments"):
+        paired_ppl_ratio([1.0], [1.0, 2.0], [1, 1])
+
+
+def test_perplexity_reports_segments_and_interval(text) -> None:
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    r = perplexity(model, tok, text, show_progress=False, **PPL)
+    assert len(r.segment_nll) == len(r.segment_tokens) == r.windows > 2
+    assert math.fsum(r.segment_nll) == pytest.approx(r.nll_sum) and sum(r.segment_tokens) == r.tokens
+    assert r.ppl_low < r.ppl < r.ppl_high and r.interval_text().startswith("95% CI")
+    again = perplexity(model, tok, text, show_progress=False, **PPL)
+    assert again.ids_sha256 == r.ids_sha256 and len(r.ids_sha256) == 64
+    one = perplexity(model, tok, text, show_progress=False, max_length=64, stride=32, max_tokens=40)
+    assert one.windows == 1 and one.ppl_low is None and "one window" in one.interval_text()
+
+
+def test_compare_pairs_rows_on_the_same_tokens(eval_dir) -> None:
+    text = str(eval_dir / "text.txt")
+    res = compare(
+        {"fp": str(eval_dir / "fp"), "again": str(eval_dir / "fp"), "q2": str(eval_dir / "q2")}, texts=[text], **PPL
+    )
+    fp_row, again, q2 = res.rows()
+    assert "ppl_vs_first" not in fp_row
+    same = again["ppl_vs_first"][text]
+    assert same["ratio"] == pytest.approx(1.0) and same["low"] == pytest.approx(1.0)
+    p = q2["ppl_vs_first"][text]
+    assert p["ratio"] == pytest.approx(q2["ppl"][text] / fp_row["ppl"][text], rel=1e-9)
+    low, high = q2["ppl_ci"][text]
+    assert low < q2["ppl"][text] < high and p["low"] < p["ratio"] < p["high"]
+    md = res.markdown()
+    assert "Perplexity against fp, paired on the same tokens" in md
+    assert f"| q2 | {format_change(p['ratio'], p['low'], p['high'])} |" in md
+
+
+def test_compare_does_not_pair_other_tokens() -> None:
+    from lutq.evaluate.compare import add_paired
+
+    seg = {"nll": [3.0, 4.0], "tokens": [2, 2], "ids_sha256": "a"}
+    rows = [{"ppl_segments": {"t": seg}}, {"ppl_segments": {"t": {**seg, "ids_sha256": "b"}}}]
+    add_paired(rows, ["t"])
+    assert rows[1]["ppl_vs_first"] == {"t": None}
