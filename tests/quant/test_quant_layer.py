@@ -236,3 +236,59 @@ def test_snapped_layer_refuses_training_and_bad_args() -> None:
     with pytest.raises(LutqError, match="factored"):
         layer = LUTLinear(4, 4, 4, 1, mode="latent", factored=True)
         layer(torch.randn(1, 4))
+
+
+def _uncached(layer: LUTLinear, x: torch.Tensor) -> torch.Tensor:
+    """The forward without the Q cache: gather, product with S, matmul."""
+    w = torch.take(layer.lut, layer.idx.long()) * layer.scale_map()
+    return torch.nn.functional.linear(x, w, layer.bias)
+
+
+def test_q_cache_follows_every_change_of_idx_and_lut() -> None:
+    layer, _ = _layer()
+    x = torch.randn(3, 40)
+    assert torch.equal(layer(x), _uncached(layer, x))
+    assert layer._q() is layer._q() and layer._q().dtype == torch.float16  # cached, FP16 (the LUT is FP16-exact)
+    with torch.no_grad():
+        layer.idx.copy_((layer.idx.long() + 1).clamp_max(15).to(torch.uint8))  # in place: the version moves
+    assert torch.equal(layer(x), _uncached(layer, x))
+    with torch.no_grad():
+        layer.lut.copy_(kmeans_lut(torch.randn(500), None, 16))
+    assert torch.equal(layer(x), _uncached(layer, x))
+    other, _ = _layer()
+    layer.load_state_dict(other.state_dict())  # a checkpoint load copies into the same tensors
+    assert torch.equal(layer(x), other(x)) and torch.equal(layer.q(), torch.take(other.lut, other.idx.long()))
+    assert layer.q().dtype == torch.float32  # the public q() keeps the LUT's dtype
+    layer.double()  # new tensors: the cache is dropped, the product is fp64 again
+    assert "_q_cache" not in layer.__dict__ and layer(x.double()).dtype == torch.float64
+    assert torch.equal(layer(x.double()), _uncached(layer, x.double()))
+
+
+def test_q_cache_is_bit_exact_and_grads_flow_after_inference_mode() -> None:
+    layer, _ = _layer()
+    layer.set_trainable("all")
+    x = torch.randn(5, 40)
+    layer.__dict__.pop("_q_cache", None)  # (the init's q() filled it)
+    with torch.inference_mode():  # not cached here: an inference tensor could not be saved for backward
+        ref = layer(x)
+    assert "_q_cache" not in layer.__dict__
+    out = layer(x)
+    assert torch.equal(out, ref)
+    out.square().sum().backward()
+    grads = [p.grad.clone() for p in (layer.scale_A, layer.scale_B, layer.scale_g)]
+    for p in (layer.scale_A, layer.scale_B, layer.scale_g):
+        p.grad = None
+    _uncached(layer, x).square().sum().backward()
+    assert all(
+        torch.equal(g, p.grad) for g, p in zip(grads, (layer.scale_A, layer.scale_B, layer.scale_g), strict=True)
+    )
+
+
+def test_q_cache_not_used_for_a_trained_lut_or_latent_layer() -> None:
+    layer, _ = _layer()
+    layer.set_trainable("lut")
+    layer.__dict__.pop("_q_cache", None)
+    assert layer._q().requires_grad and "_q_cache" not in layer.__dict__
+    latent, _ = _layer(mode="latent")
+    latent(torch.randn(2, 40))
+    assert "_q_cache" not in latent.__dict__
