@@ -9,7 +9,14 @@ import statistics
 import pytest
 
 from lutq.evaluate import compare, perplexity
-from lutq.evaluate.uncertainty import format_change, paired_ppl_ratio, ppl_interval, ratio_se, t_quantile
+from lutq.evaluate.uncertainty import (
+    format_change,
+    mean_interval,
+    paired_ppl_ratio,
+    ppl_interval,
+    ratio_se,
+    t_quantile,
+)
 from lutq.testing import tiny_model, tiny_tokenizer
 
 PPL = {"max_length": 64, "stride": 32}
@@ -109,3 +116,30 @@ def test_compare_does_not_pair_other_tokens() -> None:
     rows = [{"ppl_segments": {"t": seg}}, {"ppl_segments": {"t": {**seg, "ids_sha256": "b"}}}]
     add_paired(rows, ["t"])
     assert rows[1]["ppl_vs_first"] == {"t": None}
+
+
+def test_mean_interval_is_the_t_interval_of_equal_units() -> None:
+    values = [0.2, 0.4, 0.3, 0.5, 0.1]
+    low, high = mean_interval([v * 10 for v in values], [10] * 5)
+    half = t_quantile(0.975, 4) * statistics.stdev(values) / math.sqrt(5)
+    assert (low, high) == pytest.approx((0.3 - half, 0.3 + half))
+    assert mean_interval([1.0], [3]) is None
+
+
+def test_compare_kd_intervals_over_val_batches(eval_dir, eval_cache) -> None:
+    from lutq.kd import evaluate_kd
+    from lutq.models import load_model
+
+    model, _ = load_model(eval_dir / "q2")
+    batches: list[dict[str, float]] = []
+    metrics = evaluate_kd(model, eval_cache, batch_size=1, per_batch=batches)
+    assert len(batches) == metrics["sequences"] >= 2
+    assert sum(b["kd"] for b in batches) / sum(b["n"] for b in batches) == pytest.approx(metrics["kd"])
+    res = compare({"fp": str(eval_dir / "fp"), "q2": str(eval_dir / "q2")}, cache=eval_cache, kd_batch_size=1)
+    fp_row, q2 = res.rows()
+    low, high = q2["kd_ci"]["kd"]
+    assert low < q2["kd"]["kd"] < high and q2["kd_batches"] == len(batches)
+    assert fp_row["kd_ci"]["top1_agree"] == pytest.approx([1.0, 1.0])  # the teacher agrees with its cache everywhere
+    md = res.markdown()
+    assert "KD loss and top-1 agreement with their 95% interval over the cache's val batches" in md
+    assert f"| q2 | {q2['kd']['kd']:.4f} [{low:.4f}, {high:.4f}] |" in md

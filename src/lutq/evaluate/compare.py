@@ -14,7 +14,7 @@ from lutq.core.configs import ConfigBase
 from lutq.core.console import console
 from lutq.core.errors import LutqError
 from lutq.core.labels import distinct_labels
-from lutq.evaluate.uncertainty import LEVEL, format_change, paired_ppl_ratio
+from lutq.evaluate.uncertainty import LEVEL, format_change, mean_interval, paired_ppl_ratio
 
 
 @dataclass
@@ -82,7 +82,7 @@ class CompareResult:
                     _fmt(kd.get("top1_agree"), 4),
                 ]
             lines.append("| " + " | ".join(cells) + " |")
-        lines += self._paired_markdown()
+        lines += self._paired_markdown() + self._kd_interval_markdown()
         c = self.config
         note = (
             f"Perplexity: sliding window {c.max_length}/{c.stride}"
@@ -110,6 +110,27 @@ class CompareResult:
             for t in self.texts:
                 p = (r.get("ppl_vs_first") or {}).get(t)
                 cells.append("- (other tokens)" if p is None else format_change(p["ratio"], p["low"], p["high"]))
+            lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+        return lines
+
+    def _kd_interval_markdown(self) -> list[str]:
+        """Lines of a table of the KD loss and top-1 agreement with their intervals over the val batches."""
+        rows = [r for r in self.entries if r.get("kd_ci")]
+        if not rows:
+            return []
+        lines = [
+            "",
+            f"KD loss and top-1 agreement with their {LEVEL:.0%} interval over the cache's {self.config.kd_split} "
+            f"batches ({rows[0]['kd_batches']} of {self.config.kd_batch_size} sequences):",
+            "",
+            "| model | KD loss | top-1 agree |",
+            "|---|---:|---:|",
+        ]
+        for r in rows:
+            cells = []
+            for k in ("kd", "top1_agree"):
+                ci = r["kd_ci"].get(k)
+                cells.append(_fmt(r["kd"].get(k), 4) + ("" if ci is None else f" [{ci[0]:.4f}, {ci[1]:.4f}]"))
             lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
         return lines
 
@@ -179,9 +200,20 @@ def evaluate_model(
     if cache is not None:
         from lutq.kd import evaluate_kd
 
+        batches: list[dict[str, float]] = []
         row["kd"] = evaluate_kd(
-            model, cache, split=cfg.kd_split, batch_size=cfg.kd_batch_size, max_batches=cfg.kd_max_batches
+            model,
+            cache,
+            split=cfg.kd_split,
+            batch_size=cfg.kd_batch_size,
+            max_batches=cfg.kd_max_batches,
+            per_batch=batches,
         )
+        counts = [int(b["n"]) for b in batches]
+        row["kd_ci"] = {
+            k: mean_interval([b[k] for b in batches], counts) for k in (batches[0] if batches else {}) if k != "n"
+        }
+        row["kd_batches"] = len(batches)
     return row
 
 

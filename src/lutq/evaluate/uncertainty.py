@@ -51,14 +51,20 @@ def ratio_se(sums: Sequence[float], counts: Sequence[int]) -> float | None:
     return math.sqrt(n / (n - 1) * ss) / total
 
 
-def ppl_interval(nll_sums: Sequence[float], tokens: Sequence[int], level: float = LEVEL) -> tuple[float, float] | None:
-    """(low, high) perplexity at confidence `level` from per-segment NLL sums and token counts; None for < 2."""
-    se = ratio_se(nll_sums, tokens)
+def mean_interval(sums: Sequence[float], counts: Sequence[int], level: float = LEVEL) -> tuple[float, float] | None:
+    """(low, high) of the token-weighted mean Σ sums / Σ counts at confidence `level`; None for < 2 units."""
+    se = ratio_se(sums, counts)
     if se is None:
         return None
-    nll = sum(nll_sums) / sum(tokens)
-    half = t_quantile(0.5 + level / 2, len(tokens) - 1) * se
-    return math.exp(nll - half), math.exp(nll + half)
+    mean = sum(sums) / sum(counts)
+    half = t_quantile(0.5 + level / 2, len(counts) - 1) * se
+    return mean - half, mean + half
+
+
+def ppl_interval(nll_sums: Sequence[float], tokens: Sequence[int], level: float = LEVEL) -> tuple[float, float] | None:
+    """(low, high) perplexity at confidence `level` from per-segment NLL sums and token counts; None for < 2."""
+    nll = mean_interval(nll_sums, tokens, level)
+    return None if nll is None else (math.exp(nll[0]), math.exp(nll[1]))
 
 
 def paired_ppl_ratio(

@@ -336,8 +336,10 @@ def evaluate_kd(
     batch_size: int = 8,
     max_batches: int | None = None,
     cfg: KDLossConfig | None = None,
+    per_batch: list[dict[str, float]] | None = None,
 ) -> dict[str, float]:
-    """Token-weighted means of the KD metrics over `split` of a KDCache (or a cache path), in order."""
+    """Token-weighted means of the KD metrics over `split` of a KDCache (or a cache path), in order.
+    `per_batch`, when given, receives each batch's metric sums and its token count `n` (for intervals)."""
     from lutq.kd.reader import KDCache
 
     cache = cache if isinstance(cache, KDCache) else KDCache(cache)
@@ -358,6 +360,8 @@ def evaluate_kd(
             n = batch["topk_ids"].shape[0] * batch["topk_ids"].shape[1]
             for k, v in out.metrics.items():
                 totals[k] = totals.get(k, 0.0) + v * n
+            if per_batch is not None:
+                per_batch.append({"n": n, **{k: v * n for k, v in out.metrics.items()}})
             tokens += n
             sequences += batch["topk_ids"].shape[0]
     finally:
