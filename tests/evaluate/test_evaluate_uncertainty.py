@@ -75,6 +75,9 @@ def test_paired_ratio_cancels_what_the_segments_share() -> None:
     assert low < ratio < high and (high - low) / ratio < (own_high - own_low) / math.exp(sum(ref) / sum(counts)) / 5
     assert format_change(ratio, low, high).startswith("+1")  # +10.x % [...]
     assert paired_ppl_ratio([1.0], [2.0], [4])[1:] == (None, None)
+    with pytest.raises(ValueError, match="no tokens"):
+        paired_ppl_ratio([1.0], [1.0], [0])
+    assert ppl_interval([5 * 256, 120 * 256], [256, 256])[1] == math.inf  # a diverged model: no OverflowError
     with pytest.raises(ValueError, match="segments"):
         paired_ppl_ratio([1.0], [1.0, 2.0], [1, 1])
 

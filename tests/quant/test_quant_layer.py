@@ -258,7 +258,7 @@ def test_q_cache_follows_every_change_of_idx_and_lut() -> None:
     other, _ = _layer()
     layer.load_state_dict(other.state_dict())  # a checkpoint load copies into the same tensors
     assert torch.equal(layer(x), other(x)) and torch.equal(layer.q(), torch.take(other.lut, other.idx.long()))
-    assert layer.q().dtype == torch.float32  # the public q() keeps the LUT's dtype
+    assert layer.q().dtype == torch.float32 and layer.q() is not layer.q()  # public q(): a new tensor, LUT dtype
     layer.double()  # new tensors: the cache is dropped, the product is fp64 again
     assert "_q_cache" not in layer.__dict__ and layer(x.double()).dtype == torch.float64
     assert torch.equal(layer(x.double()), _uncached(layer, x.double()))
@@ -292,3 +292,34 @@ def test_q_cache_not_used_for_a_trained_lut_or_latent_layer() -> None:
     latent, _ = _layer(mode="latent")
     latent(torch.randn(2, 40))
     assert "_q_cache" not in latent.__dict__
+
+
+def test_q_cache_made_only_with_gradients_on_and_clearable() -> None:
+    layer, _ = _layer()
+    layer.clear_cache()
+    x = torch.randn(2, 40)
+    with torch.no_grad():  # evaluation holds no extra copy of Q
+        layer(x)
+    assert "_q_cache" not in layer.__dict__
+    layer(x)
+    assert "_q_cache" in layer.__dict__
+    with torch.no_grad():  # a write around the version counter is not seen until clear_cache()
+        layer.idx.data[:] = (layer.idx.long() + 1).clamp_max(15).to(torch.uint8)
+    layer.clear_cache()
+    assert torch.equal(layer(x), _uncached(layer, x))
+
+
+def test_q_cache_keeps_the_product_dtype_under_fp16_autocast() -> None:
+    layer, _ = _layer()
+    layer(torch.randn(2, 40))  # the FP16 cache exists
+    with torch.autocast("cpu", dtype=torch.float16):
+        w = layer.effective_weight()
+        ref = torch.take(layer.lut, layer.idx.long()) * layer.scale_map()
+    assert w.dtype == ref.dtype == torch.float32 and torch.equal(w, ref)
+
+
+def test_q_cache_does_not_break_fx_tracing() -> None:
+    layer, _ = _layer(bias=False)
+    traced = torch.fx.symbolic_trace(layer)
+    x = torch.randn(3, 40)
+    assert torch.equal(traced(x), layer(x))

@@ -64,7 +64,12 @@ def mean_interval(sums: Sequence[float], counts: Sequence[int], level: float = L
 def ppl_interval(nll_sums: Sequence[float], tokens: Sequence[int], level: float = LEVEL) -> tuple[float, float] | None:
     """(low, high) perplexity at confidence `level` from per-segment NLL sums and token counts; None for < 2."""
     nll = mean_interval(nll_sums, tokens, level)
-    return None if nll is None else (math.exp(nll[0]), math.exp(nll[1]))
+    return None if nll is None else (_exp(nll[0]), _exp(nll[1]))
+
+
+def _exp(x: float) -> float:
+    """exp that saturates to inf instead of raising OverflowError (a diverged model's upper bound)."""
+    return math.inf if x > 709.0 else math.exp(x)
 
 
 def paired_ppl_ratio(
@@ -74,13 +79,15 @@ def paired_ppl_ratio(
     with its paired interval at `level` (low and high None for fewer than 2 segments)."""
     if not len(ref_sums) == len(sums) == len(tokens):
         raise ValueError(f"paired_ppl_ratio: {len(ref_sums)}, {len(sums)} and {len(tokens)} segments differ")
+    if sum(tokens) <= 0:
+        raise ValueError("paired_ppl_ratio: the segments hold no tokens")
     diffs = [b - a for a, b in zip(ref_sums, sums, strict=True)]
     delta = sum(diffs) / sum(tokens)
     se = ratio_se(diffs, tokens)
     if se is None:
-        return math.exp(delta), None, None
+        return _exp(delta), None, None
     half = t_quantile(0.5 + level / 2, len(tokens) - 1) * se
-    return math.exp(delta), math.exp(delta - half), math.exp(delta + half)
+    return _exp(delta), _exp(delta - half), _exp(delta + half)
 
 
 def format_change(ratio: float, low: float | None, high: float | None) -> str:

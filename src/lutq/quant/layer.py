@@ -109,25 +109,30 @@ class LUTLinear(nn.Module):
         return ste_fp16(self.lut) if self.lut.requires_grad else self.lut
 
     def q(self) -> torch.Tensor:
-        """Q = lut[idx] [out, in], in the LUT's dtype."""
-        return self._q().to(self.lut.dtype)
+        """Q = lut[idx] [out, in], in the LUT's dtype (a new tensor; the forward's cached copy is internal)."""
+        return torch.take(self.lut_values(), self.idx.long())
 
     def _q(self) -> torch.Tensor:
-        """lut[idx], cached between forwards while neither the indices nor a frozen LUT change.
+        """lut[idx] for the forward, cached between training forwards while the indices and a frozen LUT stay.
 
         Gathering through int64 indices every forward cost ~9 % of a block-wise PTQ step on the CPU
         (docs/benchmarks.md). The cache is keyed on the idx and LUT tensors themselves (held, so their ids
-        cannot be reused) and their in-place version counters (every copy_ / load_state_dict bumps them);
-        it holds FP16 when the LUT is FP16-exact and the layer fp32 (exact: the product with the fp32 scale
-        map is computed in fp32), half the bytes of an fp32 copy. Not used where the gather must stay in the
-        graph or changes every step: a trained LUT, latent mode, inside torch.compile / tracing (which fuse the
-        gather into the product anyway), or in inference mode (such tensors have no version counter)."""
+        cannot be reused) and their version counters, which every in-place op bumps (copy_, load_state_dict,
+        project_); writes around them (`idx.data[...] = ...`, a numpy view) are not seen: write with copy_,
+        or call `clear_cache()`. It holds FP16 when the LUT is FP16-exact and the layer fp32 (exact), which is
+        also what autograd saves for the backward of Q ⊙ S, so training memory goes down. It is made only
+        with gradients on (training): under no_grad (evaluation) an existing one is used but none is made,
+        so evaluation does not hold an extra copy. Bypassed where the gather must stay in the graph or
+        changes every step: a trained LUT, latent mode, torch.compile / tracing / functorch transforms (which
+        fuse the gather anyway), inference mode (such tensors have no version counter)."""
         lut, idx = self.lut_values(), self.idx
         if (
-            lut.requires_grad
+            torch.fx._symbolic_trace.is_fx_symbolic_tracing()  # first: fx cannot branch on a traced parameter
+            or lut.requires_grad
             or self.mode == "latent"
             or torch.compiler.is_compiling()
             or torch.jit.is_tracing()
+            or torch._C._are_functorch_transforms_active()
             or torch.is_inference_mode_enabled()  # a cached inference tensor could not be saved for backward later
             or idx.is_inference()
             or lut.is_inference()
@@ -135,21 +140,34 @@ class LUTLinear(nn.Module):
             return torch.take(lut, idx.long())
         key = (idx, idx._version, lut, lut._version)
         cached = self.__dict__.get("_q_cache")
-        if cached is None or not (cached[0][0] is idx and cached[0][2] is lut and cached[0][1::2] == key[1::2]):
-            q = torch.take(lut, idx.long())
-            if lut.dtype == self.scale_A.dtype == torch.float32 and torch.equal(lut.half().float(), lut):
-                q = q.half()
-            cached = (key, q)
-            self.__dict__["_q_cache"] = cached
-        return cached[1]
+        if cached is not None and cached[0][0] is idx and cached[0][2] is lut and cached[0][1::2] == key[1::2]:
+            return cached[1]
+        q = torch.take(lut, idx.long())
+        if lut.dtype == self.scale_A.dtype == torch.float32 and torch.equal(lut.half().float(), lut):
+            q = q.half()
+        if torch.is_grad_enabled():
+            self.__dict__["_q_cache"] = (key, q)
+        else:
+            self.clear_cache()  # a stale one would only hold memory
+        return q
+
+    def clear_cache(self) -> None:
+        """Drop the forward's cached Q (after writing idx or the LUT around their version counters)."""
+        self.__dict__.pop("_q_cache", None)
 
     def _apply(self, fn: Any, recurse: bool = True) -> LUTLinear:
-        self.__dict__.pop("_q_cache", None)  # .to(device / dtype) makes new tensors: drop the old copy now
+        self.clear_cache()  # .to(device / dtype) makes new tensors: drop the old copy now
         return super()._apply(fn, recurse)
 
     def effective_weight(self) -> torch.Tensor:
         """W_eff = lut[idx] ⊙ S (latent mode: the straight-through W_q); differentiable in A, B, g."""
-        w = self._latent_weight() if self.mode == "latent" else self._q() * self.scale_map()
+        if self.mode == "latent":
+            w = self._latent_weight()
+        else:
+            q, s = self._q(), self.scale_map()
+            if q.dtype != self.lut.dtype and q.dtype == s.dtype:  # FP16 Q, FP16 S (fp16 autocast): in the LUT's dtype
+                q = q.to(self.lut.dtype)
+            w = q * s
         return ste_fp16(w) if self.ste_fp16 else w
 
     def _latent_weight(self) -> torch.Tensor:
