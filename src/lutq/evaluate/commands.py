@@ -30,7 +30,8 @@ def ppl_cmd(
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16."),
     json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
 ) -> None:
-    """Sliding-window perplexity (documents joined by a blank line; every token after the first scored once)."""
+    """Sliding-window perplexity with its 95% interval (documents joined by a blank line; every token after the
+    first scored once)."""
     from lutq.core.atomic import atomic_write_json
     from lutq.evaluate.compare import load_text
     from lutq.evaluate.perplexity import PplConfig, perplexity
@@ -99,7 +100,8 @@ def compare_cmd(
     json_out: Path = typer.Option(None, "--json", help="Also write the table as JSON here."),
     markdown_out: Path = typer.Option(None, "--markdown", help="Also write the table as markdown here."),
 ) -> None:
-    """One table (markdown on stdout, optional JSON/markdown files): ppl per text, KD metrics, size, bits/weight."""
+    """One table (markdown on stdout, optional JSON/markdown files): ppl per text, KD metrics, size, bits/weight;
+    then each model's perplexity change against the first one, paired on the same tokens, with 95% intervals."""
     from lutq.core.atomic import atomic_write_json, atomic_write_text
     from lutq.evaluate.compare import compare
     from lutq.evaluate.size import size_table
