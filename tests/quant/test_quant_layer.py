@@ -323,3 +323,18 @@ def test_q_cache_does_not_break_fx_tracing() -> None:
     traced = torch.fx.symbolic_trace(layer)
     x = torch.randn(3, 40)
     assert torch.equal(traced(x), layer(x))
+
+
+def test_keep_q_cache_caches_under_no_grad_inside_only() -> None:
+    from lutq.quant.layer import keep_q_cache
+
+    layer, _ = _layer()
+    layer.clear_cache()
+    x = torch.randn(2, 40)
+    with keep_q_cache(), torch.no_grad():
+        out = layer(x)
+    assert "_q_cache" in layer.__dict__ and torch.equal(out, _uncached(layer, x))
+    layer.clear_cache()
+    with torch.no_grad():
+        layer(x)
+    assert "_q_cache" not in layer.__dict__

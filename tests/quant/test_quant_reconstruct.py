@@ -87,6 +87,8 @@ def test_reconstruct_beats_nearest_and_never_hurts_a_block(tiny_arch: str) -> No
     # the trainable flags are as they were, and the reference is untouched (still full precision)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert not list(lut_layers(reference))
+    # the Q cache kept through the calibration's no_grad passes is dropped at the end
+    assert not any("_q_cache" in m.__dict__ for _, m in lut_layers(model))
 
 
 def test_reconstruct_local_target_and_lut_training() -> None:

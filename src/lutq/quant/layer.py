@@ -17,8 +17,9 @@ FP16-exact, strictly increasing). `lutq.quant.project_luts_(model)` does it for 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -36,6 +37,20 @@ TRAINABLE = {"all": {"A", "B", "g"}, "g": {"g"}, "ab": {"A", "B"}, "lut": {"lut"
 def _weight_over_scale(weight: torch.Tensor, s: torch.Tensor, lut: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """weight / S, the latent weights' units (where S = 0: lut[idx], the centre of the index's bin)."""
     return torch.where(s != 0, weight.detach().to(s) / s, lut[idx.long()].to(s))
+
+
+_KEEP_Q_CACHE = [0]  # > 0 inside keep_q_cache()
+
+
+@contextlib.contextmanager
+def keep_q_cache() -> Iterator[None]:
+    """Within: LUT layers keep their forward's Q cache under no_grad too (for many no_grad passes over the same
+    indices, as block-wise calibration makes), at 2 bytes per quantized weight."""
+    _KEEP_Q_CACHE[0] += 1
+    try:
+        yield
+    finally:
+        _KEEP_Q_CACHE[0] -= 1
 
 
 class LUTLinear(nn.Module):
@@ -121,8 +136,9 @@ class LUTLinear(nn.Module):
         project_); writes around them (`idx.data[...] = ...`, a numpy view) are not seen: write with copy_,
         or call `clear_cache()`. It holds FP16 when the LUT is FP16-exact and the layer fp32 (exact), which is
         also what autograd saves for the backward of Q ⊙ S, so training memory goes down. It is made only
-        with gradients on (training): under no_grad (evaluation) an existing one is used but none is made,
-        so evaluation does not hold an extra copy. Bypassed where the gather must stay in the graph or
+        with gradients on (training) or inside `keep_q_cache()` (calibration, whose no_grad passes repeat):
+        under no_grad elsewhere (evaluation) an existing one is used but none is made, so evaluation does not
+        hold an extra copy. Bypassed where the gather must stay in the graph or
         changes every step: a trained LUT, latent mode, torch.compile / tracing / functorch transforms (which
         fuse the gather anyway), inference mode (such tensors have no version counter)."""
         lut, idx = self.lut_values(), self.idx
@@ -145,7 +161,7 @@ class LUTLinear(nn.Module):
         q = torch.take(lut, idx.long())
         if lut.dtype == self.scale_A.dtype == torch.float32 and torch.equal(lut.half().float(), lut):
             q = q.half()
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or _KEEP_Q_CACHE[0]:
             self.__dict__["_q_cache"] = (key, q)
         else:
             self.clear_cache()  # a stale one would only hold memory

@@ -41,7 +41,7 @@ from lutq.models.runtime import decoder_body, decoder_layers
 from lutq.quant.api import QuantReport, QuantRow, lut_layers, quant_config_of
 from lutq.quant.calibrate import HessianCollector, calibrate_layer_, column_weights
 from lutq.quant.init import init_from_weight_, relative_error
-from lutq.quant.layer import LUTLinear
+from lutq.quant.layer import LUTLinear, keep_q_cache
 from lutq.quant.presets import QuantConfig, group_of
 
 TARGETS = ("fp", "local")
@@ -234,6 +234,7 @@ def _train_block(
     return after
 
 
+@keep_q_cache()  # the block's no_grad passes (Hessians, losses, next inputs) reuse each layer's Q
 def reconstruct_(
     model: nn.Module,
     reference: nn.Module,
@@ -344,6 +345,8 @@ def reconstruct_(
     finally:
         model.train(model_was_training)
         reference.train(ref_was_training)
+        for layer in named.values():
+            layer.clear_cache()  # kept through the no_grad passes above (keep_q_cache); not past the calibration
     return report
 
 
