@@ -338,3 +338,15 @@ def test_keep_q_cache_caches_under_no_grad_inside_only() -> None:
     with torch.no_grad():
         layer(x)
     assert "_q_cache" not in layer.__dict__
+
+
+def test_q_cache_logic_compiles_without_graph_breaks() -> None:
+    """Inside torch.compile the cache is bypassed; its checks must not break the graph (dynamo only: the eager
+    backend keeps this fast, inductor is the same trace)."""
+    layer, _ = _layer()
+    layer.set_trainable("all")
+    x = torch.randn(3, 40)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    assert torch.allclose(out, _uncached(layer, x), atol=1e-6) and layer.scale_g.grad is not None
