@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import statistics
 
 import pytest
 
+from lutq.core.errors import LutqError
 from lutq.evaluate import compare, perplexity
 from lutq.evaluate.uncertainty import (
     format_change,
+    format_diff,
     mean_interval,
+    paired_mean_diff,
     paired_ppl_ratio,
     ppl_interval,
     ratio_se,
@@ -100,15 +104,15 @@ def test_compare_pairs_rows_on_the_same_tokens(eval_dir) -> None:
         {"fp": str(eval_dir / "fp"), "again": str(eval_dir / "fp"), "q2": str(eval_dir / "q2")}, texts=[text], **PPL
     )
     fp_row, again, q2 = res.rows()
-    assert "ppl_vs_first" not in fp_row
-    same = again["ppl_vs_first"][text]
+    assert "ppl_vs_ref" not in fp_row
+    same = again["ppl_vs_ref"][text]
     assert same["ratio"] == pytest.approx(1.0) and same["low"] == pytest.approx(1.0)
-    p = q2["ppl_vs_first"][text]
+    p = q2["ppl_vs_ref"][text]
     assert p["ratio"] == pytest.approx(q2["ppl"][text] / fp_row["ppl"][text], rel=1e-9)
     low, high = q2["ppl_ci"][text]
     assert low < q2["ppl"][text] < high and p["low"] < p["ratio"] < p["high"]
     md = res.markdown()
-    assert "Perplexity against fp, paired on the same tokens" in md
+    assert "Against fp, paired (95% intervals" in md and "KD loss" not in md
     assert f"| q2 | {format_change(p['ratio'], p['low'], p['high'])} |" in md
 
 
@@ -118,7 +122,7 @@ def test_compare_does_not_pair_other_tokens() -> None:
     seg = {"nll": [3.0, 4.0], "tokens": [2, 2], "ids_sha256": "a"}
     rows = [{"ppl_segments": {"t": seg}}, {"ppl_segments": {"t": {**seg, "ids_sha256": "b"}}}]
     add_paired(rows, ["t"])
-    assert rows[1]["ppl_vs_first"] == {"t": None}
+    assert rows[1]["ppl_vs_ref"] == {"t": None}
 
 
 def test_mean_interval_is_the_t_interval_of_equal_units() -> None:
@@ -146,3 +150,43 @@ def test_compare_kd_intervals_over_val_batches(eval_dir, eval_cache) -> None:
     md = res.markdown()
     assert "KD loss and top-1 agreement with their 95% interval over the cache's val batches" in md
     assert f"| q2 | {q2['kd']['kd']:.4f} [{low:.4f}, {high:.4f}] |" in md
+
+
+def test_paired_mean_diff_cancels_shared_batch_difficulty() -> None:
+    rng = random.Random(3)
+    counts = [64] * 12
+    ref = [c * (0.5 + rng.gauss(0, 0.2)) for c in counts]
+    better = [s - 0.05 * c for s, c in zip(ref, counts, strict=True)]  # 0.05 lower on every batch
+    diff, low, high = paired_mean_diff(ref, better, counts)
+    assert diff == pytest.approx(-0.05) and low == pytest.approx(-0.05) and high == pytest.approx(-0.05)
+    assert format_diff(diff, low, high) == "-0.0500 [-0.0500, -0.0500]"
+    assert paired_mean_diff([1.0], [2.0], [4])[1:] == (None, None)
+    with pytest.raises(ValueError, match="units"):
+        paired_mean_diff([1.0], [1.0, 2.0], [1, 1])
+
+
+def test_compare_pairs_against_a_chosen_reference_with_kd(eval_dir, eval_cache) -> None:
+    text = str(eval_dir / "text.txt")
+    with pytest.raises(LutqError, match="reference 'nope' is none of the models"):
+        compare({"fp": str(eval_dir / "fp")}, texts=[text], reference="nope", **PPL)
+    res = compare(
+        {"fp": str(eval_dir / "fp"), "q2": str(eval_dir / "q2")},
+        texts=[text],
+        cache=eval_cache,
+        kd_batch_size=1,
+        reference="q2",
+        **PPL,
+    )
+    fp_row, q2 = res.rows()
+    assert res.reference is q2 and "ppl_vs_ref" not in q2 and res.to_dict()["reference"] == "q2"
+    p = fp_row["ppl_vs_ref"][text]
+    assert p["ratio"] == pytest.approx(fp_row["ppl"][text] / q2["ppl"][text], rel=1e-9)
+    d = fp_row["kd_vs_ref"]["kd"]
+    assert d["diff"] == pytest.approx(fp_row["kd"]["kd"] - q2["kd"]["kd"], abs=1e-9)
+    assert d["low"] < d["diff"] < d["high"] < 0  # the teacher is closer to its own cache, on every batch
+    md = res.markdown()
+    assert "Against q2, paired" in md and "| model | ppl " in md and "| KD loss | top-1 agree |" in md
+    assert (
+        f"| fp | {format_change(p['ratio'], p['low'], p['high'])} | {format_diff(d['diff'], d['low'], d['high'])}" in md
+    )
+    json.dumps(res.to_dict())

@@ -96,12 +96,16 @@ def compare_cmd(
     kd_max_batches: int = typer.Option(
         None, "--kd-max-batches", help="Stop the KD evaluation after N batches (default: the whole val split)."
     ),
+    reference: str = typer.Option(
+        None, "--reference", help="Pair the others against this model (label or spec; default: the first)."
+    ),
     device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
     json_out: Path = typer.Option(None, "--json", help="Also write the table as JSON here."),
     markdown_out: Path = typer.Option(None, "--markdown", help="Also write the table as markdown here."),
 ) -> None:
     """One table (markdown on stdout, optional JSON/markdown files): ppl per text, KD metrics, size, bits/weight;
-    then each model's perplexity change against the first one, paired on the same tokens, with 95% intervals."""
+    then each model against the first one (or --reference): perplexity change and KD differences, paired on the
+    same tokens and batches, with 95% intervals."""
     from lutq.core.atomic import atomic_write_json, atomic_write_text
     from lutq.evaluate.compare import compare
     from lutq.evaluate.size import size_table
@@ -116,6 +120,7 @@ def compare_cmd(
         max_tokens=max_tokens,
         kd_max_batches=kd_max_batches,
         device=str(resolve_device(device)),
+        reference=reference,
     )
     for row in result.rows():
         if row["size"]["lut"]:

@@ -14,7 +14,14 @@ from lutq.core.configs import ConfigBase
 from lutq.core.console import console
 from lutq.core.errors import LutqError
 from lutq.core.labels import distinct_labels
-from lutq.evaluate.uncertainty import LEVEL, format_change, mean_interval, paired_ppl_ratio
+from lutq.evaluate.uncertainty import (
+    LEVEL,
+    format_change,
+    format_diff,
+    mean_interval,
+    paired_mean_diff,
+    paired_ppl_ratio,
+)
 
 
 @dataclass
@@ -31,12 +38,13 @@ class CompareConfig(ConfigBase):
     kd_max_batches: int | None = None
     device: str = "cpu"
     dtype: str = "fp32"
+    reference: str | None = None  # the row (label or model spec) the others are paired against; None: the first
 
 
 @dataclass
 class CompareResult:
-    """Rows (one per model: label, model spec, size, ppl per text with its interval and segments, the
-    paired change against the first row, KD metrics) plus what produced them."""
+    """Rows (one per model: label, model spec, size, ppl per text with its interval and segments, KD metrics with
+    their intervals, and the paired changes against the reference row) plus what produced them."""
 
     entries: list[dict[str, Any]]
     texts: list[str]
@@ -47,11 +55,17 @@ class CompareResult:
     def rows(self) -> list[dict[str, Any]]:
         return self.entries
 
+    @property
+    def reference(self) -> dict[str, Any] | None:
+        """The row the others are paired against."""
+        return self.entries[reference_index(self.entries, self.config.reference)] if self.entries else None
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "date": self.date,
             "texts": self.texts,
             "cache": self.cache,
+            "reference": self.reference and self.reference["label"],
             "config": self.config.to_dict(),
             "rows": self.entries,
         }
@@ -93,23 +107,36 @@ class CompareResult:
         return "\n".join(lines) + "\n\n" + note + "\n"
 
     def _paired_markdown(self) -> list[str]:
-        """Lines of a second table: each model's perplexity against the first row's, paired on the same tokens."""
-        if len(self.entries) < 2 or not self.texts:
+        """Lines of a second table: each model against the reference row, paired on the same tokens (perplexity
+        change) and the same KD batches (KD loss and top-1 differences)."""
+        ref = self.reference
+        if ref is None or len(self.entries) < 2:
             return []
-        ref = self.entries[0]
+        kd = any(r.get("kd_vs_ref") for r in self.entries)
+        if not self.texts and not kd:
+            return []
+        head = [f"ppl {t}" for t in self.texts] + (["KD loss", "top-1 agree"] if kd else [])
         lines = [
             "",
-            f"Perplexity against {ref['label']}, paired on the same tokens (change, {LEVEL:.0%} interval over the "
-            "windows' scored segments; `lutq.evaluate.uncertainty`):",
+            f"Against {ref['label']}, paired ({LEVEL:.0%} intervals, `lutq.evaluate.uncertainty`): perplexity change "
+            "on the same tokens (the windows' scored segments as units)"
+            + (", KD loss and top-1 agreement differences on the same validation batches" if kd else "")
+            + ":",
             "",
-            "| model | " + " | ".join(f"ppl {t}" for t in self.texts) + " |",
-            "|---|" + "---:|" * len(self.texts),
+            "| model | " + " | ".join(head) + " |",
+            "|---|" + "---:|" * len(head),
         ]
-        for r in self.entries[1:]:
+        for r in self.entries:
+            if r is ref:
+                continue
             cells = []
             for t in self.texts:
-                p = (r.get("ppl_vs_first") or {}).get(t)
+                p = (r.get("ppl_vs_ref") or {}).get(t)
                 cells.append("- (other tokens)" if p is None else format_change(p["ratio"], p["low"], p["high"]))
+            if kd:
+                for k in ("kd", "top1_agree"):
+                    d = (r.get("kd_vs_ref") or {}).get(k)
+                    cells.append("-" if d is None else format_diff(d["diff"], d["low"], d["high"]))
             lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
         return lines
 
@@ -135,22 +162,41 @@ class CompareResult:
         return lines
 
 
-def add_paired(entries: list[dict[str, Any]], texts: Sequence[str]) -> None:
-    """Give every row after the first `ppl_vs_first`: {text: {ratio, low, high}} of its perplexity over the first
-    row's, paired on the same segments; None for a text the two scored on different tokens (other tokenizers)."""
+def reference_index(entries: Sequence[dict[str, Any]], reference: str | None) -> int:
+    """Index of the row named `reference` (its label, or its model spec); 0 when None."""
+    if reference is None:
+        return 0
+    for i, r in enumerate(entries):
+        if reference in (r["label"], r["model"]):
+            return i
+    raise LutqError(f"compare: reference {reference!r} is none of the models (labels: {[r['label'] for r in entries]})")
+
+
+def add_paired(entries: list[dict[str, Any]], texts: Sequence[str], reference: str | None = None) -> None:
+    """Give every row but the reference `ppl_vs_ref`: {text: {ratio, low, high}} of its perplexity over the
+    reference's, paired on the same segments (None for a text the two scored on different tokens), and, when both
+    have KD metrics on the same batches, `kd_vs_ref`: {metric: {diff, low, high}}."""
     if not entries:
         return
-    ref = entries[0].get("ppl_segments", {})
-    for row in entries[1:]:
-        row["ppl_vs_first"] = {}
+    ref = entries[reference_index(entries, reference)]
+    for row in entries:
+        if row is ref:
+            continue
+        row["ppl_vs_ref"] = {}
         for t in texts:
-            a, b = ref.get(t), row.get("ppl_segments", {}).get(t)
+            a, b = ref.get("ppl_segments", {}).get(t), row.get("ppl_segments", {}).get(t)
             same = a and b and a["ids_sha256"] == b["ids_sha256"] and a["tokens"] == b["tokens"]
             if not same:
-                row["ppl_vs_first"][t] = None
+                row["ppl_vs_ref"][t] = None
                 continue
             ratio, low, high = paired_ppl_ratio(a["nll"], b["nll"], a["tokens"])
-            row["ppl_vs_first"][t] = {"ratio": ratio, "low": low, "high": high}
+            row["ppl_vs_ref"][t] = {"ratio": ratio, "low": low, "high": high}
+        ka, kb = ref.get("kd_per_batch"), row.get("kd_per_batch")
+        if ka and kb and ka["n"] == kb["n"]:
+            row["kd_vs_ref"] = {}
+            for k in ka.keys() & kb.keys() - {"n"}:
+                diff, low, high = paired_mean_diff(ka[k], kb[k], ka["n"])
+                row["kd_vs_ref"][k] = {"diff": diff, "low": low, "high": high}
 
 
 def model_labels(specs: Sequence[str]) -> dict[str, str]:
@@ -210,9 +256,9 @@ def evaluate_model(
             per_batch=batches,
         )
         counts = [int(b["n"]) for b in batches]
-        row["kd_ci"] = {
-            k: mean_interval([b[k] for b in batches], counts) for k in (batches[0] if batches else {}) if k != "n"
-        }
+        metrics = [k for k in (batches[0] if batches else {}) if k != "n"]
+        row["kd_per_batch"] = {"n": counts, **{k: [b[k] for b in batches] for k in metrics}}
+        row["kd_ci"] = {k: mean_interval(row["kd_per_batch"][k], counts) for k in metrics}
         row["kd_batches"] = len(batches)
     return row
 
@@ -248,6 +294,8 @@ def compare(
         from lutq.kd import KDCache
 
         kd_cache = KDCache(cache)
+    if cfg.reference is not None:  # a misspelt reference fails before any model loads
+        reference_index([{"label": k, "model": str(v)} for k, v in labelled.items()], cfg.reference)
     entries = []
     for label, spec in labelled.items():
         console.print(f"[bold]evaluating[/] {label} ({spec})")
@@ -255,5 +303,5 @@ def compare(
         entries.append({"label": label, "model": str(spec), **evaluate_model(model, tok, docs, cfg, kd_cache)})
         del model
         gc.collect()
-    add_paired(entries, list(texts))
+    add_paired(entries, list(texts), cfg.reference)
     return CompareResult(entries, list(texts), str(cache) if cache else None, cfg)

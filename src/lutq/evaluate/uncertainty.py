@@ -90,9 +90,32 @@ def paired_ppl_ratio(
     return _exp(delta), _exp(delta - half), _exp(delta + half)
 
 
+def paired_mean_diff(
+    ref_sums: Sequence[float], sums: Sequence[float], counts: Sequence[int], level: float = LEVEL
+) -> tuple[float, float | None, float | None]:
+    """(diff, low, high): the token-weighted mean of `sums` minus that of `ref_sums`, both over the same units
+    (`counts`, e.g. the same KD batches), with its paired interval at `level` (None bounds for < 2 units)."""
+    if not len(ref_sums) == len(sums) == len(counts):
+        raise ValueError(f"paired_mean_diff: {len(ref_sums)}, {len(sums)} and {len(counts)} units differ")
+    if sum(counts) <= 0:
+        raise ValueError("paired_mean_diff: the units hold no tokens")
+    diffs = [b - a for a, b in zip(ref_sums, sums, strict=True)]
+    interval = mean_interval(diffs, counts, level)
+    diff = sum(diffs) / sum(counts)
+    return (diff, None, None) if interval is None else (diff, *interval)
+
+
 def format_change(ratio: float, low: float | None, high: float | None) -> str:
     """'+11.4 % [+10.2, +12.6]': a ratio as a percent change with its interval."""
     cell = f"{(ratio - 1) * 100:+.1f} %"
     if low is not None and high is not None:
         cell += f" [{(low - 1) * 100:+.1f}, {(high - 1) * 100:+.1f}]"
+    return cell
+
+
+def format_diff(diff: float, low: float | None, high: float | None, digits: int = 4) -> str:
+    """'-0.0171 [-0.0200, -0.0142]': a difference with its interval."""
+    cell = f"{diff:+.{digits}f}"
+    if low is not None and high is not None:
+        cell += f" [{low:+.{digits}f}, {high:+.{digits}f}]"
     return cell

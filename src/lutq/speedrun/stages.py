@@ -314,7 +314,8 @@ def _figures(row: dict[str, Any]) -> dict[str, Any]:
         "bits_per_weight": total.get("bits_per_weight"),
         "ppl": row["ppl"],
         "ppl_ci": row.get("ppl_ci"),
-        "ppl_vs_first": row.get("ppl_vs_first"),
+        "ppl_vs_ref": row.get("ppl_vs_ref"),
+        "kd_vs_ref": row.get("kd_vs_ref"),
         "kd": row["kd"],
     }
 
