@@ -42,6 +42,18 @@ def _weight_over_scale(weight: torch.Tensor, s: torch.Tensor, lut: torch.Tensor,
 _KEEP_Q_CACHE = [0]  # > 0 inside keep_q_cache()
 
 
+def _graph_capture_active() -> bool:
+    """True while fx, dynamo / export, jit or a functorch transform traces the forward (the Q cache stays out).
+    The fx and functorch probes are private, so look them up defensively: GPU machines keep their own torch."""
+    fx = torch.fx._symbolic_trace
+    return bool(
+        getattr(fx, "_is_fx_tracing_flag", False)
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or getattr(torch._C, "_are_functorch_transforms_active", lambda: False)()
+    )
+
+
 @contextlib.contextmanager
 def keep_q_cache() -> Iterator[None]:
     """Within: LUT layers keep their forward's Q cache under no_grad too (for many no_grad passes over the same
@@ -143,12 +155,9 @@ class LUTLinear(nn.Module):
         fuse the gather anyway), inference mode (such tensors have no version counter)."""
         lut, idx = self.lut_values(), self.idx
         if (
-            torch.fx._symbolic_trace.is_fx_symbolic_tracing()  # first: fx cannot branch on a traced parameter
+            _graph_capture_active()  # first: fx cannot branch on a traced parameter
             or lut.requires_grad
             or self.mode == "latent"
-            or torch.compiler.is_compiling()
-            or torch.jit.is_tracing()
-            or torch._C._are_functorch_transforms_active()
             or torch.is_inference_mode_enabled()  # a cached inference tensor could not be saved for backward later
             or idx.is_inference()
             or lut.is_inference()
