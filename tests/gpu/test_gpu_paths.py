@@ -86,6 +86,34 @@ def test_lut_linear_on_cuda_matches_cpu_fp32(ieee_fp32_matmuls: None) -> None:
         assert _rel(cuda(x.cuda()), y_ref) < 1e-4  # the ANE's factored form, on the GPU
 
 
+def test_q_cache_on_cuda_is_bit_exact_under_bf16_autocast() -> None:
+    """The cached FP16 Q gives the same W_eff, output and gradients as gathering every forward, on CUDA in bf16."""
+    g = torch.Generator().manual_seed(1)
+    layer = LUTLinear(256, 384, 16, 4)
+    init_from_weight_(layer, torch.randn(384, 256, generator=g) * 0.05, lut_kind="kmeans")
+    layer = layer.cuda()
+    layer.set_trainable("all")
+    x = torch.randn(4, 64, 256, generator=g).cuda()
+    outs, grads = [], []
+    for cached in (True, False):
+        layer.clear_cache()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if cached:
+                layer(x)  # fills the cache
+                assert layer.__dict__["_q_cache"][1].dtype == torch.float16
+                y = layer(x)
+            else:
+                w = torch.take(layer.lut, layer.idx.long()) * layer.scale_map()
+                y = torch.nn.functional.linear(x, w.to(x.dtype))
+        y.float().square().mean().backward()
+        outs.append(y.detach())
+        grads.append([p.grad.clone() for p in (layer.scale_A, layer.scale_B, layer.scale_g)])
+        for p in (layer.scale_A, layer.scale_B, layer.scale_g):
+            p.grad = None
+    assert torch.equal(outs[0], outs[1])
+    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1], strict=True))
+
+
 def test_kd_cache_from_a_bf16_teacher_on_cuda_matches_the_cpu_cache(teacher_dir: Path) -> None:
     cpu, gpu = KDCache(_cache(teacher_dir, "cpu", "cpu", "fp32")), KDCache(_cache(teacher_dir, "gpu", "cuda", "auto"))
     assert gpu.meta["teacher_dtype"] == "bfloat16" and cpu.meta["teacher_dtype"] == "float32"
