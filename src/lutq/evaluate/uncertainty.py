@@ -76,29 +76,22 @@ def paired_ppl_ratio(
     ref_sums: Sequence[float], sums: Sequence[float], tokens: Sequence[int], level: float = LEVEL
 ) -> tuple[float, float | None, float | None]:
     """(ratio, low, high): ppl of `sums` over ppl of `ref_sums`, both scored on the same segments (`tokens`),
-    with its paired interval at `level` (low and high None for fewer than 2 segments)."""
-    if not len(ref_sums) == len(sums) == len(tokens):
-        raise ValueError(f"paired_ppl_ratio: {len(ref_sums)}, {len(sums)} and {len(tokens)} segments differ")
-    if sum(tokens) <= 0:
-        raise ValueError("paired_ppl_ratio: the segments hold no tokens")
-    diffs = [b - a for a, b in zip(ref_sums, sums, strict=True)]
-    delta = sum(diffs) / sum(tokens)
-    se = ratio_se(diffs, tokens)
-    if se is None:
-        return _exp(delta), None, None
-    half = t_quantile(0.5 + level / 2, len(tokens) - 1) * se
-    return _exp(delta), _exp(delta - half), _exp(delta + half)
+    with its paired interval at `level` (low and high None for fewer than 2 segments): exp of the paired NLL
+    difference (`paired_mean_diff`)."""
+    delta, low, high = paired_mean_diff(ref_sums, sums, tokens, level)
+    return _exp(delta), None if low is None else _exp(low), None if high is None else _exp(high)
 
 
 def paired_mean_diff(
     ref_sums: Sequence[float], sums: Sequence[float], counts: Sequence[int], level: float = LEVEL
 ) -> tuple[float, float | None, float | None]:
     """(diff, low, high): the token-weighted mean of `sums` minus that of `ref_sums`, both over the same units
-    (`counts`, e.g. the same KD batches), with its paired interval at `level` (None bounds for < 2 units)."""
+    (`counts`: a perplexity's segments, the same KD batches), with its paired interval at `level` (None bounds
+    for < 2 units)."""
     if not len(ref_sums) == len(sums) == len(counts):
-        raise ValueError(f"paired_mean_diff: {len(ref_sums)}, {len(sums)} and {len(counts)} units differ")
+        raise ValueError(f"paired: {len(ref_sums)}, {len(sums)} and {len(counts)} units (segments, batches) differ")
     if sum(counts) <= 0:
-        raise ValueError("paired_mean_diff: the units hold no tokens")
+        raise ValueError("paired: the units hold no tokens")
     diffs = [b - a for a, b in zip(ref_sums, sums, strict=True)]
     interval = mean_interval(diffs, counts, level)
     diff = sum(diffs) / sum(counts)
@@ -107,15 +100,13 @@ def paired_mean_diff(
 
 def format_change(ratio: float, low: float | None, high: float | None) -> str:
     """'+11.4 % [+10.2, +12.6]': a ratio as a percent change with its interval."""
-    cell = f"{(ratio - 1) * 100:+.1f} %"
-    if low is not None and high is not None:
-        cell += f" [{(low - 1) * 100:+.1f}, {(high - 1) * 100:+.1f}]"
-    return cell
+    pct = [None if r is None else (r - 1) * 100 for r in (low, high)]
+    return format_diff((ratio - 1) * 100, *pct, digits=1, unit=" %")
 
 
-def format_diff(diff: float, low: float | None, high: float | None, digits: int = 4) -> str:
-    """'-0.0171 [-0.0200, -0.0142]': a difference with its interval."""
-    cell = f"{diff:+.{digits}f}"
+def format_diff(diff: float, low: float | None, high: float | None, digits: int = 4, unit: str = "") -> str:
+    """'-0.0171 [-0.0200, -0.0142]': a difference (then `unit`) with its interval."""
+    cell = f"{diff:+.{digits}f}{unit}"
     if low is not None and high is not None:
         cell += f" [{low:+.{digits}f}, {high:+.{digits}f}]"
     return cell
