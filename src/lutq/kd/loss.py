@@ -358,10 +358,11 @@ def evaluate_kd(
             hidden = student_hidden(model, batch["input_ids"].to(device))
             out = kd_loss(hidden, head, batch, cfg, logit_softcap=softcap)
             n = batch["topk_ids"].shape[0] * batch["topk_ids"].shape[1]
-            for k, v in out.metrics.items():
-                totals[k] = totals.get(k, 0.0) + v * n
+            sums = {k: v * n for k, v in out.metrics.items()}
+            for k, v in sums.items():
+                totals[k] = totals.get(k, 0.0) + v
             if per_batch is not None:
-                per_batch.append({"n": n, **{k: v * n for k, v in out.metrics.items()}})
+                per_batch.append({"n": n, **sums})
             tokens += n
             sequences += batch["topk_ids"].shape[0]
     finally:
