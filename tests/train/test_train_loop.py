@@ -240,6 +240,62 @@ def test_heldout_perplexity_at_eval(kd, tmp_path):
     assert rows[0]["eval_ppl_held"] != rows[-1]["eval_ppl_held"]
 
 
+def test_summary_pairs_the_final_eval_against_step_0(kd, tmp_path):
+    """eval_units.json keeps the per-unit sums of the step-0 and latest evaluations (the records `lutq eval
+    compare` makes), and the run's change from step 0 comes with a paired interval, in the result and summary.md."""
+    from lutq.evaluate.compare import CompareConfig, evaluate_model
+    from lutq.evaluate.uncertainty import format_change
+
+    text = tmp_path / "held.txt"
+    text.write_text("a jolly wizard bakes seven brown loaves while the lazy fox sleeps over the quartz\n" * 6)
+    cfg = kd.config(
+        tmp_path / "run",
+        steps=12,
+        eval_every=6,
+        eval_batches=10,  # the tiny cache's whole val split, one sequence per unit
+        eval_batch_size=1,
+        ppl_texts=[str(text)],
+        ppl_max_tokens=300,
+        ppl_max_length=64,
+    )
+    res = train(cfg)
+    run = RunDir(res.run_dir)
+    units = run.eval_units()
+    assert units["initial"]["step"] == 0 and units["latest"]["step"] == 12
+    assert len(units["latest"]["kd_per_batch"]["n"]) == 10 and len(units["latest"]["ppl_segments"]["held"]["nll"]) > 1
+
+    # the final record is the one `lutq eval compare` makes of last/ on the same batches and windows
+    model, tok, _ = load_checkpoint(res.last)
+    row = evaluate_model(
+        model,
+        tok,
+        {"held": [text.read_text()]},
+        CompareConfig(max_length=64, stride=32, max_tokens=300, kd_batch_size=1, kd_max_batches=10),
+        cache=KDCache(kd.cache),
+    )
+    for k, col in row["kd_per_batch"].items():
+        assert units["latest"]["kd_per_batch"][k] == pytest.approx(col, rel=1e-5), k
+    assert units["latest"]["ppl_segments"]["held"]["ids_sha256"] == row["ppl_segments"]["held"]["ids_sha256"]
+
+    change = res.eval_change["eval_loss"]
+    assert change["diff"] == pytest.approx(res.final_eval["eval_loss"] - res.initial_eval["eval_loss"])
+    assert change["low"] < change["diff"] < change["high"] < 0  # training clearly lowered the KD loss
+    ppl = res.eval_change["eval_ppl_held"]
+    assert ppl["ratio"] == pytest.approx(res.final_eval["eval_ppl_held"] / res.initial_eval["eval_ppl_held"])
+    assert ppl["low"] < ppl["ratio"] < ppl["high"]
+    summary = run.summary.read_text()
+    assert "change (95 % CI, paired)" in summary
+    assert "| ppl_held |" in summary and format_change(ppl["ratio"], ppl["low"], ppl["high"]) in summary
+
+    # a resume that evaluates other batches cannot pair: no interval, and the summary says why
+    longer = train(cfg.replace(steps=14, eval_batches=8), resume=True)
+    assert "eval_loss" not in longer.eval_change and "eval_ppl_held" in longer.eval_change
+    assert "did not score the same units" not in run.summary.read_text()  # the perplexity still pairs
+    # --overwrite starts over: the old units go with the old run
+    train(cfg.replace(steps=1, eval_batches=0, ppl_texts=[]), overwrite=True)
+    assert run.eval_units() == {}
+
+
 def test_trainer_feeds_the_requested_tracker(kd, tmp_path, monkeypatch):
     import sys
 

@@ -124,3 +124,6 @@ def test_resume_after_sigkill_matches_uninterrupted_run(kd, tmp_path):
     # the elapsed clock continues across the kill instead of restarting at 0
     assert rows[-1]["elapsed"] >= rows[saved]["elapsed"]
     assert "status: completed" in (run_dir / "summary.md").read_text()
+    # the step-0 evaluation's units survive the kill, so the summary pairs the final eval against them
+    assert RunDir(run_dir).eval_units() == RunDir(cfg.out).eval_units()
+    assert RunDir(run_dir).eval_units()["initial"]["step"] == 0

@@ -182,21 +182,41 @@ def add_paired(entries: list[dict[str, Any]], texts: Sequence[str], reference: s
     for row in entries:
         if row is ref:
             continue
-        row["ppl_vs_ref"] = {}
-        for t in texts:
-            a, b = ref.get("ppl_segments", {}).get(t), row.get("ppl_segments", {}).get(t)
-            same = a and b and a["ids_sha256"] == b["ids_sha256"] and a["tokens"] == b["tokens"]
-            if not same:
-                row["ppl_vs_ref"][t] = None
-                continue
-            ratio, low, high = paired_ppl_ratio(a["nll"], b["nll"], a["tokens"])
-            row["ppl_vs_ref"][t] = {"ratio": ratio, "low": low, "high": high}
-        ka, kb = ref.get("kd_per_batch"), row.get("kd_per_batch")
-        if ka and kb and ka["n"] == kb["n"]:
-            row["kd_vs_ref"] = {}
-            for k in ka.keys() & kb.keys() - {"n"}:
-                diff, low, high = paired_mean_diff(ka[k], kb[k], ka["n"])
-                row["kd_vs_ref"][k] = {"diff": diff, "low": low, "high": high}
+        row["ppl_vs_ref"], kd = paired_changes(ref, row, texts)
+        if kd is not None:
+            row["kd_vs_ref"] = kd
+
+
+def paired_changes(
+    ref: Mapping[str, Any], row: Mapping[str, Any], texts: Sequence[str]
+) -> tuple[dict[str, dict[str, float | None] | None], dict[str, dict[str, float | None]] | None]:
+    """(ppl changes, KD differences) of `row` against `ref`, paired unit by unit. Both are evaluation records with
+    `ppl_segments` {text: {nll, tokens, ids_sha256}} and / or `kd_per_batch` {n: [...], metric: [...]}: a text is
+    paired only when both scored the same token ids ({ratio, low, high}, else None), the KD metrics only when both
+    saw the same batches ({metric: {diff, low, high}}, else None)."""
+    ppl: dict[str, dict[str, float | None] | None] = {}
+    for t in texts:
+        a, b = ref.get("ppl_segments", {}).get(t), row.get("ppl_segments", {}).get(t)
+        same = a and b and a["ids_sha256"] == b["ids_sha256"] and a["tokens"] == b["tokens"]
+        if not same:
+            ppl[t] = None
+            continue
+        ratio, low, high = paired_ppl_ratio(a["nll"], b["nll"], a["tokens"])
+        ppl[t] = {"ratio": ratio, "low": low, "high": high}
+    ka, kb = ref.get("kd_per_batch"), row.get("kd_per_batch")
+    if not (ka and kb and ka["n"] == kb["n"]):
+        return ppl, None
+    kd: dict[str, dict[str, float | None]] = {}
+    for k in sorted(ka.keys() & kb.keys() - {"n"}):
+        diff, low, high = paired_mean_diff(ka[k], kb[k], ka["n"])
+        kd[k] = {"diff": diff, "low": low, "high": high}
+    return ppl, kd
+
+
+def batch_columns(batches: Sequence[Mapping[str, float]]) -> dict[str, list[float]]:
+    """`evaluate_kd(per_batch=...)`'s rows as columns: {n: [tokens per batch], metric: [sum per batch]}."""
+    metrics = [k for k in (batches[0] if batches else {}) if k != "n"]
+    return {"n": [int(b["n"]) for b in batches], **{k: [b[k] for b in batches] for k in metrics}}
 
 
 def model_labels(specs: Sequence[str]) -> dict[str, str]:
@@ -242,7 +262,7 @@ def evaluate_model(
         row["ppl"][name] = r.ppl
         row["ppl_ci"][name] = None if r.ppl_low is None else [r.ppl_low, r.ppl_high]
         row["ppl_tokens"][name] = r.tokens
-        row["ppl_segments"][name] = {"nll": r.segment_nll, "tokens": r.segment_tokens, "ids_sha256": r.ids_sha256}
+        row["ppl_segments"][name] = r.segments()
     if cache is not None:
         from lutq.kd import evaluate_kd
 
@@ -255,10 +275,8 @@ def evaluate_model(
             max_batches=cfg.kd_max_batches,
             per_batch=batches,
         )
-        counts = [int(b["n"]) for b in batches]
-        metrics = [k for k in (batches[0] if batches else {}) if k != "n"]
-        row["kd_per_batch"] = {"n": counts, **{k: [b[k] for b in batches] for k in metrics}}
-        row["kd_ci"] = {k: mean_interval(row["kd_per_batch"][k], counts) for k in metrics}
+        columns = row["kd_per_batch"] = batch_columns(batches)
+        row["kd_ci"] = {k: mean_interval(v, columns["n"]) for k, v in columns.items() if k != "n"}
         row["kd_batches"] = len(batches)
     return row
 

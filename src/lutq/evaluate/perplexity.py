@@ -77,6 +77,10 @@ class PplResult:
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
+    def segments(self) -> dict[str, Any]:
+        """The per-window sums a paired comparison needs: {nll, tokens, ids_sha256}."""
+        return {"nll": self.segment_nll, "tokens": self.segment_tokens, "ids_sha256": self.ids_sha256}
+
     def interval_text(self) -> str:
         """'95 % CI 27.9-30.2 over 16 windows', or a note that one window gives no interval."""
         if self.ppl_low is None or self.ppl_high is None:

@@ -100,7 +100,7 @@ def train_command(
     """
     from lutq.train.config import TrainConfig
     from lutq.train.run_dir import RunDir
-    from lutq.train.trainer import train
+    from lutq.train.trainer import format_eval_change, train
 
     if clip is None:
         clip = clip_old
@@ -168,6 +168,12 @@ def train_command(
         f"run: {result.run_dir} (step {result.step}, {result.tokens:,} tokens, "
         f"{result.elapsed_s:.1f} s); best val loss {result.best_eval_loss} at step {result.best_step}"
     )
+    if changes := [
+        f"{k[5:]} {format_eval_change(v)}"
+        for k, v in result.eval_change.items()
+        if k in ("eval_loss", "eval_top1_agree") or k.startswith("eval_ppl_")
+    ]:
+        console.print("change from step 0 (95 % CI, paired): " + "; ".join(changes))
 
 
 def plot_command(

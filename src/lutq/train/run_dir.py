@@ -5,6 +5,8 @@
     training_log.csv    the same rows, fixed columns (RunDir.columns), empty cells where not measured
     best/               checkpoint with the lowest validation KD loss
     last/               latest checkpoint + trainer_state/ (optimizer, scheduler, RNG, step) for --resume
+    eval_units.json     the per-unit sums (KD batches, perplexity windows) of the step-0 evaluation and of the
+                        latest one, so summary.md can pair the final numbers against the initial ones
     summary.md          written at the end (or when the run stops on a NaN)
 
 Rows are keyed by optimizer step, one row per step at most. A resume from step s first truncates both
@@ -28,6 +30,7 @@ RUN_JSON = "run.json"
 JSONL = "train.jsonl"
 CSV = "training_log.csv"
 SUMMARY = "summary.md"
+EVAL_UNITS = "eval_units.json"
 
 TRAIN_COLUMNS = ("loss", "kd", "kl", "ce", "top1_agree", "label_ce", "full_kl")
 EVAL_COLUMNS = ("eval_loss", "eval_kd", "eval_kl", "eval_top1_agree", "eval_label_ce", "eval_full_kl")
@@ -71,6 +74,10 @@ class RunDir:
     @property
     def summary(self) -> Path:
         return self.path / SUMMARY
+
+    @property
+    def eval_units_path(self) -> Path:
+        return self.path / EVAL_UNITS
 
     def exists(self) -> bool:
         return (self.path / RUN_JSON).is_file()
@@ -141,9 +148,29 @@ class RunDir:
         """Remove what a previous run wrote here (only lutq's own files; other files stay)."""
         for d in (self.best, self.last, self.path / "tensorboard"):
             shutil.rmtree(d, ignore_errors=True)
-        for f in (self.path / RUN_JSON, self.jsonl, self.csv, self.summary):
+        for f in (self.path / RUN_JSON, self.jsonl, self.csv, self.summary, self.eval_units_path):
             f.unlink(missing_ok=True)
         self._columns = None
+
+    # -- evaluation units -------------------------------------------------------------------------------
+    def save_eval_units(self, step: int, units: dict[str, Any]) -> None:
+        """Keep an evaluation's per-unit sums (`kd_per_batch`, `ppl_segments`): step 0's as "initial", any
+        step's as "latest" (replacing the one before)."""
+        saved = self.eval_units()
+        record = {"step": step, **units}
+        if step == 0:
+            saved["initial"] = record
+        saved["latest"] = record
+        atomic_write_json(self.eval_units_path, saved)
+
+    def eval_units(self) -> dict[str, Any]:
+        """{"initial": ..., "latest": ...} as saved (either may be missing; {} before the first evaluation, or
+        when the file is unreadable: the units only add intervals to the summary, they never stop a run)."""
+        try:
+            data = json.loads(self.eval_units_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
 
     def ppl_names(self) -> list[str]:
         """The held-out texts this run's CSV has a perplexity column for."""

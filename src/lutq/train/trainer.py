@@ -61,7 +61,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
-    """What a run produced: where, how far, and the validation numbers before and after."""
+    """What a run produced: where, how far, and the validation numbers before and after. `eval_change` maps an
+    eval key to its change from step 0, paired on the same units (`eval_change`)."""
 
     run_dir: Path
     step: int
@@ -72,6 +73,7 @@ class TrainResult:
     best_eval_loss: float | None = None
     best_step: int | None = None
     final_train_loss: float | None = None
+    eval_change: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
     @property
     def best(self) -> Path:
@@ -211,7 +213,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
         """Validation KD metrics (+ held-out perplexity), rank 0 only; others wait at the barrier."""
         out: dict[str, float] = {}
         if ctx.is_main and do_eval:
-            out = evaluate_student(model, cache, cfg, amp, ppl_docs, tokenizer)
+            units: dict[str, Any] = {}
+            out = evaluate_student(model, cache, cfg, amp, ppl_docs, tokenizer, units=units)
+            run.save_eval_units(step, units)
             model.train()
         ctx.barrier()
         return out
@@ -323,6 +327,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
                 elapsed_s=elapsed0 + time.time() - t0,
                 initial_eval=initial_eval,
                 final_eval=final_eval,
+                eval_change=eval_change(run, step),
             )
             write_summary(run, cfg, partial, status=f"stopped: {e}", preset=preset)
         raise
@@ -337,6 +342,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
         best_eval_loss=best["eval_loss"] if math.isfinite(best["eval_loss"]) else None,
         best_step=best["step"],
         final_train_loss=step_metrics.get("loss"),
+        eval_change=eval_change(run, step) if ctx.is_main else {},
     )
     if ctx.is_main:
         trackers.close()
@@ -407,13 +413,23 @@ def build_student(cfg: TrainConfig, cache: KDCache, *, verbose: bool = True) -> 
 
 
 def evaluate_student(
-    model: torch.nn.Module, cache: KDCache, cfg: TrainConfig, amp: Any, ppl_docs: dict[str, list[Any]], tokenizer: Any
+    model: torch.nn.Module,
+    cache: KDCache,
+    cfg: TrainConfig,
+    amp: Any,
+    ppl_docs: dict[str, list[Any]],
+    tokenizer: Any,
+    units: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Validation KD metrics as eval_<name> (+ eval_ppl_<corpus> for each held-out text)."""
+    """Validation KD metrics as eval_<name> (+ eval_ppl_<corpus> for each held-out text). `units`, when given,
+    receives the per-unit sums the numbers come from (`kd_per_batch`, `ppl_segments`: `lutq.evaluate.compare`'s
+    record), for paired intervals."""
+    from lutq.evaluate.compare import batch_columns
     from lutq.evaluate.perplexity import perplexity
 
     model.eval()
     out: dict[str, float] = {}
+    batches: list[dict[str, float]] = []
     with torch.no_grad(), amp():
         metrics = evaluate_kd(
             model,
@@ -422,6 +438,7 @@ def evaluate_student(
             batch_size=cfg.eval_batch_size or cfg.batch_size,
             max_batches=cfg.eval_batches,
             cfg=cfg.kd,
+            per_batch=batches,
         )
         out.update({f"eval_{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)})
         for name, docs in ppl_docs.items():
@@ -435,6 +452,10 @@ def evaluate_student(
                 show_progress=False,
             )
             out[f"eval_ppl_{name}"] = res.ppl
+            if units is not None:
+                units.setdefault("ppl_segments", {})[name] = res.segments()
+    if units is not None:
+        units["kd_per_batch"] = batch_columns(batches)
     return out
 
 
@@ -486,6 +507,7 @@ def _finished(cfg: TrainConfig, run: RunDir, state: dict[str, Any], ctx: DistCon
         best_eval_loss=best_loss if math.isfinite(best_loss) else None,
         best_step=state.get("best_step"),
         final_train_loss=losses[-1] if losses else None,
+        eval_change=eval_change(run, step) if ctx.is_main else {},
     )
 
 
@@ -613,11 +635,50 @@ def write_summary(
     ]
     keys = sorted((set(result.initial_eval) | set(result.final_eval)) - {"eval_tokens", "eval_sequences"})
     if keys:
-        lines += ["| metric | initial | final |", "|---|---|---|"]
-        lines += [f"| {k[5:]} | {_fmt(result.initial_eval.get(k))} | {_fmt(result.final_eval.get(k))} |" for k in keys]
-        lines.append("")
+        lines += ["| metric | initial | final | change (95 % CI, paired) |", "|---|---|---|---|"]
+        lines += [
+            f"| {k[5:]} | {_fmt(result.initial_eval.get(k))} | {_fmt(result.final_eval.get(k))} "
+            f"| {format_eval_change(result.eval_change.get(k))} |"
+            for k in keys
+        ]
+        lines += ["", PAIRED_NOTE if result.eval_change else NO_PAIRED_NOTE, ""]
     lines += ["## config", "", "```json", _json(cfg.to_dict()), "```", ""]
     atomic_write_text(run.summary, "\n".join(lines))
+
+
+PAIRED_NOTE = (
+    "The change is final minus initial (perplexity: final over initial), each unit (validation batch, perplexity "
+    "window) paired with itself, so passage difficulty cancels; an interval that excludes zero is a real change."
+)
+NO_PAIRED_NOTE = "No paired intervals: the step-0 and final evaluations did not score the same units (eval_units.json)."
+
+
+def eval_change(run: RunDir, step: int) -> dict[str, dict[str, float | None]]:
+    """{eval key: change} of the evaluation at `step` against step 0's, from eval_units.json, paired unit by
+    unit (`lutq.evaluate.compare.paired_changes`): KD metrics as {diff, low, high}, perplexities as
+    {ratio, low, high}. Empty when either evaluation is missing or they scored different units."""
+    from lutq.evaluate.compare import paired_changes
+
+    saved = run.eval_units()
+    initial, latest = saved.get("initial"), saved.get("latest")
+    if not initial or not latest or latest.get("step") != step or step == 0:
+        return {}
+    texts = sorted(initial.get("ppl_segments", {}).keys() & latest.get("ppl_segments", {}).keys())
+    ppl, kd = paired_changes(initial, latest, texts)
+    out: dict[str, dict[str, float | None]] = {f"eval_{k}": v for k, v in (kd or {}).items()}
+    out.update({f"eval_ppl_{t}": v for t, v in ppl.items() if v is not None})
+    return out
+
+
+def format_eval_change(change: dict[str, float | None] | None) -> str:
+    """A TrainResult.eval_change entry as '-1.3302 [-3.1056, +0.4453]' or '-29.5 % [-35.0, -23.6]' ('-' if none)."""
+    from lutq.evaluate.uncertainty import format_change, format_diff
+
+    if not change:
+        return "-"
+    if "ratio" in change:
+        return format_change(change["ratio"], change["low"], change["high"])  # type: ignore[arg-type]
+    return format_diff(change["diff"], change["low"], change["high"])  # type: ignore[arg-type]
 
 
 def _fmt(v: float | None) -> str:
