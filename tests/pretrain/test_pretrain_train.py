@@ -67,6 +67,10 @@ def test_run_writes_logs_best_last_and_summary(token_file: Path, tmp_path: Path)
     assert (run / "last" / "tokenizer.json").is_file() and (run / "training_log.csv").is_file()
     summary = (run / "summary.md").read_text()
     assert "best validation loss" in summary and "## sample" in summary and result["sample"]["continuation"]
+    # the last validation loss comes with its 95 % interval over the evaluation's batches
+    low, high = result["last_val_ci"]
+    assert low < result["last_val_loss"] < high and result["last_val_loss"] == pytest.approx(log[-1]["eval_loss"])
+    assert f"[{low:.4f}, {high:.4f}] (95% CI over" in summary
     assert load_run_config(run).variant == "baseline"
     with pytest.raises(LutqError, match="already holds a run"):
         pretrain(cfg_for(token_file, run))

@@ -284,7 +284,7 @@ def test_summary_pairs_the_final_eval_against_step_0(kd, tmp_path):
     assert ppl["ratio"] == pytest.approx(res.final_eval["eval_ppl_held"] / res.initial_eval["eval_ppl_held"])
     assert ppl["low"] < ppl["ratio"] < ppl["high"]
     summary = run.summary.read_text()
-    assert "change (95 % CI, paired)" in summary
+    assert "change (95% CI, paired)" in summary
     assert "| ppl_held |" in summary and format_change(ppl["ratio"], ppl["low"], ppl["high"]) in summary
 
     # a resume that evaluates other batches cannot pair: no interval, and the summary says why

@@ -98,6 +98,7 @@ def train_command(
     Fresh: `lutq train --cache C --preset q2a4 --out RUN` (or `--init CKPT`). Resume after a kill:
     `lutq train --resume RUN` (flags given with --resume override the saved config, e.g. --steps).
     """
+    from lutq.evaluate.uncertainty import LEVEL
     from lutq.train.config import TrainConfig
     from lutq.train.run_dir import RunDir
     from lutq.train.trainer import format_eval_change, train
@@ -173,7 +174,7 @@ def train_command(
         for k, v in result.eval_change.items()
         if k in ("eval_loss", "eval_top1_agree") or k.startswith("eval_ppl_")
     ]:
-        console.print("change from step 0 (95 % CI, paired): " + "; ".join(changes))
+        console.print(f"change from step 0 ({LEVEL:.0%} CI, paired): " + "; ".join(changes))
 
 
 def plot_command(

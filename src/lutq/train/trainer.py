@@ -25,6 +25,7 @@ import torch
 from lutq import __version__
 from lutq.core.console import console, progress
 from lutq.core.errors import LutqError
+from lutq.evaluate.uncertainty import LEVEL
 from lutq.kd import KDCache, KDStudent, evaluate_kd
 from lutq.models import load_checkpoint, load_model, load_trainer_state, save_checkpoint
 from lutq.models.checkpoint import load_optimizer_state
@@ -635,7 +636,7 @@ def write_summary(
     ]
     keys = sorted((set(result.initial_eval) | set(result.final_eval)) - {"eval_tokens", "eval_sequences"})
     if keys:
-        lines += ["| metric | initial | final | change (95 % CI, paired) |", "|---|---|---|---|"]
+        lines += [f"| metric | initial | final | change ({LEVEL:.0%} CI, paired) |", "|---|---|---|---|"]
         lines += [
             f"| {k[5:]} | {_fmt(result.initial_eval.get(k))} | {_fmt(result.final_eval.get(k))} "
             f"| {format_eval_change(result.eval_change.get(k))} |"
