@@ -87,6 +87,22 @@ def test_pack_eos_after_every_document_no_padding():
         pack(docs, L=1, eos_id=0)
 
 
+def test_pack_names_the_document_each_block_begins_in():
+    docs = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
+    block_docs: list[int] = []
+    pack(docs, L=4, eos_id=0, block_docs=block_docs)
+    # stream: [1 2 3 0] [4 5 0 6] [7 8 9 0]: blocks begin in documents 0, 1 and 2
+    assert block_docs == [0, 1, 2]
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # against a token-by-token owner map, any lengths (empty documents too)
+        docs = [list(rng.integers(10, 99, rng.integers(0, 25))) for _ in range(rng.integers(1, 12))]
+        L, cap = int(rng.integers(2, 10)), [None, 1, 3, 7][rng.integers(0, 4)]
+        block_docs = []
+        blocks = pack(docs, L=L, eos_id=1, max_blocks=cap, block_docs=block_docs)
+        owner = [i for i, d in enumerate(docs) for _ in range(len(d) + 1)]
+        assert block_docs == [owner[b * L] for b in range(len(blocks))]
+
+
 def test_pack_stops_reading_once_full():
     seen = []
 

@@ -34,21 +34,22 @@ def eval_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def eval_cache(eval_dir: Path) -> Path:
-    """A KD cache (L=32, K=8) of the FP model over 20 small text documents, with a validation split."""
+    """A KD cache (L=32, K=8) of the FP model over 36 small text documents, with a validation split of 6 sequences
+    from fewer documents."""
     import json
 
     from lutq.kd import CacheConfig, build_cache
 
     with open(eval_dir / "docs.jsonl", "w") as f:
-        for i in range(20):
-            f.write(json.dumps({"id": f"doc{i}", "text": TEXT[i * 60 : i * 60 + 120]}) + "\n")
+        for i in range(36):  # 50 characters (tokens): a document spans one or two sequences
+            f.write(json.dumps({"id": f"doc{i}", "text": TEXT[i * 50 : i * 50 + 50]}) + "\n")
     cfg = CacheConfig(
         model=str(eval_dir / "fp"),
         source=str(eval_dir / "docs.jsonl"),
         thinking="none",
         seq_len=32,
         top_k=8,
-        num_sequences=12,
+        num_sequences=24,
         batch_size=4,
         val_fraction=0.25,
         out=eval_dir / "cache",

@@ -133,23 +133,58 @@ def test_mean_interval_is_the_t_interval_of_equal_units() -> None:
     assert mean_interval([1.0], [3]) is None
 
 
-def test_compare_kd_intervals_over_val_batches(eval_dir, eval_cache) -> None:
-    from lutq.kd import evaluate_kd
+def test_kd_intervals_are_taken_over_documents(eval_dir, eval_cache) -> None:
+    """The sequences of one document are not independent draws: KD intervals take each document of the split
+    as one unit (the cache records which sequence begins which document), summing its sequences' metrics."""
+    from lutq.kd import KDCache, evaluate_kd
     from lutq.models import load_model
 
+    cache = KDCache(eval_cache)
+    docs = cache.document_units("val")
+    assert docs is not None and len(docs) == cache.num_sequences("val")
+    assert list(docs) == sorted(docs) and 2 <= len(set(docs)) < len(docs)  # some document spans two sequences
     model, _ = load_model(eval_dir / "q2")
-    batches: list[dict[str, float]] = []
-    metrics = evaluate_kd(model, eval_cache, batch_size=1, per_batch=batches)
-    assert len(batches) == metrics["sequences"] >= 2
-    assert sum(b["kd"] for b in batches) / sum(b["n"] for b in batches) == pytest.approx(metrics["kd"])
-    res = compare({"fp": str(eval_dir / "fp"), "q2": str(eval_dir / "q2")}, cache=eval_cache, kd_batch_size=1)
+    units: list[dict[str, float]] = []
+    metrics = evaluate_kd(model, cache, batch_size=4, per_unit=units)
+    assert len(units) == len(set(docs))
+    tokens_per_seq = metrics["tokens"] // metrics["sequences"]
+    assert [u["n"] for u in units] == [tokens_per_seq * list(docs).count(d) for d in sorted(set(docs))]
+    for k in ("kd", "top1_agree", "full_kl"):  # the units' sums add up to the batch means
+        assert sum(u[k] for u in units) / metrics["tokens"] == pytest.approx(metrics[k], rel=1e-5, abs=1e-7), k
+
+    res = compare({"fp": str(eval_dir / "fp"), "q2": str(eval_dir / "q2")}, cache=eval_cache, kd_batch_size=4)
     fp_row, q2 = res.rows()
+    assert q2["kd_unit"] == "document" and q2["kd_units"]["n"] == [u["n"] for u in units]
     low, high = q2["kd_ci"]["kd"]
-    assert low < q2["kd"]["kd"] < high and q2["kd_batches"] == len(batches)
+    assert low < q2["kd"]["kd"] < high
     assert fp_row["kd_ci"]["top1_agree"] == pytest.approx([1.0, 1.0])  # the teacher agrees with its cache everywhere
     md = res.markdown()
-    assert "KD loss and top-1 agreement with their 95% interval over the cache's val batches" in md
+    assert f"interval over the cache's val documents ({len(units)} units;" in md
     assert f"| q2 | {q2['kd']['kd']:.4f} [{low:.4f}, {high:.4f}] |" in md
+
+
+def test_kd_units_fall_back_to_batches_for_an_older_cache(eval_dir, eval_cache, tmp_path) -> None:
+    """A cache written before documents were recorded: batches are the units, and the table says so."""
+    import json
+    import shutil
+
+    from lutq.kd import KDCache, evaluate_kd
+    from lutq.models import load_model
+
+    old = tmp_path / "cache"
+    shutil.copytree(eval_cache, old)
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["document_starts"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    assert KDCache(old).document_units("val") is None
+    model, _ = load_model(eval_dir / "q2")
+    units: list[dict[str, float]] = []
+    metrics = evaluate_kd(model, old, batch_size=2, per_unit=units)
+    assert len(units) == 3 and sum(u["n"] for u in units) == metrics["tokens"]
+    assert sum(u["kd"] for u in units) / metrics["tokens"] == pytest.approx(metrics["kd"])
+    res = compare({"q2": str(eval_dir / "q2")}, cache=old, kd_batch_size=2)
+    assert res.rows()[0]["kd_unit"] == "batch"
+    assert "interval over the cache's val batches (3 of 2 sequences)" in res.markdown()
 
 
 def test_paired_mean_diff_cancels_shared_batch_difficulty() -> None:

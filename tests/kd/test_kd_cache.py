@@ -72,6 +72,29 @@ def test_blocks_are_packed_renderings_with_eos(kd_cache, kd_teacher):
     assert all(d.startswith("<|im_start|>user\nquestion ") for d in docs[1:-1])
 
 
+def test_document_units_follow_the_renderings(kd_cache, kd_teacher):
+    """meta.json's document_starts: a sequence starts a new unit exactly when its first token lies in another
+    rendering than the previous sequence's first token (the chat renderings are found by their EOS pair)."""
+    _, tok = kd_teacher
+    cache = KDCache(kd_cache)
+    for split in ("train", "val"):
+        n = cache.num_sequences(split)
+        ids = cache.read(split, np.arange(n))["input_ids"].flatten().tolist()
+        eos = tok.convert_tokens_to_ids("<|im_end|>")
+        doc, owner = 0, []
+        for i, t in enumerate(ids):  # a rendering's own <|im_end|>, then packing's EOS: the next one begins after
+            owner.append(doc)
+            if t == eos and i and ids[i - 1] == eos:
+                doc += 1
+        L = cache.L
+        first = [owner[j * L] for j in range(n)]
+        expected = [j for j in range(n) if j == 0 or first[j] != first[j - 1]]
+        assert cache.meta["document_starts"][split] == expected, split
+        units = cache.document_units(split)
+        assert len(set(units.tolist())) == len(expected) and units[0] == 0
+    assert len(cache.meta["document_starts"]["train"]) < cache.num_sequences("train")  # documents span sequences
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_stored_lse_for_fp32_and_bf16_teachers(dtype):
     logits = (torch.randn(3, 5, 300, generator=torch.Generator().manual_seed(0)) * 4).to(dtype)
@@ -118,6 +141,25 @@ def test_resume_after_kill_is_byte_identical(kd_cfg, kd_teacher, kd_cache, tmp_p
     runs = json.loads((cfg.out / "build.json").read_text())["runs"]
     assert runs[-1]["rank0"]["sequences"] == 20 - 12  # only the missing shards were computed
     assert _files(cfg.out) == _files(kd_cache)
+
+
+def test_rerun_records_the_documents_of_an_older_cache(kd_cfg, kd_teacher, kd_cache, tmp_path):
+    """A complete cache from before document_starts: `lutq cache` with the same settings adds them to meta.json
+    (nothing else changes, no shard is rewritten)."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(kd_cache, old)
+    meta = json.loads((old / "meta.json").read_text())
+    starts = meta.pop("document_starts")
+    (old / "meta.json").write_text(json.dumps(meta))
+    assert KDCache(old).document_units("val") is None
+    shards = {p.name: p.stat().st_mtime_ns for p in old.glob("*.safetensors")}
+    build_cache(kd_cfg.replace(out=old), kd_teacher)
+    upgraded = json.loads((old / "meta.json").read_text())
+    assert upgraded == {**meta, "document_starts": starts}
+    assert {p.name: p.stat().st_mtime_ns for p in old.glob("*.safetensors")} == shards
+    assert KDCache(old).document_units("val") is not None
 
 
 def test_other_settings_are_refused_then_overwritten(kd_cfg, kd_teacher, tmp_path):

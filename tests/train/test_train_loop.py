@@ -262,7 +262,12 @@ def test_summary_pairs_the_final_eval_against_step_0(kd, tmp_path):
     run = RunDir(res.run_dir)
     units = run.eval_units()
     assert units["initial"]["step"] == 0 and units["latest"]["step"] == 12
-    assert len(units["latest"]["kd_per_batch"]["n"]) == 10 and len(units["latest"]["ppl_segments"]["held"]["nll"]) > 1
+    docs = KDCache(kd.cache).document_units("val")
+    assert (
+        len(units["latest"]["kd_units"]["n"]) == len(set(docs.tolist())) >= 2
+        and units["latest"]["kd_unit"] == "document"
+    )
+    assert len(units["latest"]["ppl_segments"]["held"]["nll"]) > 1
 
     # the final record is the one `lutq eval compare` makes of last/ on the same batches and windows
     model, tok, _ = load_checkpoint(res.last)
@@ -273,8 +278,8 @@ def test_summary_pairs_the_final_eval_against_step_0(kd, tmp_path):
         CompareConfig(max_length=64, stride=32, max_tokens=300, kd_batch_size=1, kd_max_batches=10),
         cache=KDCache(kd.cache),
     )
-    for k, col in row["kd_per_batch"].items():
-        assert units["latest"]["kd_per_batch"][k] == pytest.approx(col, rel=1e-5), k
+    for k, col in row["kd_units"].items():
+        assert units["latest"]["kd_units"][k] == pytest.approx(col, rel=1e-5), k
     assert units["latest"]["ppl_segments"]["held"]["ids_sha256"] == row["ppl_segments"]["held"]["ids_sha256"]
 
     change = res.eval_change["eval_loss"]

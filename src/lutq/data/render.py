@@ -80,20 +80,29 @@ def render(documents: Iterable[Document], tokenizer: Any, thinking: str = "off")
     return list(iter_render(documents, tokenizer, thinking))
 
 
-def pack(token_lists: Iterable[list[int]], L: int, eos_id: int, max_blocks: int | None = None) -> np.ndarray:
+def pack(
+    token_lists: Iterable[list[int]],
+    L: int,
+    eos_id: int,
+    max_blocks: int | None = None,
+    block_docs: list[int] | None = None,
+) -> np.ndarray:
     """Concatenate renderings with `eos_id` after each and cut into blocks of exactly L tokens.
 
     No padding: documents run across block boundaries and the incomplete tail is dropped. Stops reading
-    `token_lists` as soon as `max_blocks` blocks are full. Returns int32 [N, L].
+    `token_lists` as soon as `max_blocks` blocks are full. Returns int32 [N, L]. `block_docs`, when given,
+    receives for each block the index (in `token_lists`) of the document its first token belongs to.
     """
     if L < 2:
         raise LutqError(f"block length L={L} must be at least 2")
     blocks: list[np.ndarray] = []
     buf: list[int] = []
+    starts: list[tuple[int, int]] = []  # (offset in buf, document index) of each document that begins in buf
     done = 0
     if max_blocks == 0:
         return np.zeros((0, L), dtype=np.int32)
-    for ids in token_lists:
+    for doc, ids in enumerate(token_lists):
+        starts.append((len(buf), doc))
         buf.extend(ids)
         buf.append(eos_id)
         n = len(buf) // L
@@ -101,7 +110,12 @@ def pack(token_lists: Iterable[list[int]], L: int, eos_id: int, max_blocks: int 
             n = min(n, max_blocks - done)
         if n:
             blocks.append(np.asarray(buf[: n * L], dtype=np.int32).reshape(n, L))
+            if block_docs is not None:
+                for b in range(n):
+                    block_docs.append(max(d for off, d in starts if off <= b * L))
             buf = buf[n * L :]
+            owner = max(d for off, d in starts if off <= n * L)  # the document the remaining tokens begin in
+            starts = [(0, owner)] + [(off - n * L, d) for off, d in starts if off > n * L]
             done += n
         if done == max_blocks:
             break

@@ -120,7 +120,7 @@ class CompareResult:
             "",
             f"Against {ref['label']}, paired ({LEVEL:.0%} intervals, `lutq.evaluate.uncertainty`): perplexity change "
             "on the same tokens (the windows' scored segments as units)"
-            + (", KD loss and top-1 agreement differences on the same validation batches" if kd else "")
+            + (f", KD loss and top-1 agreement differences on the same validation {self._kd_units()}" if kd else "")
             + ":",
             "",
             "| model | " + " | ".join(head) + " |",
@@ -140,15 +140,19 @@ class CompareResult:
             lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
         return lines
 
+    def _kd_units(self, row: Mapping[str, Any] | None = None) -> str:
+        row = row or next((r for r in self.entries if r.get("kd_units")), {})
+        return _kd_units_text(row, self.config.kd_batch_size)
+
     def _kd_interval_markdown(self) -> list[str]:
-        """Lines of a table of the KD loss and top-1 agreement with their intervals over the val batches."""
+        """Lines of a table of the KD loss and top-1 agreement with their intervals over the KD units."""
         rows = [r for r in self.entries if r.get("kd_ci")]
         if not rows:
             return []
         lines = [
             "",
             f"KD loss and top-1 agreement with their {LEVEL:.0%} interval over the cache's {self.config.kd_split} "
-            f"batches ({rows[0]['kd_batches']} of {self.config.kd_batch_size} sequences):",
+            f"{self._kd_units(rows[0])}:",
             "",
             "| model | KD loss | top-1 agree |",
             "|---|---:|---:|",
@@ -160,6 +164,14 @@ class CompareResult:
                 cells.append(_fmt(r["kd"].get(k), 4) + ("" if ci is None else f" [{ci[0]:.4f}, {ci[1]:.4f}]"))
             lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
         return lines
+
+
+def _kd_units_text(row: Mapping[str, Any], batch_size: int) -> str:
+    """'conversations (12 units)' or 'batches (18 of 8 sequences)': what a row's KD intervals are taken over."""
+    n = len((row.get("kd_units") or {}).get("n", []))
+    if row.get("kd_unit") == "document":
+        return f"documents ({n} units; a conversation's sequences are not independent)"
+    return f"batches ({n} of {batch_size} sequences)"
 
 
 def reference_index(entries: Sequence[dict[str, Any]], reference: str | None) -> int:
@@ -191,9 +203,9 @@ def paired_changes(
     ref: Mapping[str, Any], row: Mapping[str, Any], texts: Sequence[str]
 ) -> tuple[dict[str, dict[str, float | None] | None], dict[str, dict[str, float | None]] | None]:
     """(ppl changes, KD differences) of `row` against `ref`, paired unit by unit. Both are evaluation records with
-    `ppl_segments` {text: {nll, tokens, ids_sha256}} and / or `kd_per_batch` {n: [...], metric: [...]}: a text is
-    paired only when both scored the same token ids ({ratio, low, high}, else None), the KD metrics only when both
-    saw the same batches ({metric: {diff, low, high}}, else None)."""
+    `ppl_segments` {text: {nll, tokens, ids_sha256}} and / or `kd_units` {n: [...], metric: [...]} (with
+    `kd_unit`): a text is paired only when both scored the same token ids ({ratio, low, high}, else None), the KD
+    metrics only when both saw the same units ({metric: {diff, low, high}}, else None)."""
     ppl: dict[str, dict[str, float | None] | None] = {}
     for t in texts:
         a, b = ref.get("ppl_segments", {}).get(t), row.get("ppl_segments", {}).get(t)
@@ -203,8 +215,8 @@ def paired_changes(
             continue
         ratio, low, high = paired_ppl_ratio(a["nll"], b["nll"], a["tokens"])
         ppl[t] = {"ratio": ratio, "low": low, "high": high}
-    ka, kb = ref.get("kd_per_batch"), row.get("kd_per_batch")
-    if not (ka and kb and ka["n"] == kb["n"]):
+    ka, kb = ref.get("kd_units"), row.get("kd_units")
+    if not (ka and kb and ka["n"] == kb["n"] and ref.get("kd_unit") == row.get("kd_unit")):
         return ppl, None
     kd: dict[str, dict[str, float | None]] = {}
     for k in sorted(ka.keys() & kb.keys() - {"n"}):
@@ -213,10 +225,10 @@ def paired_changes(
     return ppl, kd
 
 
-def batch_columns(batches: Sequence[Mapping[str, float]]) -> dict[str, list[float]]:
-    """`evaluate_kd(per_batch=...)`'s rows as columns: {n: [tokens per batch], metric: [sum per batch]}."""
-    metrics = [k for k in (batches[0] if batches else {}) if k != "n"]
-    return {"n": [int(b["n"]) for b in batches], **{k: [b[k] for b in batches] for k in metrics}}
+def unit_columns(units: Sequence[Mapping[str, float]]) -> dict[str, list[float]]:
+    """`evaluate_kd(per_unit=...)`'s rows as columns: {n: [tokens per unit], metric: [sum per unit]}."""
+    metrics = [k for k in (units[0] if units else {}) if k != "n"]
+    return {"n": [int(u["n"]) for u in units], **{k: [u[k] for u in units] for k in metrics}}
 
 
 def model_labels(specs: Sequence[str]) -> dict[str, str]:
@@ -265,19 +277,20 @@ def evaluate_model(
         row["ppl_segments"][name] = r.segments()
     if cache is not None:
         from lutq.kd import evaluate_kd
+        from lutq.kd.loss import kd_unit
 
-        batches: list[dict[str, float]] = []
+        units: list[dict[str, float]] = []
         row["kd"] = evaluate_kd(
             model,
             cache,
             split=cfg.kd_split,
             batch_size=cfg.kd_batch_size,
             max_batches=cfg.kd_max_batches,
-            per_batch=batches,
+            per_unit=units,
         )
-        columns = row["kd_per_batch"] = batch_columns(batches)
+        columns = row["kd_units"] = unit_columns(units)
+        row["kd_unit"] = kd_unit(cache, cfg.kd_split)
         row["kd_ci"] = {k: mean_interval(v, columns["n"]) for k, v in columns.items() if k != "n"}
-        row["kd_batches"] = len(batches)
     return row
 
 

@@ -234,13 +234,17 @@ def make_plan(cfg: CacheConfig, model: torch.nn.Module, tokenizer: Any, dtype: t
     template = ({"none": "raw"}.get(cfg.thinking, f"think_{cfg.thinking}")) if is_chat else "text"
     name = cache_name(source_name(cfg.source), template, L, K, R)
     wanted = cfg.split_sizes()
-    blocks, used_docs = {}, {}
+    blocks, used_docs, doc_starts = {}, {}, {}
     for split, n in wanted.items():
         order = list(docs[split])
         random.Random(f"{cfg.seed}:{split}").shuffle(order)
         counter = _Counter(order)
-        blocks[split] = pack(iter_render(counter, tokenizer, cfg.thinking, batch=8), L, eos, max_blocks=n)
+        block_docs: list[int] = []
+        blocks[split] = pack(
+            iter_render(counter, tokenizer, cfg.thinking, batch=8), L, eos, max_blocks=n, block_docs=block_docs
+        )
         used_docs[split] = counter.n
+        doc_starts[split] = [i for i, d in enumerate(block_docs) if i == 0 or d != block_docs[i - 1]]
         if len(blocks[split]) < n:
             console.print(
                 f"[yellow]warning:[/] {cfg.source} gives only {len(blocks[split])} {split} blocks "
@@ -289,6 +293,9 @@ def make_plan(cfg: CacheConfig, model: torch.nn.Module, tokenizer: Any, dtype: t
         "sequences": {s: len(b) for s, b in blocks.items()},
         "requested_sequences": wanted,
         "documents_rendered": used_docs,
+        # the sequences whose first token begins another document than the sequence before's: the documents,
+        # the independent units of a KD evaluation's intervals (KDCache.document_units)
+        "document_starts": doc_starts,
         "tokens": {s: len(b) * L for s, b in blocks.items()},
         "arrays": arrays,
         "settings": settings,
@@ -427,9 +434,20 @@ def prepare(
                 plan.info["negatives_device"] = was
     if rank == 0 and out.is_dir():
         remove_stale_scratch_in(out)  # a shard-sized temp file of a killed build (the other ranks wait for rank 0)
+    if rank == 0 and (out / META).is_file():
+        _add_document_starts(out, plan)
     if not (out / META).is_file():
         atomic_write_json(out / PROGRESS, {**plan.info, "shards": plan.shards})
     return plan, model
+
+
+def _add_document_starts(out: Path, plan: CachePlan) -> None:
+    """A complete cache written before meta.json recorded its documents gets them from the plan, which holds the
+    same blocks (its plan hash matched): re-running `lutq cache` with the same settings upgrades it."""
+    meta = read_json(out / META, what="KD cache")
+    if isinstance(meta, dict) and "document_starts" not in meta:
+        atomic_write_json(out / META, {**meta, "document_starts": plan.info["document_starts"]})
+        console.print(f"{out}: recorded where its documents start (the units of KD evaluation intervals)")
 
 
 def write_shards(

@@ -328,6 +328,11 @@ class _ChunkedCE(torch.autograd.Function):
 # --- evaluation -----------------------------------------------------------------------------------
 
 
+def kd_unit(cache: Any, split: str = "val") -> str:
+    """The unit of `evaluate_kd(per_unit=...)` on `split`: 'document', or 'batch' for a cache without documents."""
+    return "batch" if cache.document_units(split) is None else "document"
+
+
 @torch.no_grad()
 def evaluate_kd(
     model: torch.nn.Module,
@@ -336,10 +341,13 @@ def evaluate_kd(
     batch_size: int = 8,
     max_batches: int | None = None,
     cfg: KDLossConfig | None = None,
-    per_batch: list[dict[str, float]] | None = None,
+    per_unit: list[dict[str, float]] | None = None,
 ) -> dict[str, float]:
     """Token-weighted means of the KD metrics over `split` of a KDCache (or a cache path), in order.
-    `per_batch`, when given, receives each batch's metric sums and its token count `n` (for intervals)."""
+
+    `per_unit`, when given, receives the metric sums and token count `n` of each independent unit, for intervals:
+    each document (conversation) of the split when the cache records them (`KDCache.document_units`: the
+    sequences of one conversation are not independent draws), else each batch (`kd_unit` names which)."""
     from lutq.kd.reader import KDCache
 
     cache = cache if isinstance(cache, KDCache) else KDCache(cache)
@@ -348,6 +356,8 @@ def evaluate_kd(
     softcap = getattr(model.config, "final_logit_softcapping", None)
     device = head.device
     was_training = model.training
+    docs = cache.document_units(split) if per_unit is not None else None
+    doc_sums: dict[int, dict[str, float]] = {}
     model.eval()
     totals: dict[str, float] = {}
     tokens = sequences = 0
@@ -357,15 +367,26 @@ def evaluate_kd(
                 break
             hidden = student_hidden(model, batch["input_ids"].to(device))
             out = kd_loss(hidden, head, batch, cfg, logit_softcap=softcap)
-            n = batch["topk_ids"].shape[0] * batch["topk_ids"].shape[1]
+            rows, positions = batch["topk_ids"].shape[:2]
+            n = rows * positions
             sums = {k: v * n for k, v in out.metrics.items()}
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + v
-            if per_batch is not None:
-                per_batch.append({"n": n, **sums})
+            if per_unit is not None and docs is None:
+                per_unit.append({"n": n, **sums})
+            elif per_unit is not None:
+                for j in range(rows):  # each sequence on its own, summed into its document
+                    one = {k: v[j : j + 1] for k, v in batch.items()}
+                    metrics = kd_loss(hidden[j : j + 1], head, one, cfg, logit_softcap=softcap).metrics
+                    unit = doc_sums.setdefault(int(docs[sequences + j]), {"n": 0})
+                    unit["n"] += positions
+                    for k, v in metrics.items():
+                        unit[k] = unit.get(k, 0.0) + v * positions
             tokens += n
-            sequences += batch["topk_ids"].shape[0]
+            sequences += rows
     finally:
         model.train(was_training)
+    if per_unit is not None and docs is not None:
+        per_unit.extend(doc_sums.values())
     result = {k: v / tokens for k, v in totals.items()} if tokens else {}
     return {**result, "tokens": tokens, "sequences": sequences}

@@ -88,6 +88,17 @@ class KDCache:
                 f"that the ids in cache {self.path} index; use a student of the teacher's vocabulary"
             )
 
+    def document_units(self, split: str) -> np.ndarray | None:
+        """For each sequence of `split`, the index of the document its first token belongs to (documents counted
+        from 0 in the split's order): the units a KD evaluation's intervals are taken over, since the sequences of
+        one conversation are not independent draws. None for a cache written before they were recorded."""
+        starts = self.meta.get("document_starts", {}).get(_check_split(split))
+        if starts is None:
+            return None
+        marks = np.zeros(self.num_sequences(split), dtype=np.int64)
+        marks[[s for s in starts if 0 < s < len(marks)]] = 1
+        return np.cumsum(marks)
+
     @property
     def has_negatives(self) -> bool:
         return self.R > 0

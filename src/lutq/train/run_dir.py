@@ -154,7 +154,7 @@ class RunDir:
 
     # -- evaluation units -------------------------------------------------------------------------------
     def save_eval_units(self, step: int, units: dict[str, Any]) -> None:
-        """Keep an evaluation's per-unit sums (`kd_per_batch`, `ppl_segments`): step 0's as "initial", any
+        """Keep an evaluation's per-unit sums (`kd_units`, `ppl_segments`): step 0's as "initial", any
         step's as "latest" (replacing the one before)."""
         saved = self.eval_units()
         record = {"step": step, **units}

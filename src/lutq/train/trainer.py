@@ -423,14 +423,15 @@ def evaluate_student(
     units: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Validation KD metrics as eval_<name> (+ eval_ppl_<corpus> for each held-out text). `units`, when given,
-    receives the per-unit sums the numbers come from (`kd_per_batch`, `ppl_segments`: `lutq.evaluate.compare`'s
+    receives the per-unit sums the numbers come from (`kd_units`, `kd_unit`, `ppl_segments`: `lutq.evaluate.compare`'s
     record), for paired intervals."""
-    from lutq.evaluate.compare import batch_columns
+    from lutq.evaluate.compare import unit_columns
     from lutq.evaluate.perplexity import perplexity
+    from lutq.kd.loss import kd_unit
 
     model.eval()
     out: dict[str, float] = {}
-    batches: list[dict[str, float]] = []
+    kd_units: list[dict[str, float]] = []
     with torch.no_grad(), amp():
         metrics = evaluate_kd(
             model,
@@ -439,7 +440,7 @@ def evaluate_student(
             batch_size=cfg.eval_batch_size or cfg.batch_size,
             max_batches=cfg.eval_batches,
             cfg=cfg.kd,
-            per_batch=batches,
+            per_unit=kd_units,
         )
         out.update({f"eval_{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)})
         for name, docs in ppl_docs.items():
@@ -456,7 +457,7 @@ def evaluate_student(
             if units is not None:
                 units.setdefault("ppl_segments", {})[name] = res.segments()
     if units is not None:
-        units["kd_per_batch"] = batch_columns(batches)
+        units["kd_units"], units["kd_unit"] = unit_columns(kd_units), kd_unit(cache, "val")
     return out
 
 
