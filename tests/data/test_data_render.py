@@ -7,7 +7,7 @@ import pytest
 
 from lutq.assets.corpora import Document
 from lutq.core import LutqError
-from lutq.data import iter_render, pack, render, render_text, strip_thinking, tokenizer_fingerprint
+from lutq.data import iter_render, pack, render, render_text, spread, strip_thinking, tokenizer_fingerprint
 from lutq.testing import tiny_tokenizer
 
 CHAT = Document(
@@ -101,6 +101,28 @@ def test_pack_names_the_document_each_block_begins_in():
         blocks = pack(docs, L=L, eos_id=1, max_blocks=cap, block_docs=block_docs)
         owner = [i for i, d in enumerate(docs) for _ in range(len(d) + 1)]
         assert block_docs == [owner[b * L] for b in range(len(blocks))]
+
+
+def test_spread_cuts_blocks_within_each_document():
+    docs = [list(range(100, 117)), [1, 2], list(range(200, 208))]  # 18, 3 and 9 tokens with the EOS
+    block_docs: list[int] = []
+    blocks = spread(docs, L=4, eos_id=0, per_document=2, block_docs=block_docs)
+    # document 0 has 4 whole blocks: the centres of its two halves are blocks 1 and 3; document 1 is too short;
+    # document 2 has 2 blocks [200..203] [204..207] (its EOS falls in the dropped tail)
+    assert blocks.tolist() == [[104, 105, 106, 107], [112, 113, 114, 115], [200, 201, 202, 203], [204, 205, 206, 207]]
+    assert block_docs == [0, 0, 2, 2]
+    one = spread(docs, L=4, eos_id=0, per_document=1)
+    assert one.tolist() == [[108, 109, 110, 111], [204, 205, 206, 207]]  # the middle block of each
+    seen = []
+
+    def stream():
+        for i in range(100):
+            seen.append(i)
+            yield [i] * 9
+
+    assert spread(stream(), L=4, eos_id=0, per_document=1, max_blocks=3).shape == (3, 4) and len(seen) == 3
+    with pytest.raises(LutqError, match="per_document"):
+        spread(docs, L=4, eos_id=0, per_document=0)
 
 
 def test_pack_stops_reading_once_full():

@@ -143,6 +143,24 @@ def test_resume_after_kill_is_byte_identical(kd_cfg, kd_teacher, kd_cache, tmp_p
     assert _files(cfg.out) == _files(kd_cache)
 
 
+def test_val_split_spread_over_documents(kd_cfg, kd_teacher, kd_cache, tmp_path):
+    """val_blocks_per_document=1: every val sequence comes from its own document (one unit each); the train split
+    is packed as before, and a cache made without the setting keeps its plan hash (the key is left out)."""
+    cfg = kd_cfg.replace(out=tmp_path / "s", val_blocks_per_document=1, num_sequences=40, val_fraction=0.2)
+    cache = KDCache(build_cache(cfg, kd_teacher))
+    units = cache.document_units("val")
+    assert len(units) == cache.num_sequences("val") >= 2 and len(set(units.tolist())) == len(units)
+    packed = KDCache(build_cache(cfg.replace(out=tmp_path / "p", val_blocks_per_document=0), kd_teacher))
+    assert len(set(packed.document_units("val").tolist())) < packed.num_sequences("val")
+    n = cache.num_sequences("train")
+    assert torch.equal(cache.read("train", np.arange(n))["input_ids"], packed.read("train", np.arange(n))["input_ids"])
+    assert cache.meta["settings"]["val_blocks_per_document"] == 1
+    assert "val_blocks_per_document" not in packed.meta["settings"]
+    assert "val_blocks_per_document" not in KDCache(kd_cache).meta["settings"]
+    with pytest.raises(LutqError, match="val_blocks_per_document"):
+        kd_cfg.replace(val_blocks_per_document=-1).validate()
+
+
 def test_rerun_records_the_documents_of_an_older_cache(kd_cfg, kd_teacher, kd_cache, tmp_path):
     """A complete cache from before document_starts: `lutq cache` with the same settings adds them to meta.json
     (nothing else changes, no shard is rewritten)."""

@@ -8,6 +8,7 @@ from lutq.data.render import (
     pack,
     render,
     render_text,
+    spread,
     strip_thinking,
     tokenizer_fingerprint,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "render",
     "render_text",
     "source_name",
+    "spread",
     "strip_thinking",
     "tokenizer_fingerprint",
 ]

@@ -122,6 +122,40 @@ def pack(
     return np.concatenate(blocks) if blocks else np.zeros((0, L), dtype=np.int32)
 
 
+def spread(
+    token_lists: Iterable[list[int]],
+    L: int,
+    eos_id: int,
+    per_document: int,
+    max_blocks: int | None = None,
+    block_docs: list[int] | None = None,
+) -> np.ndarray:
+    """Blocks of exactly L tokens cut within each document (its rendering, then `eos_id`), at most `per_document`
+    of them, evenly spread over the document; a held-out split made this way rests on many more independent
+    documents than `pack`'s consecutive blocks. A document shorter than L gives none. Stops reading once
+    `max_blocks` are full. Returns int32 [N, L]; `block_docs` as for `pack`."""
+    if L < 2:
+        raise LutqError(f"block length L={L} must be at least 2")
+    if per_document < 1:
+        raise LutqError(f"per_document={per_document} must be at least 1")
+    blocks: list[np.ndarray] = []
+    full = max_blocks == 0
+    for doc, ids in enumerate([] if full else token_lists):
+        stream = [*ids, eos_id]
+        k = len(stream) // L
+        take = min(per_document, k)
+        for i in range(take):
+            b = (2 * i + 1) * k // (2 * take)  # the centre of the i-th of `take` equal parts
+            blocks.append(np.asarray(stream[b * L : (b + 1) * L], dtype=np.int32))
+            if block_docs is not None:
+                block_docs.append(doc)
+            if full := max_blocks is not None and len(blocks) >= max_blocks:
+                break
+        if full:
+            break
+    return np.stack(blocks) if blocks else np.zeros((0, L), dtype=np.int32)
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """sha256 over the vocabulary, the special tokens and the chat template: equal fingerprints mean a
     student can learn from a teacher's token ids."""

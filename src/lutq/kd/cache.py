@@ -63,6 +63,9 @@ class CacheConfig(ConfigBase):
     num_sequences: int = 1000  # train + val blocks
     max_tokens: int | None = None  # alternative to num_sequences: max_tokens // seq_len blocks
     val_fraction: float = 0.05  # share of blocks held out (and of documents, for non-asset sources)
+    # > 0: the val split takes at most this many blocks of each held-out document, spread over it, so that its
+    # KD intervals rest on many conversations (docs/kd.md); 0: val is packed like train (consecutive blocks)
+    val_blocks_per_document: int = 0
     batch_size: int = 8
     seed: int = 0
     shard_size: int = 1024  # sequences per shard file
@@ -81,6 +84,8 @@ class CacheConfig(ConfigBase):
                 raise LutqError(f"cache config {key}={getattr(self, key)} is too small")
         if self.negatives < 0:
             raise LutqError(f"cache config negatives={self.negatives} must be >= 0")
+        if self.val_blocks_per_document < 0:
+            raise LutqError(f"cache config val_blocks_per_document={self.val_blocks_per_document} must be >= 0")
         if not 0 <= self.val_fraction < 1:
             raise LutqError(f"cache config val_fraction={self.val_fraction} must be in [0, 1)")
         if self.total_sequences() < 1:
@@ -212,7 +217,7 @@ class CachePlan:
 
 def make_plan(cfg: CacheConfig, model: torch.nn.Module, tokenizer: Any, dtype: torch.dtype) -> CachePlan:
     """Load and split the documents, render and pack them, lay out the shards."""
-    from lutq.data import document_splits, iter_render, pack, source_name, tokenizer_fingerprint
+    from lutq.data import document_splits, iter_render, pack, source_name, spread, tokenizer_fingerprint
 
     cfg.validate()
     L, K, R = cfg.seq_len, cfg.top_k, cfg.negatives
@@ -240,9 +245,12 @@ def make_plan(cfg: CacheConfig, model: torch.nn.Module, tokenizer: Any, dtype: t
         random.Random(f"{cfg.seed}:{split}").shuffle(order)
         counter = _Counter(order)
         block_docs: list[int] = []
-        blocks[split] = pack(
-            iter_render(counter, tokenizer, cfg.thinking, batch=8), L, eos, max_blocks=n, block_docs=block_docs
-        )
+        renderings = iter_render(counter, tokenizer, cfg.thinking, batch=8)
+        if split == "val" and cfg.val_blocks_per_document:
+            per_doc = cfg.val_blocks_per_document
+            blocks[split] = spread(renderings, L, eos, per_doc, max_blocks=n, block_docs=block_docs)
+        else:
+            blocks[split] = pack(renderings, L, eos, max_blocks=n, block_docs=block_docs)
         used_docs[split] = counter.n
         doc_starts[split] = [i for i, d in enumerate(block_docs) if i == 0 or d != block_docs[i - 1]]
         if len(blocks[split]) < n:
@@ -258,6 +266,8 @@ def make_plan(cfg: CacheConfig, model: torch.nn.Module, tokenizer: Any, dtype: t
         for i, a in enumerate(range(0, len(b), cfg.shard_size))
     ]
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "overwrite", "dtype", "device")}
+    if not cfg.val_blocks_per_document:  # left out at its default: caches written before it keep their plan hash
+        del settings["val_blocks_per_document"]
     data_hash = hashlib.sha256(b"".join(blocks[s].tobytes() for s in ("train", "val"))).hexdigest()
     arrays = {a: ARRAY_DTYPES[a] for a in ARRAY_DTYPES if R or not a.startswith("neg")}
     teacher_fp = teacher_fingerprint(model)

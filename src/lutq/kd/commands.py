@@ -36,6 +36,12 @@ def cache(
         None, "--max-tokens", help="Instead of --sequences: a token budget (sequences = tokens / L)."
     ),
     val_fraction: float = typer.Option(0.05, "--val-fraction", help="Share of sequences held out."),
+    val_blocks_per_document: int = typer.Option(
+        0,
+        "--val-blocks-per-doc",
+        help="At most this many val sequences per held-out document, spread over it (more independent "
+        "conversations for the KD intervals); 0 = val packed like train.",
+    ),
     batch_size: int = typer.Option(8, "--batch-size", "-b", help="Sequences per teacher forward."),
     seed: int = typer.Option(0, "--seed", help="Seed for document order and negatives."),
     shard_size: int = typer.Option(1024, "--shard-size", help="Sequences per shard file."),
@@ -63,6 +69,7 @@ def cache(
         num_sequences=sequences,
         max_tokens=max_tokens,
         val_fraction=val_fraction,
+        val_blocks_per_document=val_blocks_per_document,
         batch_size=batch_size,
         seed=seed,
         shard_size=shard_size,
