@@ -92,6 +92,9 @@ def test_eval_cli(eval_dir, eval_cache, tmp_path) -> None:
     assert f"{text}: ppl {saved['ppl'][text]['ppl']:.4f}" in ppl.output
     kd = runner.invoke(app, ["eval", "kd", "--model", str(eval_dir / "q2"), "--cache", str(eval_cache)])
     assert kd.exit_code == 0 and "top1_agree" in kd.output, kd.output
+    printed = json.loads(kd.output)
+    low, high = printed["ci"]["kd"]
+    assert low < printed["kd"] < high and printed["unit"] == "document" and printed["units"] >= 2
     cmp = runner.invoke(
         app,
         [

@@ -68,18 +68,25 @@ def kd_cmd(
     device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
     json_out: Path = typer.Option(None, "--json", help="Also write the metrics as JSON here."),
 ) -> None:
-    """KD loss, KL and top-1 agreement of a model against a teacher cache's validation split (JSON on stdout)."""
+    """KD loss, KL and top-1 agreement of a model against a teacher cache's validation split, each with its 95%
+    interval over the split's documents (`ci`, `unit`, `units`; JSON on stdout)."""
     from lutq.core.atomic import atomic_write_json
+    from lutq.evaluate.uncertainty import mean_interval
     from lutq.kd import KDCache, evaluate_kd
+    from lutq.kd.loss import kd_unit
     from lutq.models import load_model
 
     m, tok = load_model(model, device=resolve_device(device))
     kd_cache = KDCache(cache)
     kd_cache.check_tokenizer(tok, m)
-    metrics = evaluate_kd(m, kd_cache, split=split, batch_size=batch_size, max_batches=max_batches)
-    print(json.dumps(metrics, indent=2))
+    units: list[dict[str, float]] = []
+    metrics = evaluate_kd(m, kd_cache, split=split, batch_size=batch_size, max_batches=max_batches, per_unit=units)
+    counts = [int(u["n"]) for u in units]
+    ci = {k: mean_interval([u[k] for u in units], counts) for k in metrics if units and k in units[0] and k != "n"}
+    out = {**metrics, "ci": ci, "unit": kd_unit(kd_cache, split), "units": len(units)}
+    print(json.dumps(out, indent=2))
     if json_out:
-        atomic_write_json(json_out, {"model": model, "cache": str(cache), "split": split, "kd": metrics})
+        atomic_write_json(json_out, {"model": model, "cache": str(cache), "split": split, "kd": out})
 
 
 @eval_app.command("compare")
