@@ -213,21 +213,19 @@ def test_runtime_options_keep_the_numbers(kd, tmp_path, monkeypatch):
     assert RunDir(tmp_path / "fp32").read_config()["precision"] == "fp32"  # 'auto' on CPU
 
 
+def _with_heldout_text(kd, tmp_path, **changes):
+    """(a small held-out text file, a config that scores its perplexity (window 64) at every evaluation)."""
+    text = tmp_path / "held.txt"
+    text.write_text("a jolly wizard bakes seven brown loaves while the lazy fox sleeps over the quartz\n" * 6)
+    cfg = kd.config(tmp_path / "run", ppl_texts=[str(text)], ppl_max_tokens=300, ppl_max_length=64, **changes)
+    return text, cfg
+
+
 def test_heldout_perplexity_at_eval(kd, tmp_path):
     from lutq.data import load_documents
     from lutq.evaluate.perplexity import perplexity
 
-    text = tmp_path / "held.txt"
-    text.write_text("a jolly wizard bakes seven brown loaves while the lazy fox sleeps over the quartz\n" * 6)
-    cfg = kd.config(
-        tmp_path / "run",
-        steps=2,
-        eval_every=2,
-        eval_batches=1,
-        ppl_texts=[str(text)],
-        ppl_max_tokens=300,
-        ppl_max_length=64,
-    )
+    text, cfg = _with_heldout_text(kd, tmp_path, steps=2, eval_every=2, eval_batches=1)
     res = train(cfg)
     assert "eval_ppl_held" in RunDir(res.run_dir).columns()
     rows = RunDir(res.run_dir).rows()
@@ -246,18 +244,8 @@ def test_summary_pairs_the_final_eval_against_step_0(kd, tmp_path):
     from lutq.evaluate.compare import CompareConfig, evaluate_model
     from lutq.evaluate.uncertainty import format_change
 
-    text = tmp_path / "held.txt"
-    text.write_text("a jolly wizard bakes seven brown loaves while the lazy fox sleeps over the quartz\n" * 6)
-    cfg = kd.config(
-        tmp_path / "run",
-        steps=12,
-        eval_every=6,
-        eval_batches=10,  # the tiny cache's whole val split, one sequence per unit
-        eval_batch_size=1,
-        ppl_texts=[str(text)],
-        ppl_max_tokens=300,
-        ppl_max_length=64,
-    )
+    # the tiny cache's whole val split (10 sequences), one per batch
+    text, cfg = _with_heldout_text(kd, tmp_path, steps=12, eval_every=6, eval_batches=10, eval_batch_size=1)
     res = train(cfg)
     run = RunDir(res.run_dir)
     units = run.eval_units()
