@@ -649,8 +649,9 @@ def write_summary(
 
 
 PAIRED_NOTE = (
-    "The change is final minus initial (perplexity: final over initial), each unit (validation batch, perplexity "
-    "window) paired with itself, so passage difficulty cancels; an interval that excludes zero is a real change."
+    "The change is final minus initial (perplexity: final over initial), each unit (validation document, or batch "
+    "for a cache without documents; perplexity window) paired with itself, so passage difficulty cancels; an "
+    "interval that excludes zero is a real change."
 )
 NO_PAIRED_NOTE = "No paired intervals: the step-0 and final evaluations did not score the same units (eval_units.json)."
 
