@@ -491,13 +491,28 @@ def test_eval_kd_writes_json(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
         def check_tokenizer(self, tok: Any, model: Any) -> None:
             pass
 
+        def document_units(self, split: str) -> list[int]:
+            return [0, 0, 1]
+
+    def fake_evaluate_kd(*args: Any, per_unit: list[dict[str, float]], **kwargs: Any) -> dict[str, float]:
+        per_unit += [{"n": 4, "kd_loss": 4.0, "top1_agreement": 2.0}, {"n": 4, "kd_loss": 8.0, "top1_agreement": 2.0}]
+        return {"kd_loss": 1.5, "top1_agreement": 0.5}
+
     monkeypatch.setattr(lutq.models, "load_model", lambda *a, **k: (None, None))
     monkeypatch.setattr(lutq.kd, "KDCache", FakeCache)
-    monkeypatch.setattr(lutq.kd, "evaluate_kd", lambda *a, **k: {"kd_loss": 1.5, "top1_agreement": 0.5})
+    monkeypatch.setattr(lutq.kd, "evaluate_kd", fake_evaluate_kd)
     out = tmp_path / "kd.json"
     res = CliRunner().invoke(app, ["eval", "kd", "-m", "M", "-c", str(tmp_path), "-b", "2", "--json", str(out)])
     assert res.exit_code == 0, (res.output, res.exception)
-    assert json.loads(out.read_text())["kd"] == {"kd_loss": 1.5, "top1_agreement": 0.5}
+    kd = json.loads(out.read_text())["kd"]
+    assert {k: kd[k] for k in ("kd_loss", "top1_agreement", "unit", "units")} == {
+        "kd_loss": 1.5,
+        "top1_agreement": 0.5,
+        "unit": "document",
+        "units": 2,
+    }
+    low, high = kd["ci"]["kd_loss"]  # units 1.0 and 2.0 per token: the t interval of two units
+    assert low < 1.5 < high and kd["ci"]["top1_agreement"] == pytest.approx([0.5, 0.5])
 
 
 def _lutq(*args: str) -> subprocess.CompletedProcess[str]:
