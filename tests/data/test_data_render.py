@@ -125,6 +125,31 @@ def test_spread_cuts_blocks_within_each_document():
         spread(docs, L=4, eos_id=0, per_document=0)
 
 
+def test_renderings_of_one_document_are_one_unit():
+    """thinking="both" renders a conversation twice: iter_render's `sources` maps renderings to documents, so
+    pack names the conversation, not the rendering, and spread takes at most N blocks per conversation."""
+    tok = tiny_tokenizer()
+    docs = [
+        Document(
+            id=f"c{i}",
+            messages=[
+                {"role": "user", "content": "hi " * 20},
+                {"role": "assistant", "content": "<think>hmm</think>ok " * 15},
+            ],
+        )
+        for i in range(3)
+    ]
+    sources: list[int] = []
+    renderings = list(iter_render(docs, tok, "both", batch=2, sources=sources))
+    assert len(renderings) == 6 and sources == [0, 0, 1, 1, 2, 2]
+    block_docs: list[int] = []
+    blocks = pack(renderings, L=16, eos_id=0, block_docs=block_docs, doc_of=sources)
+    assert len(blocks) == len(block_docs) and block_docs == sorted(block_docs) and set(block_docs) == {0, 1, 2}
+    block_docs = []
+    spread(renderings, L=16, eos_id=0, per_document=1, block_docs=block_docs, doc_of=sources)
+    assert block_docs == [0, 1, 2]  # one block per conversation, not one per rendering
+
+
 def test_pack_stops_reading_once_full():
     seen = []
 

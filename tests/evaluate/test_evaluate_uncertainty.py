@@ -125,6 +125,16 @@ def test_compare_does_not_pair_other_tokens() -> None:
     assert rows[1]["ppl_vs_ref"] == {"t": None}
 
 
+def test_kd_pairs_only_the_same_ids_in_the_same_units() -> None:
+    from lutq.evaluate.compare import paired_changes
+
+    a = {"kd_units": {"n": [2, 2, 2], "kd": [1.0, 2.0, 1.5]}, "kd_unit": "document", "kd_ids_sha256": "x"}
+    b = {**a, "kd_units": {"n": [2, 2, 2], "kd": [0.8, 1.8, 1.2]}}
+    assert paired_changes(a, b, [])[1]["kd"]["diff"] == pytest.approx(-0.7 / 6)  # unit sums over 6 tokens
+    assert paired_changes(a, {**b, "kd_ids_sha256": "y"}, [])[1] is None  # other sequences, same counts
+    assert paired_changes(a, {**b, "kd_unit": "batch"}, [])[1] is None
+
+
 def test_mean_interval_is_the_t_interval_of_equal_units() -> None:
     values = [0.2, 0.4, 0.3, 0.5, 0.1]
     low, high = mean_interval([v * 10 for v in values], [10] * 5)

@@ -150,14 +150,19 @@ def test_nan_stops_and_keeps_last_good_checkpoint(kd, tmp_path, monkeypatch, poi
 
     monkeypatch.setattr(loss_module, "kd_loss", poisoned_loss)  # KDStudent's loss
     monkeypatch.setattr(trainer, "project_luts_", poisoned_step)
-    cfg = kd.config(tmp_path / "run", steps=10, save_every=2)
+    cfg = kd.config(tmp_path / "run", steps=10, save_every=2, eval_every=2, eval_batches=3, eval_batch_size=2)
     with pytest.raises(LutqError, match=message + r".*last good checkpoint is .*last \(step 4\)"):
         train(cfg)
     run = RunDir(cfg.out)
     assert load_trainer_state(run.last)["step"] == 4
     assert max(r["step"] for r in run.rows()) <= 5
-    assert all(math.isfinite(r["loss"]) for r in run.rows())
-    assert "status: stopped: training diverged at step" in run.summary.read_text()
+    assert all(math.isfinite(r["loss"]) for r in run.rows() if "loss" in r)
+    summary = run.summary.read_text()
+    assert "status: stopped: training diverged at step" in summary
+    # the final column is the last evaluation (step 4), paired with step 0's
+    assert run.eval_units()["latest"]["step"] == 4
+    loss_row = next(line for line in summary.splitlines() if line.startswith("| loss |"))
+    assert "[" in loss_row.split("|")[4], loss_row
     model, _, _ = load_checkpoint(run.last, load_tokenizer=False)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -62,17 +62,33 @@ def render_text(doc: Document, tokenizer: Any, thinking: str = "off") -> list[st
 
 
 def iter_render(
-    documents: Iterable[Document], tokenizer: Any, thinking: str = "off", batch: int = 64
+    documents: Iterable[Document],
+    tokenizer: Any,
+    thinking: str = "off",
+    batch: int = 64,
+    sources: list[int] | None = None,
 ) -> Iterator[list[int]]:
-    """Lazily render and tokenize documents (no special tokens added), in batches for speed."""
+    """Lazily render and tokenize documents (no special tokens added), in batches for speed. `sources`, when
+    given, receives each rendering's document index just before the rendering is yielded (`thinking="both"`
+    gives two renderings of one document)."""
     pending: list[str] = []
-    for doc in documents:
-        pending.extend(render_text(doc, tokenizer, thinking))
+    pending_docs: list[int] = []
+    for i, doc in enumerate(documents):
+        texts = render_text(doc, tokenizer, thinking)
+        pending.extend(texts)
+        pending_docs.extend([i] * len(texts))
         if len(pending) >= batch:
-            yield from tokenizer(pending, add_special_tokens=False)["input_ids"]
-            pending = []
+            yield from _tokenized(tokenizer, pending, pending_docs, sources)
+            pending, pending_docs = [], []
     if pending:
-        yield from tokenizer(pending, add_special_tokens=False)["input_ids"]
+        yield from _tokenized(tokenizer, pending, pending_docs, sources)
+
+
+def _tokenized(tokenizer: Any, texts: list[str], docs: list[int], sources: list[int] | None) -> Iterator[list[int]]:
+    for ids, doc in zip(tokenizer(texts, add_special_tokens=False)["input_ids"], docs, strict=True):
+        if sources is not None:
+            sources.append(doc)
+        yield ids
 
 
 def render(documents: Iterable[Document], tokenizer: Any, thinking: str = "off") -> list[list[int]]:
@@ -86,12 +102,14 @@ def pack(
     eos_id: int,
     max_blocks: int | None = None,
     block_docs: list[int] | None = None,
+    doc_of: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Concatenate renderings with `eos_id` after each and cut into blocks of exactly L tokens.
 
     No padding: documents run across block boundaries and the incomplete tail is dropped. Stops reading
     `token_lists` as soon as `max_blocks` blocks are full. Returns int32 [N, L]. `block_docs`, when given,
-    receives for each block the index (in `token_lists`) of the document its first token belongs to.
+    receives for each block the index of the document its first token belongs to: the rendering's index in
+    `token_lists`, or `doc_of[rendering]` (e.g. `iter_render`'s `sources`, filled as the renderings are read).
     """
     if L < 2:
         raise LutqError(f"block length L={L} must be at least 2")
@@ -112,7 +130,8 @@ def pack(
             blocks.append(np.asarray(buf[: n * L], dtype=np.int32).reshape(n, L))
             if block_docs is not None:
                 for b in range(n):
-                    block_docs.append(max(d for off, d in starts if off <= b * L))
+                    r = max(d for off, d in starts if off <= b * L)
+                    block_docs.append(r if doc_of is None else doc_of[r])
             buf = buf[n * L :]
             owner = max(d for off, d in starts if off <= n * L)  # the document the remaining tokens begin in
             starts = [(0, owner)] + [(off - n * L, d) for off, d in starts if off > n * L]
@@ -129,21 +148,26 @@ def spread(
     per_document: int,
     max_blocks: int | None = None,
     block_docs: list[int] | None = None,
+    doc_of: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """Blocks of exactly L tokens cut within each document (its rendering, then `eos_id`), at most `per_document`
-    of them, evenly spread over the document; a held-out split made this way rests on many more independent
-    documents than `pack`'s consecutive blocks. A document shorter than L gives none. Stops reading once
-    `max_blocks` are full. Returns int32 [N, L]; `block_docs` as for `pack`."""
+    """Blocks of exactly L tokens cut within each rendering (then `eos_id`), at most `per_document` of them per
+    document, evenly spread over the rendering; a held-out split made this way rests on many more independent
+    documents than `pack`'s consecutive blocks. A rendering shorter than L gives none. Stops reading once
+    `max_blocks` are full. Returns int32 [N, L]; `block_docs` and `doc_of` (several renderings of one document) as
+    for `pack`."""
     if L < 2:
         raise LutqError(f"block length L={L} must be at least 2")
     if per_document < 1:
         raise LutqError(f"per_document={per_document} must be at least 1")
     blocks: list[np.ndarray] = []
     full = max_blocks == 0
-    for doc, ids in enumerate([] if full else token_lists):
+    taken: dict[int, int] = {}
+    for r, ids in enumerate([] if full else token_lists):
+        doc = r if doc_of is None else doc_of[r]
         stream = [*ids, eos_id]
         k = len(stream) // L
-        take = min(per_document, k)
+        take = min(per_document - taken.get(doc, 0), k)
+        taken[doc] = taken.get(doc, 0) + take
         for i in range(take):
             b = (2 * i + 1) * k // (2 * take)  # the centre of the i-th of `take` equal parts
             blocks.append(np.asarray(stream[b * L : (b + 1) * L], dtype=np.int32))

@@ -71,7 +71,7 @@ def kd_cmd(
     """KD loss, KL and top-1 agreement of a model against a teacher cache's validation split, each with its 95%
     interval over the split's documents (`ci`, `unit`, `units`; JSON on stdout)."""
     from lutq.core.atomic import atomic_write_json
-    from lutq.evaluate.uncertainty import mean_interval
+    from lutq.evaluate.compare import kd_intervals, unit_columns
     from lutq.kd import KDCache, evaluate_kd
     from lutq.kd.loss import kd_unit
     from lutq.models import load_model
@@ -81,8 +81,7 @@ def kd_cmd(
     kd_cache.check_tokenizer(tok, m)
     units: list[dict[str, float]] = []
     metrics = evaluate_kd(m, kd_cache, split=split, batch_size=batch_size, max_batches=max_batches, per_unit=units)
-    counts = [int(u["n"]) for u in units]
-    ci = {k: mean_interval([u[k] for u in units], counts) for k in metrics if units and k in units[0] and k != "n"}
+    ci = kd_intervals(unit_columns(units))
     out = {**metrics, "ci": ci, "unit": kd_unit(kd_cache, split), "units": len(units)}
     print(json.dumps(out, indent=2))
     if json_out:

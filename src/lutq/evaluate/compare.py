@@ -132,11 +132,9 @@ class CompareResult:
             cells = []
             for t in self.texts:
                 p = (r.get("ppl_vs_ref") or {}).get(t)
-                cells.append("- (other tokens)" if p is None else format_change(p["ratio"], p["low"], p["high"]))
+                cells.append("- (other tokens)" if p is None else format_paired(p))
             if kd:
-                for k in ("kd", "top1_agree"):
-                    d = (r.get("kd_vs_ref") or {}).get(k)
-                    cells.append("-" if d is None else format_diff(d["diff"], d["low"], d["high"]))
+                cells += [format_paired((r.get("kd_vs_ref") or {}).get(k)) for k in ("kd", "top1_agree")]
             lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
         return lines
 
@@ -204,8 +202,9 @@ def paired_changes(
 ) -> tuple[dict[str, dict[str, float | None] | None], dict[str, dict[str, float | None]] | None]:
     """(ppl changes, KD differences) of `row` against `ref`, paired unit by unit. Both are evaluation records with
     `ppl_segments` {text: {nll, tokens, ids_sha256}} and / or `kd_units` {n: [...], metric: [...]} (with
-    `kd_unit`): a text is paired only when both scored the same token ids ({ratio, low, high}, else None), the KD
-    metrics only when both saw the same units ({metric: {diff, low, high}}, else None)."""
+    `kd_unit`, `kd_ids_sha256`): a text is paired only when both scored the same token ids ({ratio, low, high},
+    else None), the KD metrics only when both scored the same ids in the same units ({metric: {diff, low, high}},
+    else None)."""
     ppl: dict[str, dict[str, float | None] | None] = {}
     for t in texts:
         a, b = ref.get("ppl_segments", {}).get(t), row.get("ppl_segments", {}).get(t)
@@ -216,13 +215,29 @@ def paired_changes(
         ratio, low, high = paired_ppl_ratio(a["nll"], b["nll"], a["tokens"])
         ppl[t] = {"ratio": ratio, "low": low, "high": high}
     ka, kb = ref.get("kd_units"), row.get("kd_units")
-    if not (ka and kb and ka["n"] == kb["n"] and ref.get("kd_unit") == row.get("kd_unit")):
+    same = ka and kb and ka["n"] == kb["n"] and ref.get("kd_unit") == row.get("kd_unit")
+    if not same or ref.get("kd_ids_sha256") != row.get("kd_ids_sha256"):
         return ppl, None
     kd: dict[str, dict[str, float | None]] = {}
     for k in sorted(ka.keys() & kb.keys() - {"n"}):
         diff, low, high = paired_mean_diff(ka[k], kb[k], ka["n"])
         kd[k] = {"diff": diff, "low": low, "high": high}
     return ppl, kd
+
+
+def format_paired(change: Mapping[str, float | None] | None) -> str:
+    """A `paired_changes` entry as a table cell: '-0.0171 [-0.0226, -0.0150]' (a difference), '+11.4 % [+9.2,
+    +13.7]' (a perplexity ratio), '-' for none."""
+    if not change:
+        return "-"
+    if "ratio" in change:
+        return format_change(change["ratio"], change["low"], change["high"])  # type: ignore[arg-type]
+    return format_diff(change["diff"], change["low"], change["high"])  # type: ignore[arg-type]
+
+
+def kd_intervals(columns: Mapping[str, Sequence[float]]) -> dict[str, tuple[float, float] | None]:
+    """{metric: 95 % interval} of `unit_columns` (each unit's sums and token count `n`)."""
+    return {k: mean_interval(v, columns["n"]) for k, v in columns.items() if k != "n"}
 
 
 def unit_columns(units: Sequence[Mapping[str, float]]) -> dict[str, list[float]]:
@@ -289,8 +304,8 @@ def evaluate_model(
             per_unit=units,
         )
         columns = row["kd_units"] = unit_columns(units)
-        row["kd_unit"] = kd_unit(cache, cfg.kd_split)
-        row["kd_ci"] = {k: mean_interval(v, columns["n"]) for k, v in columns.items() if k != "n"}
+        row["kd_unit"], row["kd_ids_sha256"] = kd_unit(cache, cfg.kd_split), row["kd"]["ids_sha256"]
+        row["kd_ci"] = kd_intervals(columns)
     return row
 
 

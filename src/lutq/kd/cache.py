@@ -245,12 +245,13 @@ def make_plan(cfg: CacheConfig, model: torch.nn.Module, tokenizer: Any, dtype: t
         random.Random(f"{cfg.seed}:{split}").shuffle(order)
         counter = _Counter(order)
         block_docs: list[int] = []
-        renderings = iter_render(counter, tokenizer, cfg.thinking, batch=8)
+        sources: list[int] = []  # each rendering's document ("both" renders a conversation twice)
+        renderings = iter_render(counter, tokenizer, cfg.thinking, batch=8, sources=sources)
         if split == "val" and cfg.val_blocks_per_document:
             per_doc = cfg.val_blocks_per_document
-            blocks[split] = spread(renderings, L, eos, per_doc, max_blocks=n, block_docs=block_docs)
+            blocks[split] = spread(renderings, L, eos, per_doc, max_blocks=n, block_docs=block_docs, doc_of=sources)
         else:
-            blocks[split] = pack(renderings, L, eos, max_blocks=n, block_docs=block_docs)
+            blocks[split] = pack(renderings, L, eos, max_blocks=n, block_docs=block_docs, doc_of=sources)
         used_docs[split] = counter.n
         doc_starts[split] = [i for i, d in enumerate(block_docs) if i == 0 or d != block_docs[i - 1]]
         if len(blocks[split]) < n:

@@ -16,6 +16,7 @@ the second target costs nothing.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -342,8 +343,9 @@ def evaluate_kd(
     max_batches: int | None = None,
     cfg: KDLossConfig | None = None,
     per_unit: list[dict[str, float]] | None = None,
-) -> dict[str, float]:
-    """Token-weighted means of the KD metrics over `split` of a KDCache (or a cache path), in order.
+) -> dict[str, Any]:
+    """Token-weighted means of the KD metrics over `split` of a KDCache (or a cache path), in order, with
+    `tokens`, `sequences` and `ids_sha256` (of the input ids scored: two evaluations pair only on the same ids).
 
     `per_unit`, when given, receives the metric sums and token count `n` of each independent unit, for intervals:
     each document (conversation) of the split when the cache records them (`KDCache.document_units`: the
@@ -361,10 +363,12 @@ def evaluate_kd(
     model.eval()
     totals: dict[str, float] = {}
     tokens = sequences = 0
+    ids_digest = hashlib.sha256()
     try:
         for i, batch in enumerate(cache.batches(split, batch_size, shuffle=False)):
             if max_batches is not None and i >= max_batches:
                 break
+            ids_digest.update(batch["input_ids"].to(torch.int32).cpu().numpy().tobytes())
             hidden = student_hidden(model, batch["input_ids"].to(device))
             out = kd_loss(hidden, head, batch, cfg, logit_softcap=softcap)
             rows, positions = batch["topk_ids"].shape[:2]
@@ -389,4 +393,4 @@ def evaluate_kd(
     if per_unit is not None and docs is not None:
         per_unit.extend(doc_sums.values())
     result = {k: v / tokens for k, v in totals.items()} if tokens else {}
-    return {**result, "tokens": tokens, "sequences": sequences}
+    return {**result, "tokens": tokens, "sequences": sequences, "ids_sha256": ids_digest.hexdigest()}

@@ -98,10 +98,11 @@ def train_command(
     Fresh: `lutq train --cache C --preset q2a4 --out RUN` (or `--init CKPT`). Resume after a kill:
     `lutq train --resume RUN` (flags given with --resume override the saved config, e.g. --steps).
     """
+    from lutq.evaluate.compare import format_paired
     from lutq.evaluate.uncertainty import LEVEL
     from lutq.train.config import TrainConfig
     from lutq.train.run_dir import RunDir
-    from lutq.train.trainer import format_eval_change, train
+    from lutq.train.trainer import train
 
     if clip is None:
         clip = clip_old
@@ -170,7 +171,7 @@ def train_command(
         f"{result.elapsed_s:.1f} s); best val loss {result.best_eval_loss} at step {result.best_step}"
     )
     if changes := [
-        f"{k[5:]} {format_eval_change(v)}"
+        f"{k[5:]} {format_paired(v)}"
         for k, v in result.eval_change.items()
         if k in ("eval_loss", "eval_top1_agree") or k.startswith("eval_ppl_")
     ]:

@@ -88,6 +88,12 @@ def evals_from_log(run: RunDir) -> tuple[dict[str, float], dict[str, float]]:
     return initial, (evals[-1] if evals else {})
 
 
+def latest_eval_step(run: RunDir) -> int | None:
+    """The step of the latest evaluation in train.jsonl (None before the first)."""
+    steps = [r["step"] for r in run.rows() if any(k.startswith("eval_") for k in r)]
+    return steps[-1] if steps else None
+
+
 def check_run_dir(run: RunDir, *, resume: bool, overwrite: bool) -> None:
     """A resume needs a run; a fresh start must not silently replace one."""
     if resume and not run.exists():

@@ -25,6 +25,7 @@ import torch
 from lutq import __version__
 from lutq.core.console import console, progress
 from lutq.core.errors import LutqError
+from lutq.evaluate.compare import format_paired
 from lutq.evaluate.uncertainty import LEVEL
 from lutq.kd import KDCache, KDStudent, evaluate_kd
 from lutq.models import load_checkpoint, load_model, load_trainer_state, save_checkpoint
@@ -48,7 +49,14 @@ from lutq.quant import (
 from lutq.quant.calibrate import hessians_for
 from lutq.train.config import TrainConfig
 from lutq.train.loggers import Trackers, check_available
-from lutq.train.resume import best_on_disk, cache_identity, check_resume_config, check_run_dir, evals_from_log
+from lutq.train.resume import (
+    best_on_disk,
+    cache_identity,
+    check_resume_config,
+    check_run_dir,
+    evals_from_log,
+    latest_eval_step,
+)
 from lutq.train.run_dir import TRAIN_COLUMNS, RunDir, csv_columns, ppl_name
 from lutq.train.schedule import make_scheduler, rebase_scheduler
 from lutq.train.state import DistContext, rng_state, seed_everything, set_rng_state, setup_distributed
@@ -184,11 +192,13 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
     trackers = None
     initial_eval: dict[str, float] = {}
     final_eval: dict[str, float] = {}
+    final_eval_step: int | None = None  # the step final_eval was measured at
     if ctx.is_main:
         if resume:  # a --ppl-text added on resume gets its CSV column
             names = list(dict.fromkeys([*run.ppl_names(), *(ppl_name(s) for s in cfg.ppl_texts)]))
             run.truncate(step, csv_columns(names))
             initial_eval, final_eval = evals_from_log(run)
+            final_eval_step = latest_eval_step(run)
         else:
             run.clear()  # an overwritten run must not leave a stale best/ or last/ behind
             run.write_config(_run_record(cfg, cache, ctx, precision))
@@ -304,7 +314,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
                     )
                 t_pause = time.time()  # evaluating and saving are not training: tokens_per_s leaves them out
                 if step % cfg.eval_every == 0 or step == cfg.steps:
-                    final_eval = evaluate()
+                    final_eval, final_eval_step = evaluate(), step
                     maybe_save_best(final_eval)
                     row.update(final_eval)
                     if ctx.is_main and final_eval:
@@ -328,7 +338,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
                 elapsed_s=elapsed0 + time.time() - t0,
                 initial_eval=initial_eval,
                 final_eval=final_eval,
-                eval_change=eval_change(run, step),
+                eval_change=eval_change(run, final_eval_step),
             )
             write_summary(run, cfg, partial, status=f"stopped: {e}", preset=preset)
         raise
@@ -343,7 +353,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, overwrite: bool)
         best_eval_loss=best["eval_loss"] if math.isfinite(best["eval_loss"]) else None,
         best_step=best["step"],
         final_train_loss=step_metrics.get("loss"),
-        eval_change=eval_change(run, step) if ctx.is_main else {},
+        eval_change=eval_change(run, final_eval_step) if ctx.is_main else {},
     )
     if ctx.is_main:
         trackers.close()
@@ -458,6 +468,7 @@ def evaluate_student(
                 units.setdefault("ppl_segments", {})[name] = res.segments()
     if units is not None:
         units["kd_units"], units["kd_unit"] = unit_columns(kd_units), kd_unit(cache, "val")
+        units["kd_ids_sha256"] = metrics["ids_sha256"]
     return out
 
 
@@ -497,6 +508,7 @@ def _finished(cfg: TrainConfig, run: RunDir, state: dict[str, Any], ctx: DistCon
             f"{run.path}: already finished (step {step}/{cfg.steps}); pass --steps above {step} to train longer"
         )
     initial_eval, final_eval = evals_from_log(run)
+    final_eval_step = latest_eval_step(run)
     losses = [r["loss"] for r in run.rows() if isinstance(r.get("loss"), int | float)]
     best_loss = float(state["best_eval_loss"])
     return TrainResult(
@@ -509,7 +521,7 @@ def _finished(cfg: TrainConfig, run: RunDir, state: dict[str, Any], ctx: DistCon
         best_eval_loss=best_loss if math.isfinite(best_loss) else None,
         best_step=state.get("best_step"),
         final_train_loss=losses[-1] if losses else None,
-        eval_change=eval_change(run, step) if ctx.is_main else {},
+        eval_change=eval_change(run, final_eval_step) if ctx.is_main else {},
     )
 
 
@@ -640,7 +652,7 @@ def write_summary(
         lines += [f"| metric | initial | final | change ({LEVEL:.0%} CI, paired) |", "|---|---|---|---|"]
         lines += [
             f"| {k[5:]} | {_fmt(result.initial_eval.get(k))} | {_fmt(result.final_eval.get(k))} "
-            f"| {format_eval_change(result.eval_change.get(k))} |"
+            f"| {format_paired(result.eval_change.get(k))} |"
             for k in keys
         ]
         lines += ["", PAIRED_NOTE if result.eval_change else NO_PAIRED_NOTE, ""]
@@ -653,35 +665,28 @@ PAIRED_NOTE = (
     "for a cache without documents; perplexity window) paired with itself, so passage difficulty cancels; an "
     "interval that excludes zero is a real change."
 )
-NO_PAIRED_NOTE = "No paired intervals: the step-0 and final evaluations did not score the same units (eval_units.json)."
+NO_PAIRED_NOTE = (
+    "No paired intervals: eval_units.json holds no step-0 and final evaluation of the same units (a run started "
+    "before lutq kept them, a resume that evaluates other batches, or a single unit)."
+)
 
 
-def eval_change(run: RunDir, step: int) -> dict[str, dict[str, float | None]]:
-    """{eval key: change} of the evaluation at `step` against step 0's, from eval_units.json, paired unit by
-    unit (`lutq.evaluate.compare.paired_changes`): KD metrics as {diff, low, high}, perplexities as
-    {ratio, low, high}. Empty when either evaluation is missing or they scored different units."""
+def eval_change(run: RunDir, step: int | None) -> dict[str, dict[str, float | None]]:
+    """{eval key: change} of the evaluation at `step` (the one the summary's final column shows) against step 0's,
+    from eval_units.json, paired unit by unit (`lutq.evaluate.compare.paired_changes`): KD metrics as {diff, low,
+    high}, perplexities as {ratio, low, high}. Empty when either evaluation is missing or they scored different
+    units."""
     from lutq.evaluate.compare import paired_changes
 
     saved = run.eval_units()
     initial, latest = saved.get("initial"), saved.get("latest")
-    if not initial or not latest or latest.get("step") != step or step == 0:
+    if not initial or not latest or step is None or latest.get("step") != step or step == 0:
         return {}
     texts = sorted(initial.get("ppl_segments", {}).keys() & latest.get("ppl_segments", {}).keys())
     ppl, kd = paired_changes(initial, latest, texts)
     out: dict[str, dict[str, float | None]] = {f"eval_{k}": v for k, v in (kd or {}).items()}
     out.update({f"eval_ppl_{t}": v for t, v in ppl.items() if v is not None})
     return out
-
-
-def format_eval_change(change: dict[str, float | None] | None) -> str:
-    """A TrainResult.eval_change entry as '-1.3302 [-3.1056, +0.4453]' or '-29.5 % [-35.0, -23.6]' ('-' if none)."""
-    from lutq.evaluate.uncertainty import format_change, format_diff
-
-    if not change:
-        return "-"
-    if "ratio" in change:
-        return format_change(change["ratio"], change["low"], change["high"])  # type: ignore[arg-type]
-    return format_diff(change["diff"], change["low"], change["high"])  # type: ignore[arg-type]
 
 
 def _fmt(v: float | None) -> str:
