@@ -108,7 +108,7 @@ class CompareResult:
 
     def _paired_markdown(self) -> list[str]:
         """Lines of a second table: each model against the reference row, paired on the same tokens (perplexity
-        change) and the same KD batches (KD loss and top-1 differences)."""
+        change) and the same KD units (KD loss and top-1 differences)."""
         ref = self.reference
         if ref is None or len(self.entries) < 2:
             return []
@@ -165,7 +165,7 @@ class CompareResult:
 
 
 def _kd_units_text(row: Mapping[str, Any], batch_size: int) -> str:
-    """'conversations (12 units)' or 'batches (18 of 8 sequences)': what a row's KD intervals are taken over."""
+    """'documents (144 units; ...)' or 'batches (18 of 8 sequences)': what a row's KD intervals are taken over."""
     n = len((row.get("kd_units") or {}).get("n", []))
     if row.get("kd_unit") == "document":
         return f"documents ({n} units; a conversation's sequences are not independent)"
