@@ -86,6 +86,17 @@ def test_cli_builds_and_verifies(kd_dir, kd_cache, tmp_path):
     assert res.exit_code != 0 and "differ from the teacher" in str(res.exception)
 
 
+def test_cli_val_blocks_per_doc(kd_dir, tmp_path):
+    out = tmp_path / "spread"
+    args = ["cache", "--model", str(kd_dir / "teacher"), "--source", str(kd_dir / "chat.jsonl"), "-L", "32"]
+    args += ["-K", "8", "--sequences", "40", "--val-fraction", "0.2", "--val-blocks-per-doc", "1", "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["settings"]["val_blocks_per_document"] == 1
+    assert meta["document_starts"]["val"] == list(range(meta["sequences"]["val"]))  # one sequence per conversation
+
+
 def test_cli_help_lists_verify():
     res = CliRunner().invoke(app, ["cache", "--help"])
     assert res.exit_code == 0 and "verify" in res.output and "--thinking" in res.output
