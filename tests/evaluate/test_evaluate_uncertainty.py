@@ -161,6 +161,10 @@ def test_kd_intervals_are_taken_over_documents(eval_dir, eval_cache) -> None:
     assert [u["n"] for u in units] == [tokens_per_seq * list(docs).count(d) for d in sorted(set(docs))]
     for k in ("kd", "top1_agree", "full_kl"):  # the units' sums add up to the batch means
         assert sum(u[k] for u in units) / metrics["tokens"] == pytest.approx(metrics[k], rel=1e-5, abs=1e-7), k
+    pairs: list[dict[str, float]] = []  # batches of 2: some inside one document (their own sums), some across two
+    evaluate_kd(model, cache, batch_size=2, per_unit=pairs)
+    for got, want in zip(pairs, units, strict=True):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
 
     res = compare({"fp": str(eval_dir / "fp"), "q2": str(eval_dir / "q2")}, cache=eval_cache, kd_batch_size=4)
     fp_row, q2 = res.rows()

@@ -379,13 +379,18 @@ def evaluate_kd(
             if per_unit is not None and docs is None:
                 per_unit.append({"n": n, **sums})
             elif per_unit is not None:
-                for j in range(rows):  # each sequence on its own, summed into its document
+                owners = [int(d) for d in docs[sequences : sequences + rows]]
+                # a batch inside one document adds its own sums; one that spans several scores each sequence again
+                parts = [(owners[0], n, sums)] if owners[0] == owners[-1] else []
+                for j in range(0 if parts else rows):
                     one = {k: v[j : j + 1] for k, v in batch.items()}
                     metrics = kd_loss(hidden[j : j + 1], head, one, cfg, logit_softcap=softcap).metrics
-                    unit = doc_sums.setdefault(int(docs[sequences + j]), {"n": 0})
-                    unit["n"] += positions
-                    for k, v in metrics.items():
-                        unit[k] = unit.get(k, 0.0) + v * positions
+                    parts.append((owners[j], positions, {k: v * positions for k, v in metrics.items()}))
+                for doc, count, part in parts:
+                    unit = doc_sums.setdefault(doc, {"n": 0})
+                    unit["n"] += count
+                    for k, v in part.items():
+                        unit[k] = unit.get(k, 0.0) + v
             tokens += n
             sequences += rows
     finally:
