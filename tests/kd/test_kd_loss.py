@@ -82,11 +82,13 @@ def test_chunked_ce_equals_unchunked(softcap):
         ref = coeffs[0] * refs[0] + coeffs[1] * refs[1]
         ref_grads = torch.autograd.grad(ref * 0.5, (h, w), retain_graph=True)
         for chunk in (1, 5, 23, 1000):
-            loss, sums, agree, _ = chunked_ce(h, w, y, coeffs, chunk, softcap)
+            loss, ce_rows, agree_rows, _ = chunked_ce(h, w, y, coeffs, chunk, softcap)
             # the zero-sum pair cancels two sums of ~100: compare at the sums' own precision
             torch.testing.assert_close(loss, ref, rtol=1.3e-6, atol=1e-6 * float(sum(r.detach() for r in refs)))
-            torch.testing.assert_close(sums, torch.stack(refs).detach())
-            assert agree.tolist() == [(logits.argmax(-1) == y[:, k]).sum().item() for k in range(2)]
+            torch.testing.assert_close(ce_rows.sum(0), torch.stack(refs).detach())
+            for k in range(2):  # per position, not only in sum
+                torch.testing.assert_close(ce_rows[:, k], F.cross_entropy(logits, y[:, k], reduction="none").detach())
+                assert agree_rows[:, k].tolist() == (logits.argmax(-1) == y[:, k]).tolist()
             torch.testing.assert_close(torch.autograd.grad(loss * 0.5, (h, w)), ref_grads)
     with pytest.raises(ValueError, match="coefficients"):
         chunked_ce(h, w, y, (1.0,))
@@ -118,9 +120,10 @@ def test_tail_bucket_kl_equals_full_softmax_reference(softcap):
         ref = (c_ce * ce + c_kl * kl).float()
         ref_grads = torch.autograd.grad(ref, (h, w), retain_graph=True)
         for chunk in (1, 4, 1000):
-            loss, sums, _, kl_sum = chunked_ce(h, w, y, (c_ce,), chunk, softcap, soft=(ids, logp, c_kl))
-            torch.testing.assert_close(kl_sum, kl.float().detach())
-            torch.testing.assert_close(sums[0], ce.float().detach())
+            loss, ce_rows, _, kl_rows = chunked_ce(h, w, y, (c_ce,), chunk, softcap, soft=(ids, logp, c_kl))
+            torch.testing.assert_close(kl_rows, _ref_tail_bucket_kl(teacher, logits, ids).float().detach())
+            torch.testing.assert_close(kl_rows.sum(), kl.float().detach())
+            torch.testing.assert_close(ce_rows.sum(), ce.float().detach())
             torch.testing.assert_close(loss, ref)
             torch.testing.assert_close(torch.autograd.grad(loss, (h, w)), ref_grads, rtol=1e-4, atol=1e-5)
 
@@ -209,6 +212,23 @@ def test_sampled_ce_over_the_candidates():
     out = kd_loss(hidden, weight, batch, KDLossConfig(hard_top1_weight=0.0, sampled_ce_weight=0.5))
     assert out.metrics["sampled_ce"] == pytest.approx(ref.item(), rel=1e-5)
     torch.testing.assert_close(out.loss, base.loss + 0.5 * ref)
+
+
+def test_sequence_sums_equal_each_sequence_scored_alone():
+    hidden, weight, teacher, batch = _setup(K=6, R=3)
+    batch["teacher_lse"] = teacher.logsumexp(-1)
+    batch["input_ids"] = torch.randint(0, V, (B, S + 1), generator=torch.Generator().manual_seed(5))
+    cfg = KDLossConfig(hard_top1_weight=0.1, label_ce_weight=0.2, full_kl_weight=0.3, sampled_ce_weight=0.4)
+    out = kd_loss(hidden, weight, batch, cfg, sequence_sums=True)
+    assert kd_loss(hidden, weight, batch, cfg).sequence_sums is None  # only when asked
+    sums = out.sequence_sums
+    assert set(sums) == set(out.metrics) >= {"kd", "kl", "ce", "top1_agree", "label_ce", "full_kl", "sampled_ce"}
+    for j in range(B):
+        alone = kd_loss(hidden[j : j + 1], weight, {k: v[j : j + 1] for k, v in batch.items()}, cfg).metrics
+        assert {k: float(v[j]) for k, v in sums.items()} == pytest.approx({k: v * S for k, v in alone.items()})
+    # and the batch means are the sums over every position
+    assert out.metrics == pytest.approx({k: float(v.sum()) / (B * S) for k, v in sums.items()})
+    assert out.metrics["loss"] == pytest.approx(out.loss.item(), rel=1e-6)
 
 
 def test_no_grad_for_a_zero_ce_weight_and_bf16_autocast():

@@ -166,6 +166,14 @@ def test_calibration_blocks_from_a_kd_cache(tmp_path: Path, calib_source: str) -
     )
     blocks = calibration_blocks(str(cache), tok, num_sequences=6)
     assert blocks.shape == (6, 16)
+    # an even mix, interleaved; the cache's L is the block length of the whole mix
+    mix = calibration_blocks([calib_source, str(cache)], tok, num_sequences=7, seq_len=64)
+    text = calibration_blocks(calib_source, tok, num_sequences=4, seq_len=16)
+    assert mix.shape == (7, 16)
+    torch.testing.assert_close(mix[0::2], text)
+    torch.testing.assert_close(mix[1::2], blocks[:3])
+    with pytest.raises(LutqError, match="cannot be shared"):
+        calibration_blocks([calib_source, str(cache)], tok, num_sequences=1)
 
 
 def test_quantize_cli_with_calibration(tmp_path: Path, calib_source: str) -> None:
@@ -200,7 +208,16 @@ def test_quantize_cli_with_calibration(tmp_path: Path, calib_source: str) -> Non
     assert quant_config_of(q4).gptq_damp == 0.05  # --damp reached the config the layers were picked with
     assert quant_config_of(q4).init_act_power == 0.25  # and so did --act-power
     assert info.extra["calibration"]["sequences"] == 4 and "mean_out_error" in info.extra["quantize"]["mlp"]
+    assert info.extra["calibration"]["source"] == calib_source
     assert get_preset("q4a4").gptq_damp == 0.01
+    # --calib repeated: an even mix, recorded as the list it was
+    args = ["quantize", "-m", str(tmp_path / "fp"), "-p", "q4a4", "-o", str(tmp_path / "mix"), "--calib-sequences", "4"]
+    result = CliRunner().invoke(app, [*args, "--calib", calib_source, "--calib", f"{calib_source}:train"])
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(tmp_path / "mix")[2].extra["calibration"]["source"] == [
+        calib_source,
+        f"{calib_source}:train",
+    ]
 
 
 def test_convert_q4_to_q2_with_hessians_of_the_q4_model(calib_source: str) -> None:

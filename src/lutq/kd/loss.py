@@ -51,6 +51,7 @@ class KDLossOutput:
 
     loss: torch.Tensor
     metrics: dict[str, float] = field(default_factory=dict)
+    sequence_sums: dict[str, torch.Tensor] | None = None  # metric -> [B] sums over each sequence's positions
 
 
 def student_hidden(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -85,8 +86,10 @@ def kd_loss(
     batch: dict[str, torch.Tensor],
     cfg: KDLossConfig | None = None,
     logit_softcap: float | None = None,
+    sequence_sums: bool = False,
 ) -> KDLossOutput:
-    """KD loss for `hidden` [B, L-1, H] against a cache batch (see the module doc)."""
+    """KD loss for `hidden` [B, L-1, H] against a cache batch (see the module doc); with `sequence_sums`, also
+    each metric summed over each sequence's positions (`KDLossOutput.sequence_sums`, for per-document intervals)."""
     cfg = cfg or KDLossConfig()
     H = hidden.shape[-1]
     h = hidden.reshape(-1, H)
@@ -104,13 +107,13 @@ def kd_loss(
         s = logit_softcap * torch.tanh(s / logit_softcap)
     T = cfg.temperature
     log_p = F.log_softmax(t / T, dim=-1)
-    kl_T = (log_p.exp() * (log_p - F.log_softmax(s / T, dim=-1))).sum(-1).mean()
-    kd = T * T * kl_T
-    loss = cfg.kd_weight * kd
+    kd_rows = T * T * (log_p.exp() * (log_p - F.log_softmax(s / T, dim=-1))).sum(-1)
+    loss = cfg.kd_weight * kd_rows.mean()
+    rows: dict[str, torch.Tensor] = {"kd": kd_rows}  # every metric per position [N], summed or averaged below
 
     with torch.no_grad():
         log_p1 = F.log_softmax(t, dim=-1)
-        kl = (log_p1.exp() * (log_p1 - F.log_softmax(s.detach(), dim=-1))).sum(-1).mean()
+        rows["kl"] = (log_p1.exp() * (log_p1 - F.log_softmax(s.detach(), dim=-1))).sum(-1)
     targets, coeffs = [target], [cfg.hard_top1_weight]
     if "input_ids" in batch:  # the text's own next tokens, aligned with the student's positions 0..L-2
         targets.append(batch["input_ids"][:, 1:].reshape(-1).to(h.device))
@@ -133,7 +136,7 @@ def kd_loss(
         )
     weighted = any(coeffs) or bool(cfg.full_kl_weight)  # a full-vocabulary term is part of the loss
     use_grad = weighted and torch.is_grad_enabled()
-    full, ce_sums, agree, kl_sum = chunked_ce(
+    full, ce_rows, agree_rows, kl_rows = chunked_ce(
         h if use_grad else h.detach(),
         lm_head_weight if use_grad else lm_head_weight.detach(),
         torch.stack(targets, dim=1),
@@ -145,18 +148,27 @@ def kd_loss(
     n = len(target)
     if weighted:
         loss = loss + full / n
-    parts = {"kd": kd, "kl": kl, "ce": ce_sums[0] / n, "top1_agree": agree[0].float() / n}
+    rows["ce"], rows["top1_agree"] = ce_rows[:, 0], agree_rows[:, 0].float()
     if len(targets) > 1:
-        parts["label_ce"] = ce_sums[1] / n
+        rows["label_ce"] = ce_rows[:, 1]
     if soft is not None:
-        parts["full_kl"] = kl_sum / n
+        rows["full_kl"] = kl_rows
     if cfg.sampled_ce_weight:
-        sampled = -F.log_softmax(s, dim=-1)[:, 0].mean()
-        loss = loss + cfg.sampled_ce_weight * sampled
-        parts["sampled_ce"] = sampled
-    parts["loss"] = loss
-    values = torch.stack([v.detach().float() for v in parts.values()]).tolist()  # one device sync
-    return KDLossOutput(loss, dict(zip(parts, values, strict=True)))
+        sampled_rows = -F.log_softmax(s, dim=-1)[:, 0]
+        loss = loss + cfg.sampled_ce_weight * sampled_rows.mean()
+        rows["sampled_ce"] = sampled_rows
+    with torch.no_grad():  # the loss position by position: the same weighted sum
+        c = torch.tensor(coeffs, device=ce_rows.device)
+        rows["loss"] = cfg.kd_weight * kd_rows.detach() + (ce_rows * c).sum(-1) + cfg.full_kl_weight * kl_rows
+        if cfg.sampled_ce_weight:
+            rows["loss"] += cfg.sampled_ce_weight * rows["sampled_ce"].detach()
+    means = torch.stack([v.detach().float().mean() for v in rows.values()])
+    metrics = dict(zip(rows, means.tolist(), strict=True))  # one device sync
+    per_sequence = None
+    if sequence_sums:
+        B = batch["topk_ids"].shape[0]
+        per_sequence = {k: v.detach().float().reshape(B, -1).sum(1).cpu() for k, v in rows.items()}
+    return KDLossOutput(loss, metrics, per_sequence)
 
 
 # --- student logits for the candidates only --------------------------------------------------------
@@ -219,8 +231,9 @@ def chunked_ce(
     moving probability mass into the tail the way a KL over the candidates alone lets it).
 
     Returns (Σ_k coeffs[k] · CE sum of target k + soft coefficient · KL sum, differentiable in hidden and
-    weight; the m CE sums, the m counts of argmax == target k and the KL sum (0 without `soft`), all without
-    gradient). Every term shares one logits pass.
+    weight; then per position, without gradient: the CE of each target [N, m], whether argmax == target k
+    [N, m] and the KL [N] (0 without `soft`), so callers can sum them per sequence). Every term shares one
+    logits pass.
     """
     if targets.dim() != 2 or targets.shape[1] != len(coeffs):
         raise ValueError(f"chunked_ce: targets {tuple(targets.shape)} do not match {len(coeffs)} coefficients")
@@ -267,10 +280,9 @@ class _ChunkedCE(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        m = targets.shape[1]
-        sums = torch.zeros(m, dtype=torch.float32, device=hidden.device)
-        agree = torch.zeros(m, dtype=torch.long, device=hidden.device)
-        soft_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        ce_rows = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
+        agree_rows = torch.empty(targets.shape, dtype=torch.bool, device=hidden.device)
+        kl_rows = torch.zeros(len(targets), dtype=torch.float32, device=hidden.device)
         # d/dz Σ_k c_k CE_k = Σ_k c_k (softmax − onehot_k) = scale · (softmax − Σ_k (c_k / scale) onehot_k) with
         # scale = Σ_k c_k: the [chunk, V] buffer is never multiplied, and scale is applied in backward (one
         # weight-1 target gives exactly softmax − onehot, whatever the weight). The tail-bucket KL adds
@@ -283,12 +295,11 @@ class _ChunkedCE(torch.autograd.Function):
                 tanh = torch.tanh(z / softcap)
                 z = softcap * tanh
             lse = torch.logsumexp(z, dim=-1)
-            sums += (lse[:, None] - z.gather(1, y)).sum(0)
-            agree += (z.argmax(-1)[:, None] == y).sum(0)
+            ce_rows[a : a + chunk] = lse[:, None] - z.gather(1, y)
+            agree_rows[a : a + chunk] = z.argmax(-1)[:, None] == y
             if soft_ids is not None:
                 ids, logp = soft_ids[a : a + chunk], soft_logp[a : a + chunk].float()
-                kl, log_q, lse_rest, p_rest = _tail_bucket_kl(z, lse, ids, logp)
-                soft_sum += kl.sum()
+                kl_rows[a : a + chunk], log_q, lse_rest, p_rest = _tail_bucket_kl(z, lse, ids, logp)
             if need_h or need_w:
                 with_soft = soft_ids is not None and bool(soft_coeff)
                 g = (z - lse[:, None]).exp_() if scale or with_soft else torch.zeros_like(z)
@@ -312,13 +323,14 @@ class _ChunkedCE(torch.autograd.Function):
         ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
         ctx.has = (grad_h is not None, grad_w is not None)
         ctx.scale = scale or 1.0
-        ctx.mark_non_differentiable(sums, agree, soft_sum)
-        loss = (sums * torch.tensor(coeffs, dtype=sums.dtype, device=sums.device)).sum() + soft_coeff * soft_sum
-        return loss, sums, agree, soft_sum
+        ctx.mark_non_differentiable(ce_rows, agree_rows, kl_rows)
+        c = torch.tensor(coeffs, dtype=ce_rows.dtype, device=ce_rows.device)
+        loss = (ce_rows.sum(0) * c).sum() + soft_coeff * kl_rows.sum()
+        return loss, ce_rows, agree_rows, kl_rows
 
     @staticmethod
     def backward(
-        ctx: Any, grad_loss: torch.Tensor, _grad_sums: Any, _grad_agree: Any, _grad_soft: Any
+        ctx: Any, grad_loss: torch.Tensor, _grad_ce: Any, _grad_agree: Any, _grad_kl: Any
     ) -> tuple[torch.Tensor | None, ...]:
         saved = list(ctx.saved_tensors)
         grad_h = saved.pop(0) * (grad_loss * ctx.scale) if ctx.has[0] else None
@@ -370,7 +382,7 @@ def evaluate_kd(
                 break
             ids_digest.update(batch["input_ids"].to(torch.int32).cpu().numpy().tobytes())
             hidden = student_hidden(model, batch["input_ids"].to(device))
-            out = kd_loss(hidden, head, batch, cfg, logit_softcap=softcap)
+            out = kd_loss(hidden, head, batch, cfg, logit_softcap=softcap, sequence_sums=docs is not None)
             rows, positions = batch["topk_ids"].shape[:2]
             n = rows * positions
             sums = {k: v * n for k, v in out.metrics.items()}
@@ -379,18 +391,13 @@ def evaluate_kd(
             if per_unit is not None and docs is None:
                 per_unit.append({"n": n, **sums})
             elif per_unit is not None:
-                owners = [int(d) for d in docs[sequences : sequences + rows]]
-                # a batch inside one document adds its own sums; one that spans several scores each sequence again
-                parts = [(owners[0], n, sums)] if owners[0] == owners[-1] else []
-                for j in range(0 if parts else rows):
-                    one = {k: v[j : j + 1] for k, v in batch.items()}
-                    metrics = kd_loss(hidden[j : j + 1], head, one, cfg, logit_softcap=softcap).metrics
-                    parts.append((owners[j], positions, {k: v * positions for k, v in metrics.items()}))
-                for doc, count, part in parts:
+                assert out.sequence_sums is not None
+                per_seq = {k: v.tolist() for k, v in out.sequence_sums.items()}
+                for j, doc in enumerate(int(d) for d in docs[sequences : sequences + rows]):
                     unit = doc_sums.setdefault(doc, {"n": 0})
-                    unit["n"] += count
-                    for k, v in part.items():
-                        unit[k] = unit.get(k, 0.0) + v
+                    unit["n"] += positions
+                    for k, v in per_seq.items():
+                        unit[k] = unit.get(k, 0.0) + v[j]
             tokens += n
             sequences += rows
     finally:

@@ -16,7 +16,7 @@ from lutq.core.errors import LutqError
 from lutq.quant.calibrate import calibrate_layer_, column_weights
 from lutq.quant.init import init_from_weight_, relative_error
 from lutq.quant.layer import LUTEmbedding, LUTLinear
-from lutq.quant.presets import CALIB_LEN, CALIB_SEQUENCES, LayerSpec, QuantConfig, group_of, resolve_config
+from lutq.quant.presets import CALIB_LEN, CALIB_SEQUENCES, CalibSource, LayerSpec, QuantConfig, group_of, resolve_config
 
 TRAINABLE_MODES = ("all", "mlp-only", "attn-only", "g-only", "freeze-g", "lut", "none")
 FLAG_ERROR = 1.0  # a layer error above this (W_eff farther from W than zero is) or not finite is flagged
@@ -339,7 +339,7 @@ def quantize_checkpoint(
     out: str | Path,
     config: Any,
     *,
-    calib: str | None = None,
+    calib: CalibSource | None = None,
     calib_sequences: int = CALIB_SEQUENCES,
     calib_len: int = CALIB_LEN,
     blockwise: Any = None,

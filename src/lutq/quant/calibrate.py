@@ -15,7 +15,7 @@ integer grid with per-group scales; here the grid is an arbitrary sorted LUT tim
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ from lutq.models.runtime import decoder_body
 from lutq.quant.init import solve_batched, unit_factors
 from lutq.quant.layer import LUTLinear
 from lutq.quant.lut import nearest_index
-from lutq.quant.presets import CALIB_LEN, CALIB_SEQUENCES, GPTQ_DAMP
+from lutq.quant.presets import CALIB_LEN, CALIB_SEQUENCES, GPTQ_DAMP, CalibSource
 
 DEFAULT_DAMP = GPTQ_DAMP
 
@@ -256,41 +256,72 @@ def output_error(layer: LUTLinear, weight: torch.Tensor, hessian: torch.Tensor) 
 
 
 def calibration_blocks(
-    source: str | Sequence[str],
+    source: CalibSource,
     tokenizer: Any,
     *,
     num_sequences: int = CALIB_SEQUENCES,
     seq_len: int = CALIB_LEN,
     thinking: str = "off",
 ) -> torch.Tensor:
-    """Token blocks [N, L] for calibration: a KD cache directory (its train input_ids) or a data source."""
+    """Token blocks [N, L] for calibration from one source or an even mix of several, interleaved: a KD cache
+    directory (the first sequences of its train split; its L is the block length of the whole mix) or a data
+    source (its train documents packed to `seq_len`, rendered with `thinking` when they are chats).
+
+    A mix keeps the calibration statistics from fitting one domain: GPTQ on chat alone leaves more error on
+    other text (docs/quant.md, "Calibration data").
+    """
     from pathlib import Path
 
-    sources = [source] if isinstance(source, str) else list(source)
-    first = Path(sources[0]).expanduser()
-    if len(sources) == 1 and (first / "meta.json").is_file() and not (first / "config.json").is_file():
-        from lutq.kd.reader import KDCache
+    from lutq.kd.reader import KDCache
 
-        cache = KDCache(first)
-        cache.check_tokenizer(tokenizer)
-        n = min(num_sequences, cache.num_sequences("train"))
-        return cache.read("train", np.arange(n))["input_ids"].long()
+    sources = [source] if isinstance(source, str) else list(source)
+    if not sources:
+        raise LutqError("calibration: no calibration source given")
+    if num_sequences < len(sources):
+        raise LutqError(f"calibration: {num_sequences} sequences cannot be shared by {len(sources)} sources")
+    caches = {}
+    for spec in sources:
+        path = Path(spec).expanduser()
+        if (path / "meta.json").is_file() and not (path / "config.json").is_file():
+            caches[spec] = KDCache(path)
+            caches[spec].check_tokenizer(tokenizer)
+    lengths = {c.L for c in caches.values()}
+    if len(lengths) > 1:
+        raise LutqError(f"calibration: KD caches of different lengths L {sorted(lengths)} cannot be mixed")
+    block_len = lengths.pop() if lengths else seq_len
+    shares = [num_sequences // len(sources) + (i < num_sequences % len(sources)) for i in range(len(sources))]
+    parts = []
+    for spec, share in zip(sources, shares, strict=True):
+        if spec in caches:
+            n = min(share, caches[spec].num_sequences("train"))
+            part = caches[spec].read("train", np.arange(n))["input_ids"].long()
+        else:
+            part = _source_blocks(spec, tokenizer, share, block_len, thinking)
+        if part.shape[0] == 0:
+            raise LutqError(f"calibration: {spec} gave fewer than {block_len} tokens")
+        parts.append(part)
+    # round-robin, so that any prefix of the blocks (a batch of block-wise calibration) holds every source
+    position = np.concatenate([np.arange(len(p)) for p in parts])
+    owner = np.concatenate([np.full(len(p), i) for i, p in enumerate(parts)])
+    return torch.cat(parts)[torch.from_numpy(np.lexsort((owner, position)))]
+
+
+def _source_blocks(spec: str, tokenizer: Any, num_blocks: int, seq_len: int, thinking: str) -> torch.Tensor:
     from lutq.data import iter_render, load_documents, pack
 
     eos = tokenizer.eos_token_id
     if eos is None:
         raise LutqError("calibration: the tokenizer has no EOS token to separate documents")
-    docs = (d for spec in sources for d in load_documents(spec + ("" if ":" in spec else ":train")))
-    arr = pack(iter_render(docs, tokenizer, thinking), seq_len, int(eos), max_blocks=num_sequences)
-    if arr.shape[0] == 0:
-        raise LutqError(f"calibration: {sources} gave fewer than {seq_len} tokens")
-    return torch.from_numpy(arr).long()
+    docs = load_documents(spec + ("" if ":" in spec else ":train"))
+    return torch.from_numpy(
+        pack(iter_render(docs, tokenizer, thinking), seq_len, int(eos), max_blocks=num_blocks)
+    ).long()
 
 
 def hessians_for(
     model: nn.Module,
     config: Any,
-    source: str | Sequence[str],
+    source: CalibSource,
     tokenizer: Any,
     *,
     num_sequences: int = CALIB_SEQUENCES,

@@ -45,10 +45,11 @@ def quantize_cmd(
     lut: str | None = typer.Option(None, "--lut", help="LUT kind for every layer: uniform | kmeans."),
     group_size: int | None = typer.Option(None, "--group-size", help="Inputs per group of the scale init map."),
     latent: bool = typer.Option(False, "--latent", help="Keep a trainable FP weight (latent mode, STE)."),
-    calib: str | None = typer.Option(
+    calib: list[str] | None = typer.Option(
         None,
         "--calib",
-        help="GPTQ index picking on this data: a KD cache directory or a data source (sharegpt, file.jsonl, ...).",
+        help="GPTQ index picking on this data: a KD cache directory or a data source (sharegpt, file.jsonl, ...); "
+        "repeat it for an even mix (--calib CACHE --calib bible).",
     ),
     calib_sequences: int = typer.Option(CALIB_SEQUENCES, "--calib-sequences", help="Calibration sequences."),
     calib_len: int = typer.Option(CALIB_LEN, "--calib-len", help="Tokens per calibration sequence (data sources)."),
@@ -118,7 +119,7 @@ def quantize_cmd(
         model,
         out,
         cfg,
-        calib=calib,
+        calib=_one_or_mix(calib),
         calib_sequences=calib_sequences,
         calib_len=calib_len,
         blockwise=recon,
@@ -134,7 +135,9 @@ def convert_q4_to_q2_cmd(
     mlp: str = typer.Option("4,32", "--mlp", help="MLP target LUT_SIZE,RANK."),
     attn: str = typer.Option("16,8", "--attn", help="Attention target LUT_SIZE,RANK."),
     tighten: int = typer.Option(0, "--tighten", help="Least-squares tighten rounds per layer."),
-    calib: str | None = typer.Option(None, "--calib", help="GPTQ index picking on this data (KD cache or source)."),
+    calib: list[str] | None = typer.Option(
+        None, "--calib", help="GPTQ index picking on this data (KD cache or source); repeat it for an even mix."
+    ),
     calib_sequences: int = typer.Option(CALIB_SEQUENCES, "--calib-sequences", help="Calibration sequences."),
     calib_len: int = typer.Option(CALIB_LEN, "--calib-len", help="Tokens per calibration sequence (data sources)."),
     reference: str | None = typer.Option(
@@ -164,7 +167,7 @@ def convert_q4_to_q2_cmd(
         _pair(mlp, "--mlp"),
         _pair(attn, "--attn"),
         tighten_rounds=tighten,
-        calib=calib,
+        calib=_one_or_mix(calib),
         calib_sequences=calib_sequences,
         calib_len=calib_len,
         reference=reference,
@@ -237,3 +240,8 @@ def register(app: typer.Typer) -> None:
     convert.command("latent-to-frozen")(convert_latent_cmd)
     app.add_typer(convert, name="convert")
     app.command("snap")(snap_cmd)
+
+
+def _one_or_mix(calib: list[str] | None) -> str | list[str] | None:
+    """--calib given once is one source (as recorded in the checkpoint's meta), several an even mix."""
+    return None if not calib else calib[0] if len(calib) == 1 else list(calib)

@@ -28,7 +28,7 @@ from lutq.quant.calibrate import DEFAULT_DAMP, calibrate_layer_, column_weights
 from lutq.quant.init import _orthonormal_extension, relative_error, repick_indices_, tighten_
 from lutq.quant.layer import LUTEmbedding, LUTLinear
 from lutq.quant.lut import kmeans_lut
-from lutq.quant.presets import CALIB_LEN, CALIB_SEQUENCES, LayerSpec, group_of
+from lutq.quant.presets import CALIB_LEN, CALIB_SEQUENCES, CalibSource, LayerSpec, group_of
 
 NEW_G = 1e-3  # new directions start at NEW_G · min(g) so the converted W_eff barely moves
 
@@ -230,7 +230,7 @@ def convert_checkpoint(
     attn: tuple[int, int] = (16, 8),
     *,
     tighten_rounds: int = 0,
-    calib: str | None = None,
+    calib: CalibSource | None = None,
     calib_sequences: int = CALIB_SEQUENCES,
     calib_len: int = CALIB_LEN,
     reference: str | None = None,

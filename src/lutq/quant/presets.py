@@ -24,6 +24,7 @@ from lutq.core.errors import LutqError
 GPTQ_DAMP = 0.01  # GPTQ damping, a fraction of the mean diag(H)
 CALIB_SEQUENCES = 128  # calibration blocks
 CALIB_LEN = 256  # tokens per block for data sources (a KD cache has its own L)
+CalibSource = str | list[str]  # one KD cache or data source, or an even mix of several (calibration_blocks)
 
 FULL_PRECISION = "fp"  # an override value that keeps matching layers unquantized (None in Python / JSON)
 

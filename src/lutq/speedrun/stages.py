@@ -101,7 +101,7 @@ class QuantizeParams(ConfigBase):
     preset: str = "q4a4"
     config: dict[str, Any] = field(default_factory=dict)  # QuantConfig fields overriding the preset
     lut_kind: str | None = None  # "uniform" | "kmeans" for every layer; None: the preset's
-    calib: str | None = None  # GPTQ index picking on a KD cache ("@cache") or a data source; None: nearest
+    calib: str | list[str] | None = None  # GPTQ on a KD cache ("@cache"), a data source or an even mix; None: nearest
     calib_sequences: int = CALIB_SEQUENCES
     calib_len: int = CALIB_LEN
     # with calib: block-wise calibration (lutq.quant.reconstruct.ReconstructConfig fields, e.g. {steps = 100});
@@ -179,7 +179,7 @@ class ConvertParams(ConfigBase):
 
     input: Path = Path("model")
     tighten_rounds: int = 0
-    calib: str | None = None  # GPTQ index picking on a KD cache ("@cache") or a data source
+    calib: str | list[str] | None = None  # GPTQ on a KD cache ("@cache"), a data source or an even mix (a list)
     calib_sequences: int = CALIB_SEQUENCES
     calib_len: int = CALIB_LEN
     reference: str | None = None  # with calib: the FP model to calibrate against block by block

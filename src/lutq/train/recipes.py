@@ -20,7 +20,7 @@ from typing import Any
 from lutq.core.configs import ConfigBase
 from lutq.core.console import console
 from lutq.core.errors import LutqError
-from lutq.quant.presets import CALIB_LEN, CALIB_SEQUENCES
+from lutq.quant.presets import CALIB_LEN, CALIB_SEQUENCES, CalibSource
 from lutq.train.config import TrainConfig
 
 
@@ -103,7 +103,7 @@ def convert_checkpoint(
     dst: Path,
     *,
     tighten_rounds: int = 0,
-    calib: str | None = None,
+    calib: CalibSource | None = None,
     calib_sequences: int = CALIB_SEQUENCES,
     calib_len: int = CALIB_LEN,
     reference: str | None = None,
