@@ -146,6 +146,28 @@ def test_calibration_blocks_from_a_source_and_errors(calib_source: str) -> None:
         calibration_blocks(calib_source, tok, num_sequences=5, seq_len=100_000)
 
 
+def test_calibration_blocks_spread_over_documents(tmp_path: Path) -> None:
+    tok = tiny_tokenizer()
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
+    for w in words:  # six long documents, each one word repeated
+        (tmp_path / f"{w}.txt").write_text(" ".join([w] * 400))
+    from lutq.data import load_documents
+
+    train = [d.id.removesuffix(".txt") for d in load_documents(f"{tmp_path}:train")]  # the held-out split aside
+    assert len(train) >= 4
+    blocks = calibration_blocks(str(tmp_path), tok, num_sequences=len(train), seq_len=16)
+    texts = [tok.decode(b) for b in blocks]
+    # one block from each train document, not all from the first file's first pages
+    assert all(sum(w in t for w in words) == 1 for t in texts)
+    assert sorted(next(w for w in words if w in t) for t in texts) == sorted(train)
+    # documents shorter than a block: packed back to back instead of giving nothing
+    short = tmp_path / "short"
+    short.mkdir()
+    for i in range(20):
+        (short / f"{i}.txt").write_text(f"note {i}")
+    assert calibration_blocks(str(short), tok, num_sequences=2, seq_len=8).shape == (2, 8)
+
+
 def test_calibration_blocks_from_a_kd_cache(tmp_path: Path, calib_source: str) -> None:
     from lutq.kd import CacheConfig, build_cache
 

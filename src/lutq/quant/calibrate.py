@@ -307,15 +307,24 @@ def calibration_blocks(
 
 
 def _source_blocks(spec: str, tokenizer: Any, num_blocks: int, seq_len: int, thinking: str) -> torch.Tensor:
-    from lutq.data import iter_render, load_documents, pack
+    """`num_blocks` blocks of a data source's train documents, spread over as many documents as possible (the
+    documents in a fixed shuffled order, a few blocks from each, evenly placed within it: not the first pages of
+    the first file); packed back to back instead when the documents are too short for that to fill them."""
+    import random
+
+    from lutq.data import iter_render, load_documents, pack, spread
 
     eos = tokenizer.eos_token_id
     if eos is None:
         raise LutqError("calibration: the tokenizer has no EOS token to separate documents")
     docs = load_documents(spec + ("" if ":" in spec else ":train"))
-    return torch.from_numpy(
-        pack(iter_render(docs, tokenizer, thinking), seq_len, int(eos), max_blocks=num_blocks)
-    ).long()
+    random.Random(0).shuffle(docs)
+    per_document = -(-num_blocks // max(len(docs), 1))
+    blocks = spread(iter_render(docs, tokenizer, thinking), seq_len, int(eos), per_document, max_blocks=num_blocks)
+    if len(blocks) < num_blocks:
+        packed = pack(iter_render(docs, tokenizer, thinking), seq_len, int(eos), max_blocks=num_blocks)
+        blocks = packed if len(packed) > len(blocks) else blocks
+    return torch.from_numpy(blocks).long()
 
 
 def hessians_for(
