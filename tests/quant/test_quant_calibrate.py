@@ -174,18 +174,22 @@ def test_calibration_blocks_from_a_kd_cache(tmp_path: Path, calib_source: str) -
     model, tok = tiny_model("llama"), tiny_tokenizer()
     model.save_pretrained(tmp_path / "teacher")
     tok.save_pretrained(tmp_path / "teacher")
-    cache = build_cache(
-        CacheConfig(
-            model=str(tmp_path / "teacher"),
-            source=calib_source,
-            thinking="none",
-            seq_len=16,
-            top_k=4,
-            num_sequences=12,
-            out=tmp_path / "cache",
-            device="cpu",
+
+    def cache_of(seq_len: int, name: str) -> Path:
+        return build_cache(
+            CacheConfig(
+                model=str(tmp_path / "teacher"),
+                source=calib_source,
+                thinking="none",
+                seq_len=seq_len,
+                top_k=4,
+                num_sequences=12,
+                out=tmp_path / name,
+                device="cpu",
+            )
         )
-    )
+
+    cache = cache_of(16, "cache")
     blocks = calibration_blocks(str(cache), tok, num_sequences=6)
     assert blocks.shape == (6, 16)
     # an even mix, interleaved; the cache's L is the block length of the whole mix
@@ -196,6 +200,8 @@ def test_calibration_blocks_from_a_kd_cache(tmp_path: Path, calib_source: str) -
     torch.testing.assert_close(mix[1::2], blocks[:3])
     with pytest.raises(LutqError, match="cannot be shared"):
         calibration_blocks([calib_source, str(cache)], tok, num_sequences=1)
+    with pytest.raises(LutqError, match="different lengths"):
+        calibration_blocks([str(cache), str(cache_of(8, "short"))], tok, num_sequences=4)
 
 
 def test_quantize_cli_with_calibration(tmp_path: Path, calib_source: str) -> None:

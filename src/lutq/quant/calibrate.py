@@ -265,7 +265,8 @@ def calibration_blocks(
 ) -> torch.Tensor:
     """Token blocks [N, L] for calibration from one source or an even mix of several, interleaved: a KD cache
     directory (the first sequences of its train split; its L is the block length of the whole mix) or a data
-    source (its train documents packed to `seq_len`, rendered with `thinking` when they are chats).
+    source (blocks of `seq_len` spread over its train documents, rendered with `thinking` when they are chats;
+    `_source_blocks`).
 
     A mix keeps the calibration statistics from fitting one domain: GPTQ on chat alone leaves more error on
     other text (docs/quant.md, "Calibration data").
@@ -273,6 +274,7 @@ def calibration_blocks(
     from pathlib import Path
 
     from lutq.kd.reader import KDCache
+    from lutq.kd.shards import META
 
     sources = [source] if isinstance(source, str) else list(source)
     if not sources:
@@ -282,7 +284,7 @@ def calibration_blocks(
     caches = {}
     for spec in sources:
         path = Path(spec).expanduser()
-        if (path / "meta.json").is_file() and not (path / "config.json").is_file():
+        if (path / META).is_file() and not (path / "config.json").is_file():  # a KD cache, not a checkpoint
             caches[spec] = KDCache(path)
             caches[spec].check_tokenizer(tokenizer)
     lengths = {c.L for c in caches.values()}
