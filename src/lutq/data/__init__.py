@@ -4,28 +4,33 @@ packing into L-token blocks. (`lutq.data.tokens` holds the pretraining token mem
 from lutq.assets.corpora import Document
 from lutq.data.render import (
     THINKING_MODES,
+    even_shares,
     iter_render,
     pack,
     render,
     render_text,
     spread,
+    spread_or_pack,
     strip_thinking,
     tokenizer_fingerprint,
 )
-from lutq.data.sources import DEFAULT_VAL_FRACTION, document_splits, load_documents, source_name
+from lutq.data.sources import DEFAULT_VAL_FRACTION, document_splits, load_documents, one_or_mix, source_name
 
 __all__ = [
     "DEFAULT_VAL_FRACTION",
     "THINKING_MODES",
     "Document",
     "document_splits",
+    "even_shares",
     "iter_render",
     "load_documents",
+    "one_or_mix",
     "pack",
     "render",
     "render_text",
     "source_name",
     "spread",
+    "spread_or_pack",
     "strip_thinking",
     "tokenizer_fingerprint",
 ]

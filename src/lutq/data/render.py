@@ -180,6 +180,41 @@ def spread(
     return np.stack(blocks) if blocks else np.zeros((0, L), dtype=np.int32)
 
 
+def even_shares(n: int, k: int) -> list[int]:
+    """n items shared as evenly as possible by k takers (the first n % k get one more): an even mix."""
+    return [n // k + (i < n % k) for i in range(k)]
+
+
+def spread_or_pack(
+    documents: Sequence[Any],
+    tokenizer: Any,
+    num_blocks: int,
+    L: int,
+    thinking: str = "off",
+    block_docs: list[int] | None = None,
+) -> np.ndarray:
+    """`num_blocks` blocks of L tokens spread over as many of `documents` as possible (a few from each, evenly
+    placed within it: not the first pages of the first document), or packed back to back when the documents are
+    too short for that to fill them. For samples of long texts (books, plays, manuals): calibration and the text
+    sources of a mixed KD cache. `block_docs` as for `pack` (indices into `documents`)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise LutqError("the tokenizer has no EOS token to separate documents")
+    per_document = -(-num_blocks // max(len(documents), 1))
+    spread_docs: list[int] = []
+    blocks = spread(
+        iter_render(documents, tokenizer, thinking), L, int(eos), per_document, num_blocks, block_docs=spread_docs
+    )
+    packed_docs: list[int] = []
+    if len(blocks) < num_blocks:
+        packed = pack(iter_render(documents, tokenizer, thinking), L, int(eos), num_blocks, block_docs=packed_docs)
+        if len(packed) > len(blocks):
+            blocks, spread_docs = packed, packed_docs
+    if block_docs is not None:
+        block_docs.extend(spread_docs)
+    return blocks
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """sha256 over the vocabulary, the special tokens and the chat template: equal fingerprints mean a
     student can learn from a teacher's token ids."""

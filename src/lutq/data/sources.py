@@ -58,6 +58,12 @@ def document_splits(spec: str, val_fraction: float = DEFAULT_VAL_FRACTION) -> di
     return split_documents(load_documents(spec), val_fraction)
 
 
+def one_or_mix(specs: list[str] | None) -> str | list[str] | None:
+    """A repeatable `--source` / `--calib` option: given once, one source (recorded as a string); several, an even
+    mix (a list); none, None."""
+    return None if not specs else specs[0] if len(specs) == 1 else list(specs)
+
+
 def source_name(spec: str) -> str:
     """A short file-name-safe name for a source: 'sharegpt', 'notes' for notes.jsonl, 'alpaca' for
     hf:tatsu-lab/alpaca."""

@@ -69,7 +69,8 @@ def kd_cmd(
     json_out: Path = typer.Option(None, "--json", help="Also write the metrics as JSON here."),
 ) -> None:
     """KD loss, KL and top-1 agreement of a model against a teacher cache's validation split, each with its 95%
-    interval over the split's documents (`ci`, `unit`, `units`; JSON on stdout)."""
+    interval over the split's documents (`ci`, `unit`, `units`), and per source of a mixed cache (`by_source`;
+    JSON on stdout)."""
     from lutq.core.atomic import atomic_write_json
     from lutq.evaluate.compare import kd_intervals, unit_columns
     from lutq.kd import KDCache, evaluate_kd
@@ -80,7 +81,9 @@ def kd_cmd(
     kd_cache = KDCache(cache)
     kd_cache.check_tokenizer(tok, m)
     units: list[dict[str, float]] = []
-    metrics = evaluate_kd(m, kd_cache, split=split, batch_size=batch_size, max_batches=max_batches, per_unit=units)
+    metrics = evaluate_kd(
+        m, kd_cache, split=split, batch_size=batch_size, max_batches=max_batches, per_unit=units, by_source=True
+    )
     ci = kd_intervals(unit_columns(units))
     out = {**metrics, "ci": ci, "unit": kd_unit(kd_cache, split), "units": len(units)}
     print(json.dumps(out, indent=2))

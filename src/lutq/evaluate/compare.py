@@ -96,7 +96,7 @@ class CompareResult:
                     _fmt(kd.get("top1_agree"), 4),
                 ]
             lines.append("| " + " | ".join(cells) + " |")
-        lines += self._paired_markdown() + self._kd_interval_markdown()
+        lines += self._paired_markdown() + self._kd_interval_markdown() + self._kd_source_markdown()
         c = self.config
         note = (
             f"Perplexity: sliding window {c.max_length}/{c.stride}"
@@ -160,6 +160,28 @@ class CompareResult:
             for k in ("kd", "top1_agree"):
                 ci = r["kd_ci"].get(k)
                 cells.append(_fmt(r["kd"].get(k), 4) + ("" if ci is None else f" [{ci[0]:.4f}, {ci[1]:.4f}]"))
+            lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+        return lines
+
+    def _kd_source_markdown(self) -> list[str]:
+        """Lines of a table of the KD loss and top-1 agreement on each source of a mixed cache's split."""
+        rows = [r for r in self.entries if (r["kd"] or {}).get("by_source")]
+        if not rows:
+            return []
+        from lutq.data import source_name
+
+        sources = list(rows[0]["kd"]["by_source"])
+        head = [f"{k} {source_name(s)}" for s in sources for k in ("KD", "top-1")]
+        lines = [
+            "",
+            f"KD loss and top-1 agreement on each source of the cache's {self.config.kd_split} split:",
+            "",
+            "| model | " + " | ".join(head) + " |",
+            "|---|" + "---:|" * len(head),
+        ]
+        for r in rows:
+            by = r["kd"]["by_source"]
+            cells = [_fmt(by.get(s, {}).get(k), 4) for s in sources for k in ("kd", "top1_agree")]
             lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
         return lines
 
@@ -302,6 +324,7 @@ def evaluate_model(
             batch_size=cfg.kd_batch_size,
             max_batches=cfg.kd_max_batches,
             per_unit=units,
+            by_source=True,
         )
         columns = row["kd_units"] = unit_columns(units)
         row["kd_unit"], row["kd_ids_sha256"] = kd_unit(cache, cfg.kd_split), row["kd"]["ids_sha256"]

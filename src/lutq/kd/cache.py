@@ -55,7 +55,8 @@ class CacheConfig(ConfigBase):
     """Settings of a KD cache. L = seq_len, K = top_k, R = negatives (random ids per position)."""
 
     model: str = "smollm2-135m-instruct"  # teacher: asset name, HF/lutq directory, .gguf, hub id
-    source: str = "sharegpt"  # lutq.data.load_documents spec (asset, file, directory, hf:NAME)
+    # lutq.data.load_documents spec (asset, file, directory, hf:NAME), or a list of them: an even mix (make_plan)
+    source: str | list[str] = "sharegpt"
     thinking: str = "off"  # chat rendering: off | on | both | none
     seq_len: int = 128
     top_k: int = 64
@@ -100,8 +101,22 @@ class CacheConfig(ConfigBase):
                 f"cache config {asked} ({self.total_sequences()} sequence(s)) with val_fraction={self.val_fraction} "
                 "leaves no training sequence: ask for more sequences or set val_fraction=0"
             )
-        if not self.source.startswith("hf:") and self.source.rpartition(":")[2] in SPLITS:
-            raise LutqError(f"cache source {self.source!r}: give the whole source; lutq makes the val split")
+        sources = self.sources
+        if not sources:
+            raise LutqError("cache config names no source")
+        if len(set(sources)) < len(sources):
+            raise LutqError(f"cache sources {sources} name a source twice")
+        for spec in sources:
+            if not spec.startswith("hf:") and spec.rpartition(":")[2] in SPLITS:
+                raise LutqError(f"cache source {spec!r}: give the whole source; lutq makes the val split")
+        for split, n in self.split_sizes().items():
+            if len(sources) > 1 and 0 < n < len(sources):
+                raise LutqError(f"cache: {n} {split} sequence(s) cannot be shared by {len(sources)} sources")
+
+    @property
+    def sources(self) -> list[str]:
+        """The data sources, one or several (an even mix)."""
+        return [self.source] if isinstance(self.source, str) else list(self.source)
 
     def total_sequences(self) -> int:
         return self.max_tokens // self.seq_len if self.max_tokens is not None else self.num_sequences
@@ -113,7 +128,8 @@ class CacheConfig(ConfigBase):
 
 
 def cache_name(source: str, template: str, L: int, K: int, R: int) -> str:
-    """The default cache name, as in the original toolkit: {source}_{template}_L{L}_K{K}_R{R}."""
+    """The default cache name, as in the original toolkit: {source}_{template}_L{L}_K{K}_R{R} (a mix joins its
+    sources' and templates' names with '+')."""
     return f"{source}_{template}_L{L}_K{K}_R{R}"
 
 
@@ -217,7 +233,7 @@ class CachePlan:
 
 def make_plan(cfg: CacheConfig, model: torch.nn.Module, tokenizer: Any, dtype: torch.dtype) -> CachePlan:
     """Load and split the documents, render and pack them, lay out the shards."""
-    from lutq.data import document_splits, iter_render, pack, source_name, spread, tokenizer_fingerprint
+    from lutq.data import document_splits, source_name, tokenizer_fingerprint
 
     cfg.validate()
     L, K, R = cfg.seq_len, cfg.top_k, cfg.negatives
@@ -234,33 +250,25 @@ def make_plan(cfg: CacheConfig, model: torch.nn.Module, tokenizer: Any, dtype: t
             f"L={L} is longer than the teacher's context ({cfg.model}: max_position_embeddings={context}); "
             "its logits past that are not what it was trained to give. Use a smaller -L"
         )
-    docs = document_splits(cfg.source, cfg.val_fraction)
-    is_chat = any(d.messages for split in docs.values() for d in split)
-    template = ({"none": "raw"}.get(cfg.thinking, f"think_{cfg.thinking}")) if is_chat else "text"
-    name = cache_name(source_name(cfg.source), template, L, K, R)
     wanted = cfg.split_sizes()
-    blocks, used_docs, doc_starts = {}, {}, {}
-    for split, n in wanted.items():
-        order = list(docs[split])
-        random.Random(f"{cfg.seed}:{split}").shuffle(order)
-        counter = _Counter(order)
-        block_docs: list[int] = []
-        sources: list[int] = []  # each rendering's document ("both" renders a conversation twice)
-        renderings = iter_render(counter, tokenizer, cfg.thinking, batch=8, sources=sources)
-        if split == "val" and cfg.val_blocks_per_document:
-            per_doc = cfg.val_blocks_per_document
-            blocks[split] = spread(renderings, L, eos, per_doc, max_blocks=n, block_docs=block_docs, doc_of=sources)
-        else:
-            blocks[split] = pack(renderings, L, eos, max_blocks=n, block_docs=block_docs, doc_of=sources)
-        used_docs[split] = counter.n
-        doc_starts[split] = [i for i, d in enumerate(block_docs) if i == 0 or d != block_docs[i - 1]]
-        if len(blocks[split]) < n:
-            console.print(
-                f"[yellow]warning:[/] {cfg.source} gives only {len(blocks[split])} {split} blocks "
-                f"of {L} tokens ({n} asked for)"
-            )
+    if len(cfg.sources) == 1:
+        docs = document_splits(cfg.source if isinstance(cfg.source, str) else cfg.source[0], cfg.val_fraction)
+        blocks, block_docs, used_docs, template = _source_split_blocks(cfg, docs, wanted, tokenizer, f"{cfg.seed}")
+        name = cache_name(source_name(cfg.sources[0]), template, L, K, R)
+        parts = None
+    else:
+        blocks, block_docs, used_docs, parts = _mixed_split_blocks(cfg, wanted, tokenizer)
+        templates = list(dict.fromkeys(p["template"] for p in parts))
+        template = "+".join(templates)
+        name = cache_name("+".join(source_name(p["source"]) for p in parts), template, L, K, R)
+    doc_starts = {
+        split: [i for i, d in enumerate(docs_of) if i == 0 or d != docs_of[i - 1]]
+        for split, docs_of in block_docs.items()
+    }
     if not len(blocks["train"]):
         raise LutqError(f"source {cfg.source!r} yields no training block of {L} tokens")
+    if parts and (empty := [p["source"] for p in parts if not p["sequences"]["train"]]):
+        raise LutqError(f"cache sources {empty} yield no training block of {L} tokens")
     shards = [
         {"file": shard_file(split, i), "split": split, "start": a, "stop": min(a + cfg.shard_size, len(b))}
         for split, b in blocks.items()
@@ -286,6 +294,7 @@ def make_plan(cfg: CacheConfig, model: torch.nn.Module, tokenizer: Any, dtype: t
             "eos_id": int(eos),
         },
         "source": cfg.source,
+        **({"sources": parts} if parts else {}),  # a mix: each source's template, documents and sequence ranges
         "thinking": cfg.thinking,
         "template": template,
         "L": L,
@@ -318,6 +327,94 @@ def make_plan(cfg: CacheConfig, model: torch.nn.Module, tokenizer: Any, dtype: t
     }
     out = Path(cfg.out) if cfg.out else lutq_home() / "caches" / name
     return CachePlan(out, blocks, shards, info, _plan_hash(settings, dtype, vocab, data_hash, arrays, None))
+
+
+def _source_split_blocks(
+    cfg: CacheConfig,
+    docs: dict[str, list[Any]],
+    wanted: dict[str, int],
+    tokenizer: Any,
+    seed: str,
+    *,
+    mixed: bool = False,
+) -> tuple[dict[str, np.ndarray], dict[str, list[int]], dict[str, int], str]:
+    """One source's blocks per split (and each block's document, the documents read, the template name).
+
+    Train packs whole renderings back to back in a seeded shuffled document order; val does the same, or with
+    `val_blocks_per_document` spreads at most that many blocks over each held-out document. In a mix (`mixed`),
+    the blocks of a source of plain text (books, plays, manuals: few long documents) are spread over its
+    documents instead, in both splits (`spread_or_pack`), so that its share is not the first pages of a few
+    documents and its val share is filled even when it holds out only a few (long) documents.
+    """
+    from lutq.data import iter_render, pack, spread, spread_or_pack
+
+    eos = tokenizer.eos_token_id
+    is_chat = any(d.messages for split in docs.values() for d in split)
+    template = ({"none": "raw"}.get(cfg.thinking, f"think_{cfg.thinking}")) if is_chat else "text"
+    blocks, block_docs, used_docs = {}, {}, {}
+    for split, n in wanted.items():
+        order = list(docs[split])
+        random.Random(f"{seed}:{split}").shuffle(order)
+        counter = _Counter(order)
+        block_docs[split] = []
+        sources: list[int] = []  # each rendering's document ("both" renders a conversation twice)
+        renderings = iter_render(counter, tokenizer, cfg.thinking, batch=8, sources=sources)
+        if mixed and not is_chat:
+            blocks[split] = spread_or_pack(order, tokenizer, n, cfg.seq_len, cfg.thinking, block_docs[split])
+            counter.n = len(set(block_docs[split]))
+        elif split == "val" and cfg.val_blocks_per_document:
+            per_doc = cfg.val_blocks_per_document
+            blocks[split] = spread(
+                renderings, cfg.seq_len, eos, per_doc, max_blocks=n, block_docs=block_docs[split], doc_of=sources
+            )
+        else:
+            blocks[split] = pack(
+                renderings, cfg.seq_len, eos, max_blocks=n, block_docs=block_docs[split], doc_of=sources
+            )
+        used_docs[split] = counter.n
+        if len(blocks[split]) < n:
+            console.print(
+                f"[yellow]warning:[/] {cfg.source} gives only {len(blocks[split])} {split} blocks "
+                f"of {cfg.seq_len} tokens ({n} asked for)"
+            )
+    return blocks, block_docs, used_docs, template
+
+
+def _mixed_split_blocks(
+    cfg: CacheConfig, wanted: dict[str, int], tokenizer: Any
+) -> tuple[dict[str, np.ndarray], dict[str, list[int]], dict[str, int], list[dict[str, Any]]]:
+    """An even mix of `cfg.sources`: each gives its share of every split from its own train / val documents (an
+    asset's own held-out files; so a corpus's held-out documents stay out of training), laid out source after
+    source within a split (contiguous, so each keeps its document units). Returns the splits' blocks, each
+    block's document (numbered across the sources), the documents read, and per source its template, document
+    counts and sequence range per split (meta `sources`)."""
+    from lutq.data import document_splits, even_shares
+
+    sources = cfg.sources
+    shares = {split: even_shares(n, len(sources)) for split, n in wanted.items()}
+    blocks: dict[str, list[np.ndarray]] = {s: [] for s in wanted}
+    block_docs: dict[str, list[int]] = {s: [] for s in wanted}
+    used_docs = dict.fromkeys(wanted, 0)
+    parts: list[dict[str, Any]] = []
+    for i, spec in enumerate(sources):
+        docs = document_splits(spec, cfg.val_fraction)
+        asked = {split: shares[split][i] for split in wanted}
+        got, got_docs, used, template = _source_split_blocks(
+            cfg, docs, asked, tokenizer, f"{cfg.seed}:{spec}", mixed=True
+        )
+        part: dict[str, Any] = {"source": spec, "template": template, "sequences": {}, "ranges": {}}
+        for split in wanted:
+            start = sum(len(b) for b in blocks[split])
+            blocks[split].append(got[split])
+            offset = max(block_docs[split], default=-1) + 1  # documents numbered across the sources
+            block_docs[split].extend(d + offset for d in got_docs[split])
+            used_docs[split] += used[split]
+            part["sequences"][split] = len(got[split])
+            part["ranges"][split] = [start, start + len(got[split])]
+        part["documents_rendered"] = used
+        parts.append(part)
+    stacked = {s: np.concatenate(b) if b else np.zeros((0, cfg.seq_len), np.int32) for s, b in blocks.items()}
+    return stacked, block_docs, used_docs, parts
 
 
 class _Counter:

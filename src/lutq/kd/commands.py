@@ -24,8 +24,11 @@ def cache(
     model: str = typer.Option(
         "smollm2-135m-instruct", "--model", "-m", help="Teacher: asset, HF/lutq dir, .gguf, hub id."
     ),
-    source: str = typer.Option(
-        "sharegpt", "--source", "-s", help="Data: asset (sharegpt, bible...), .txt/.json/.jsonl, dir, hf:NAME."
+    source: list[str] = typer.Option(
+        ["sharegpt"],
+        "--source",
+        "-s",
+        help="Data: asset (sharegpt, bible...), .txt/.json/.jsonl, dir, hf:NAME; repeat for an even mix.",
     ),
     thinking: str = typer.Option("off", "--thinking", help="Chat rendering: off | on | both | none (raw)."),
     seq_len: int = typer.Option(128, "-L", "--seq-len", help="Tokens per sequence (L)."),
@@ -54,6 +57,7 @@ def cache(
     if ctx.invoked_subcommand is not None:
         return
     from lutq.core import LutqError, console
+    from lutq.data import one_or_mix
     from lutq.kd.cache import CacheConfig, build_cache
 
     given = getattr(ctx.get_parameter_source("sequences"), "name", None)  # typer may carry its own click
@@ -61,7 +65,7 @@ def cache(
         raise LutqError(f"cache: give --sequences ({sequences}) or --max-tokens ({max_tokens}), not both")
     cfg = CacheConfig(
         model=model,
-        source=source,
+        source=one_or_mix(source),
         thinking=thinking,
         seq_len=seq_len,
         top_k=top_k,

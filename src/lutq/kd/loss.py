@@ -20,6 +20,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -360,9 +361,11 @@ def evaluate_kd(
     max_batches: int | None = None,
     cfg: KDLossConfig | None = None,
     per_unit: list[dict[str, float]] | None = None,
+    by_source: bool = False,
 ) -> dict[str, Any]:
     """Token-weighted means of the KD metrics over `split` of a KDCache (or a cache path), in order, with
     `tokens`, `sequences` and `ids_sha256` (of the input ids scored: two evaluations pair only on the same ids).
+    With `by_source`, a cache built from a mix also gets `by_source`: {source: {metric: mean, tokens}}.
 
     `per_unit`, when given, receives the metric sums and token count `n` of each independent unit, for intervals:
     each document (conversation) of the split when the cache records them (`KDCache.document_units`: the
@@ -377,6 +380,11 @@ def evaluate_kd(
     was_training = model.training
     docs = cache.document_units(split) if per_unit is not None else None
     doc_sums: dict[int, dict[str, float]] = {}
+    ranges = cache.source_ranges(split) if by_source else None
+    owner = None if ranges is None else np.full(cache.num_sequences(split), -1, dtype=np.int64)
+    for i, (a, b) in enumerate((ranges or {}).values()):
+        owner[a:b] = i  # type: ignore[index]
+    source_sums: list[dict[str, float]] = [{"tokens": 0} for _ in ranges or ()]
     model.eval()
     totals: dict[str, float] = {}
     tokens = sequences = 0
@@ -387,22 +395,28 @@ def evaluate_kd(
                 break
             ids_digest.update(batch["input_ids"].to(torch.int32).cpu().numpy().tobytes())
             hidden = student_hidden(model, batch["input_ids"].to(device))
-            out = kd_loss(hidden, head, batch, cfg, logit_softcap=softcap, sequence_sums=docs is not None)
+            want_rows = docs is not None or owner is not None
+            out = kd_loss(hidden, head, batch, cfg, logit_softcap=softcap, sequence_sums=want_rows)
             rows, positions = batch["topk_ids"].shape[:2]
             n = rows * positions
             sums = {k: v * n for k, v in out.metrics.items()}
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + v
+            per_seq = {k: v.tolist() for k, v in out.sequence_sums.items()} if out.sequence_sums else {}
             if per_unit is not None and docs is None:
                 per_unit.append({"n": n, **sums})
             elif per_unit is not None:
-                assert out.sequence_sums is not None
-                per_seq = {k: v.tolist() for k, v in out.sequence_sums.items()}
                 for j, doc in enumerate(int(d) for d in docs[sequences : sequences + rows]):
                     unit = doc_sums.setdefault(doc, {"n": 0})
                     unit["n"] += positions
                     for k, v in per_seq.items():
                         unit[k] = unit.get(k, 0.0) + v[j]
+            if owner is not None:
+                for j, src in enumerate(int(o) for o in owner[sequences : sequences + rows]):
+                    sums_of = source_sums[src]
+                    sums_of["tokens"] += positions
+                    for k, v in per_seq.items():
+                        sums_of[k] = sums_of.get(k, 0.0) + v[j]
             tokens += n
             sequences += rows
     finally:
@@ -410,4 +424,10 @@ def evaluate_kd(
     if per_unit is not None and docs is not None:
         per_unit.extend(doc_sums.values())
     result = {k: v / tokens for k, v in totals.items()} if tokens else {}
+    if ranges is not None:
+        result["by_source"] = {
+            name: {**{k: v / sums["tokens"] for k, v in sums.items() if k != "tokens"}, "tokens": sums["tokens"]}
+            for name, sums in zip(ranges, source_sums, strict=True)
+            if sums["tokens"]
+        }
     return {**result, "tokens": tokens, "sequences": sequences, "ids_sha256": ids_digest.hexdigest()}

@@ -99,6 +99,14 @@ class KDCache:
         marks[[s for s in starts if 0 < s < len(marks)]] = 1
         return np.cumsum(marks)
 
+    def source_ranges(self, split: str) -> dict[str, tuple[int, int]] | None:
+        """For a cache built from a mix of sources, each source's [start, stop) sequences of `split`; None for a
+        cache of one source."""
+        parts = self.meta.get("sources")
+        if not parts:
+            return None
+        return {p["source"]: tuple(p["ranges"][_check_split(split)]) for p in parts}
+
     @property
     def has_negatives(self) -> bool:
         return self.R > 0

@@ -273,6 +273,7 @@ def calibration_blocks(
     """
     from pathlib import Path
 
+    from lutq.data import even_shares
     from lutq.kd.reader import KDCache
     from lutq.kd.shards import META
 
@@ -291,7 +292,7 @@ def calibration_blocks(
     if len(lengths) > 1:
         raise LutqError(f"calibration: KD caches of different lengths L {sorted(lengths)} cannot be mixed")
     block_len = lengths.pop() if lengths else seq_len
-    shares = [num_sequences // len(sources) + (i < num_sequences % len(sources)) for i in range(len(sources))]
+    shares = even_shares(num_sequences, len(sources))
     parts = []
     for spec, share in zip(sources, shares, strict=True):
         if spec in caches:
@@ -309,24 +310,15 @@ def calibration_blocks(
 
 
 def _source_blocks(spec: str, tokenizer: Any, num_blocks: int, seq_len: int, thinking: str) -> torch.Tensor:
-    """`num_blocks` blocks of a data source's train documents, spread over as many documents as possible (the
-    documents in a fixed shuffled order, a few blocks from each, evenly placed within it: not the first pages of
-    the first file); packed back to back instead when the documents are too short for that to fill them."""
+    """`num_blocks` blocks of a data source's train documents (in a fixed shuffled order), spread over as many of
+    them as possible (`lutq.data.spread_or_pack`)."""
     import random
 
-    from lutq.data import iter_render, load_documents, pack, spread
+    from lutq.data import load_documents, spread_or_pack
 
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise LutqError("calibration: the tokenizer has no EOS token to separate documents")
     docs = load_documents(spec + ("" if ":" in spec else ":train"))
     random.Random(0).shuffle(docs)
-    per_document = -(-num_blocks // max(len(docs), 1))
-    blocks = spread(iter_render(docs, tokenizer, thinking), seq_len, int(eos), per_document, max_blocks=num_blocks)
-    if len(blocks) < num_blocks:
-        packed = pack(iter_render(docs, tokenizer, thinking), seq_len, int(eos), max_blocks=num_blocks)
-        blocks = packed if len(packed) > len(blocks) else blocks
-    return torch.from_numpy(blocks).long()
+    return torch.from_numpy(spread_or_pack(docs, tokenizer, num_blocks, seq_len, thinking)).long()
 
 
 def hessians_for(

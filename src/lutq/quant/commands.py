@@ -89,6 +89,7 @@ def quantize_cmd(
     device: str = typer.Option("cpu", "--device", help=PTQ_DEVICE_HELP),
 ) -> None:
     """Quantize a model to LUT layers, print the per-layer init error table, save a checkpoint."""
+    from lutq.data import one_or_mix
     from lutq.quant import QuantConfig, get_preset
     from lutq.quant.api import quantize_checkpoint
 
@@ -119,7 +120,7 @@ def quantize_cmd(
         model,
         out,
         cfg,
-        calib=_one_or_mix(calib),
+        calib=one_or_mix(calib),
         calib_sequences=calib_sequences,
         calib_len=calib_len,
         blockwise=recon,
@@ -158,6 +159,7 @@ def convert_q4_to_q2_cmd(
     device: str = typer.Option("cpu", "--device", help=PTQ_DEVICE_HELP),
 ) -> None:
     """Q4 → Q2: k-means the LUTs down (usage × S² weighted), expand ranks, re-pick indices; print errors."""
+    from lutq.data import one_or_mix
     from lutq.quant.convert import convert_checkpoint
 
     blockwise = {"steps": recon_steps, "lr": recon_lr} if reference else None
@@ -167,7 +169,7 @@ def convert_q4_to_q2_cmd(
         _pair(mlp, "--mlp"),
         _pair(attn, "--attn"),
         tighten_rounds=tighten,
-        calib=_one_or_mix(calib),
+        calib=one_or_mix(calib),
         calib_sequences=calib_sequences,
         calib_len=calib_len,
         reference=reference,
@@ -240,8 +242,3 @@ def register(app: typer.Typer) -> None:
     convert.command("latent-to-frozen")(convert_latent_cmd)
     app.add_typer(convert, name="convert")
     app.command("snap")(snap_cmd)
-
-
-def _one_or_mix(calib: list[str] | None) -> str | list[str] | None:
-    """--calib given once is one source (as recorded in the checkpoint's meta), several an even mix."""
-    return None if not calib else calib[0] if len(calib) == 1 else list(calib)
