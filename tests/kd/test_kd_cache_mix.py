@@ -3,6 +3,7 @@ document units across the sources, the CLI's repeatable --source and the errors.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -107,6 +108,7 @@ def test_bad_mixes(kd_cfg, text_dir):
 def test_cli_repeats_source(kd_dir, text_dir, tmp_path):
     out = tmp_path / "cli"
     args = ["cache", "-m", str(kd_dir / "teacher"), "-s", str(kd_dir / "chat.jsonl"), "-s", str(text_dir)]
+    args += ["--source-weight", "1", "--source-weight", "1"]
     res = CliRunner().invoke(app, [*args, "-L", "32", "-K", "8", "-n", "8", "--val-fraction", "0.25", "-o", str(out)])
     assert res.exit_code == 0, res.output
     meta = json.loads((out / "meta.json").read_text())
@@ -144,3 +146,34 @@ def test_kd_metrics_by_source(mixed, kd_cache, kd_dir, kd_teacher, tmp_path):
     table = compare({"noisy": str(tmp_path / "student")}, cache=mixed.path).markdown()
     assert "on each source of the cache's val split" in table
     assert f"| KD chat | top-1 chat | KD {Path(mixed.meta['source'][1]).name} |" in table
+
+
+def test_weighted_mix(kd_cfg, kd_teacher, text_dir, tmp_path):
+    """source_weights share the splits in proportion; they are recorded per source and in the settings, and an
+    even mix made without them keeps the plan it had."""
+    cfg = kd_cfg.replace(
+        source=[kd_cfg.source, str(text_dir)], source_weights=[3, 1], num_sequences=16, val_fraction=0.25
+    )
+    cache = KDCache(build_cache(cfg.replace(out=tmp_path / "w"), kd_teacher))
+    assert [p["sequences"] for p in cache.meta["sources"]] == [{"train": 9, "val": 3}, {"train": 3, "val": 1}]
+    assert [p["weight"] for p in cache.meta["sources"]] == [3, 1]
+    assert cache.meta["settings"]["source_weights"] == [3, 1]
+    even = KDCache(build_cache(dataclasses.replace(cfg, source_weights=None, out=tmp_path / "e"), kd_teacher))
+    assert "source_weights" not in even.meta["settings"] and "weight" not in even.meta["sources"][0]
+    with pytest.raises(LutqError, match="one positive weight per source"):
+        cfg.replace(source_weights=[1]).validate()
+    with pytest.raises(LutqError, match="one positive weight per source"):
+        cfg.replace(source_weights=[1, 0]).validate()
+    with pytest.raises(LutqError, match="cannot be shared"):
+        cfg.replace(source_weights=[30, 1], num_sequences=8).validate()
+
+
+def test_mix_shares():
+    from lutq.data import mix_shares
+
+    assert mix_shares(10, [1, 1, 1]) == [4, 3, 3]
+    assert mix_shares(2736, [2, 1, 1, 1]) == [1095, 547, 547, 547]
+    assert mix_shares(7, [0.5, 0.25, 0.25]) == [3, 2, 2]
+    assert sum(mix_shares(1001, [3, 7, 11])) == 1001
+    with pytest.raises(LutqError, match="non-negative"):
+        mix_shares(4, [1, -1])

@@ -4,8 +4,8 @@ packing into L-token blocks. (`lutq.data.tokens` holds the pretraining token mem
 from lutq.assets.corpora import Document
 from lutq.data.render import (
     THINKING_MODES,
-    even_shares,
     iter_render,
+    mix_shares,
     pack,
     render,
     render_text,
@@ -21,9 +21,9 @@ __all__ = [
     "THINKING_MODES",
     "Document",
     "document_splits",
-    "even_shares",
     "iter_render",
     "load_documents",
+    "mix_shares",
     "one_or_mix",
     "pack",
     "render",

@@ -180,9 +180,18 @@ def spread(
     return np.stack(blocks) if blocks else np.zeros((0, L), dtype=np.int32)
 
 
-def even_shares(n: int, k: int) -> list[int]:
-    """n items shared as evenly as possible by k takers (the first n % k get one more): an even mix."""
-    return [n // k + (i < n % k) for i in range(k)]
+def mix_shares(n: int, weights: Sequence[float]) -> list[int]:
+    """n items shared in proportion to `weights` (largest remainders get the leftovers, the first ones on a tie):
+    with equal weights an even mix, the first n % k taking one more."""
+    total = float(sum(weights))
+    if not weights or total <= 0 or min(weights) < 0:
+        raise LutqError(f"mix weights {list(weights)} must be non-negative and not all zero")
+    exact = [n * w / total for w in weights]
+    shares = [int(e) for e in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (-(exact[i] - shares[i]), i))
+    for i in by_remainder[: n - sum(shares)]:
+        shares[i] += 1
+    return shares
 
 
 def spread_or_pack(

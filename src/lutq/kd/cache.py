@@ -57,6 +57,7 @@ class CacheConfig(ConfigBase):
     model: str = "smollm2-135m-instruct"  # teacher: asset name, HF/lutq directory, .gguf, hub id
     # lutq.data.load_documents spec (asset, file, directory, hf:NAME), or a list of them: an even mix (make_plan)
     source: str | list[str] = "sharegpt"
+    source_weights: list[float] | None = None  # a mix's shares, in proportion (None: even)
     thinking: str = "off"  # chat rendering: off | on | both | none
     seq_len: int = 128
     top_k: int = 64
@@ -76,7 +77,7 @@ class CacheConfig(ConfigBase):
     overwrite: bool = False
 
     def validate(self) -> None:
-        from lutq.data import THINKING_MODES
+        from lutq.data import THINKING_MODES, mix_shares
 
         if self.thinking not in THINKING_MODES:
             raise LutqError(f"thinking={self.thinking!r}: choose one of {', '.join(THINKING_MODES)}")
@@ -109,8 +110,11 @@ class CacheConfig(ConfigBase):
         for spec in sources:
             if not spec.startswith("hf:") and spec.rpartition(":")[2] in SPLITS:
                 raise LutqError(f"cache source {spec!r}: give the whole source; lutq makes the val split")
+        weights = self.source_weights
+        if weights is not None and (len(weights) != len(sources) or min(weights) <= 0):
+            raise LutqError(f"cache source_weights {weights}: give one positive weight per source ({sources})")
         for split, n in self.split_sizes().items():
-            if len(sources) > 1 and 0 < n < len(sources):
+            if len(sources) > 1 and n and 0 in mix_shares(n, weights or [1] * len(sources)):
                 raise LutqError(f"cache: {n} {split} sequence(s) cannot be shared by {len(sources)} sources")
 
     @property
@@ -275,8 +279,9 @@ def make_plan(cfg: CacheConfig, model: torch.nn.Module, tokenizer: Any, dtype: t
         for i, a in enumerate(range(0, len(b), cfg.shard_size))
     ]
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "overwrite", "dtype", "device")}
-    if not cfg.val_blocks_per_document:  # left out at its default: caches written before it keep their plan hash
-        del settings["val_blocks_per_document"]
+    for key, default in (("val_blocks_per_document", 0), ("source_weights", None)):
+        if settings[key] == default:  # left out at its default: caches written before it keep their plan hash
+            del settings[key]
     data_hash = hashlib.sha256(b"".join(blocks[s].tobytes() for s in ("train", "val"))).hexdigest()
     arrays = {a: ARRAY_DTYPES[a] for a in ARRAY_DTYPES if R or not a.startswith("neg")}
     teacher_fp = teacher_fingerprint(model)
@@ -383,15 +388,15 @@ def _source_split_blocks(
 def _mixed_split_blocks(
     cfg: CacheConfig, wanted: dict[str, int], tokenizer: Any
 ) -> tuple[dict[str, np.ndarray], dict[str, list[int]], dict[str, int], list[dict[str, Any]]]:
-    """An even mix of `cfg.sources`: each gives its share of every split from its own train / val documents (an
-    asset's own held-out files; so a corpus's held-out documents stay out of training), laid out source after
-    source within a split (contiguous, so each keeps its document units). Returns the splits' blocks, each
-    block's document (numbered across the sources), the documents read, and per source its template, document
-    counts and sequence range per split (meta `sources`)."""
-    from lutq.data import document_splits, even_shares
+    """A mix of `cfg.sources` (even, or in proportion to `cfg.source_weights`): each gives its share of every
+    split from its own train / val documents (an asset's own held-out files; so a corpus's held-out documents stay
+    out of training), laid out source after source within a split (contiguous, so each keeps its document units).
+    Returns the splits' blocks, each block's document (numbered across the sources), the documents read, and per
+    source its template, document counts and sequence range per split (meta `sources`)."""
+    from lutq.data import document_splits, mix_shares
 
     sources = cfg.sources
-    shares = {split: even_shares(n, len(sources)) for split, n in wanted.items()}
+    shares = {split: mix_shares(n, cfg.source_weights or [1] * len(sources)) for split, n in wanted.items()}
     blocks: dict[str, list[np.ndarray]] = {s: [] for s in wanted}
     block_docs: dict[str, list[int]] = {s: [] for s in wanted}
     used_docs = dict.fromkeys(wanted, 0)
@@ -403,6 +408,8 @@ def _mixed_split_blocks(
             cfg, docs, asked, tokenizer, f"{cfg.seed}:{spec}", mixed=True
         )
         part: dict[str, Any] = {"source": spec, "template": template, "sequences": {}, "ranges": {}}
+        if cfg.source_weights:
+            part["weight"] = cfg.source_weights[i]
         for split in wanted:
             start = sum(len(b) for b in blocks[split])
             blocks[split].append(got[split])

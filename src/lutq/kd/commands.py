@@ -30,6 +30,9 @@ def cache(
         "-s",
         help="Data: asset (sharegpt, bible...), .txt/.json/.jsonl, dir, hf:NAME; repeat for an even mix.",
     ),
+    source_weight: list[float] = typer.Option(
+        None, "--source-weight", help="A mix's shares: one weight per --source, in order (default: even)."
+    ),
     thinking: str = typer.Option("off", "--thinking", help="Chat rendering: off | on | both | none (raw)."),
     seq_len: int = typer.Option(128, "-L", "--seq-len", help="Tokens per sequence (L)."),
     top_k: int = typer.Option(64, "-K", "--top-k", help="Teacher top-K logits kept per position (K)."),
@@ -66,6 +69,7 @@ def cache(
     cfg = CacheConfig(
         model=model,
         source=one_or_mix(source),
+        source_weights=list(source_weight) if source_weight else None,
         thinking=thinking,
         seq_len=seq_len,
         top_k=top_k,

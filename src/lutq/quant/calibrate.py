@@ -273,7 +273,7 @@ def calibration_blocks(
     """
     from pathlib import Path
 
-    from lutq.data import even_shares
+    from lutq.data import mix_shares
     from lutq.kd.reader import KDCache
     from lutq.kd.shards import META
 
@@ -292,7 +292,7 @@ def calibration_blocks(
     if len(lengths) > 1:
         raise LutqError(f"calibration: KD caches of different lengths L {sorted(lengths)} cannot be mixed")
     block_len = lengths.pop() if lengths else seq_len
-    shares = even_shares(num_sequences, len(sources))
+    shares = mix_shares(num_sequences, [1] * len(sources))
     parts = []
     for spec, share in zip(sources, shares, strict=True):
         if spec in caches:
