@@ -55,7 +55,7 @@ class CacheConfig(ConfigBase):
     """Settings of a KD cache. L = seq_len, K = top_k, R = negatives (random ids per position)."""
 
     model: str = "smollm2-135m-instruct"  # teacher: asset name, HF/lutq directory, .gguf, hub id
-    # lutq.data.load_documents spec (asset, file, directory, hf:NAME), or a list of them: an even mix (make_plan)
+    # lutq.data.load_documents spec (asset, file, directory, hf:NAME), or a list of them: a mix (make_plan)
     source: str | list[str] = "sharegpt"
     source_weights: list[float] | None = None  # a mix's shares, in proportion (None: even)
     thinking: str = "off"  # chat rendering: off | on | both | none
@@ -119,7 +119,7 @@ class CacheConfig(ConfigBase):
 
     @property
     def sources(self) -> list[str]:
-        """The data sources, one or several (an even mix)."""
+        """The data sources, one or several (a mix)."""
         return [self.source] if isinstance(self.source, str) else list(self.source)
 
     def total_sequences(self) -> int:
@@ -256,8 +256,10 @@ def make_plan(cfg: CacheConfig, model: torch.nn.Module, tokenizer: Any, dtype: t
         )
     wanted = cfg.split_sizes()
     if len(cfg.sources) == 1:
-        docs = document_splits(cfg.source if isinstance(cfg.source, str) else cfg.source[0], cfg.val_fraction)
-        blocks, block_docs, used_docs, template = _source_split_blocks(cfg, docs, wanted, tokenizer, f"{cfg.seed}")
+        docs = document_splits(cfg.sources[0], cfg.val_fraction)
+        blocks, block_docs, used_docs, template = _source_split_blocks(
+            cfg, cfg.sources[0], docs, wanted, tokenizer, f"{cfg.seed}"
+        )
         name = cache_name(source_name(cfg.sources[0]), template, L, K, R)
         parts = None
     else:
@@ -336,6 +338,7 @@ def make_plan(cfg: CacheConfig, model: torch.nn.Module, tokenizer: Any, dtype: t
 
 def _source_split_blocks(
     cfg: CacheConfig,
+    spec: str,
     docs: dict[str, list[Any]],
     wanted: dict[str, int],
     tokenizer: Any,
@@ -343,7 +346,7 @@ def _source_split_blocks(
     *,
     mixed: bool = False,
 ) -> tuple[dict[str, np.ndarray], dict[str, list[int]], dict[str, int], str]:
-    """One source's blocks per split (and each block's document, the documents read, the template name).
+    """The blocks per split of source `spec` (and each block's document, the documents read, the template name).
 
     Train packs whole renderings back to back in a seeded shuffled document order; val does the same, or with
     `val_blocks_per_document` spreads at most that many blocks over each held-out document. In a mix (`mixed`),
@@ -379,7 +382,7 @@ def _source_split_blocks(
         used_docs[split] = counter.n
         if len(blocks[split]) < n:
             console.print(
-                f"[yellow]warning:[/] {cfg.source} gives only {len(blocks[split])} {split} blocks "
+                f"[yellow]warning:[/] {spec} gives only {len(blocks[split])} {split} blocks "
                 f"of {cfg.seq_len} tokens ({n} asked for)"
             )
     return blocks, block_docs, used_docs, template
@@ -405,7 +408,7 @@ def _mixed_split_blocks(
         docs = document_splits(spec, cfg.val_fraction)
         asked = {split: shares[split][i] for split in wanted}
         got, got_docs, used, template = _source_split_blocks(
-            cfg, docs, asked, tokenizer, f"{cfg.seed}:{spec}", mixed=True
+            cfg, spec, docs, asked, tokenizer, f"{cfg.seed}:{spec}", mixed=True
         )
         part: dict[str, Any] = {"source": spec, "template": template, "sequences": {}, "ranges": {}}
         if cfg.source_weights:
