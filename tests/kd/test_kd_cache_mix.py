@@ -177,3 +177,15 @@ def test_mix_shares():
     assert sum(mix_shares(1001, [3, 7, 11])) == 1001
     with pytest.raises(LutqError, match="non-negative"):
         mix_shares(4, [1, -1])
+
+
+def test_a_capped_evaluation_covers_every_source(mixed, kd_teacher):
+    """max_batches scores sequences spread over the whole split (here one batch of 4 of the 6 val sequences:
+    both sources), not the first batch (which would be chat only); uncapped it scores the split in order."""
+    from lutq.kd import evaluate_kd
+
+    model, _ = kd_teacher
+    capped = evaluate_kd(model, mixed, batch_size=4, max_batches=1, by_source=True)
+    assert capped["sequences"] == 4 and set(capped["by_source"]) == set(mixed.meta["source"])
+    whole = evaluate_kd(model, mixed, batch_size=4, max_batches=2)
+    assert whole["sequences"] == 6 and whole == evaluate_kd(model, mixed, batch_size=4)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lutq.core import ConfigBase, LutqError
+from lutq.core.digest import spaced_indices
 from lutq.models.runtime import decoder_body
 
 
@@ -365,7 +366,8 @@ def evaluate_kd(
 ) -> dict[str, Any]:
     """Token-weighted means of the KD metrics over `split` of a KDCache (or a cache path), in order, with
     `tokens`, `sequences` and `ids_sha256` (of the input ids scored: two evaluations pair only on the same ids).
-    With `by_source`, a cache built from a mix also gets `by_source`: {source: {metric: mean, tokens}}.
+    `max_batches` caps the sequences scored at that many batches, evenly spaced over the split. With
+    `by_source`, a cache built from a mix also gets `by_source`: {source: {metric: mean, tokens}}.
 
     `per_unit`, when given, receives the metric sums and token count `n` of each independent unit, for intervals:
     each document (conversation) of the split when the cache records them (`KDCache.document_units`: the
@@ -389,10 +391,17 @@ def evaluate_kd(
     totals: dict[str, float] = {}
     tokens = sequences = 0
     ids_digest = hashlib.sha256()
+    total = cache.num_sequences(split)
+    # a capped evaluation scores sequences spread over the whole split, not its first batches (a mixed cache lays
+    # its sources out one after the other, so the first batches would be one source)
+    count = total if max_batches is None else min(total, max_batches * batch_size)
+    order = np.arange(total) if count == total else spaced_indices(total, count)
+    if total and not count:
+        raise LutqError(f"evaluate_kd: max_batches={max_batches} scores nothing")
     try:
-        for i, batch in enumerate(cache.batches(split, batch_size, shuffle=False)):
-            if max_batches is not None and i >= max_batches:
-                break
+        for start in range(0, count, batch_size):
+            chunk = order[start : start + batch_size]
+            batch = cache.read(split, chunk)
             ids_digest.update(batch["input_ids"].to(torch.int32).cpu().numpy().tobytes())
             hidden = student_hidden(model, batch["input_ids"].to(device))
             want_rows = docs is not None or owner is not None
@@ -406,13 +415,13 @@ def evaluate_kd(
             if per_unit is not None and docs is None:
                 per_unit.append({"n": n, **sums})
             elif per_unit is not None:
-                for j, doc in enumerate(int(d) for d in docs[sequences : sequences + rows]):
+                for j, doc in enumerate(int(d) for d in docs[chunk]):
                     unit = doc_sums.setdefault(doc, {"n": 0})
                     unit["n"] += positions
                     for k, v in per_seq.items():
                         unit[k] = unit.get(k, 0.0) + v[j]
             if owner is not None:
-                for j, src in enumerate(int(o) for o in owner[sequences : sequences + rows]):
+                for j, src in enumerate(int(o) for o in owner[chunk]):
                     sums_of = source_sums[src]
                     sums_of["tokens"] += positions
                     for k, v in per_seq.items():
