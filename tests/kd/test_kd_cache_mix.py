@@ -106,14 +106,16 @@ def test_bad_mixes(kd_cfg, text_dir):
 
 
 def test_cli_repeats_source(kd_dir, text_dir, tmp_path):
+    """--source repeated is a mix, --source-weight its shares (3 : 1 here, so a flag that did nothing would show)."""
     out = tmp_path / "cli"
     args = ["cache", "-m", str(kd_dir / "teacher"), "-s", str(kd_dir / "chat.jsonl"), "-s", str(text_dir)]
-    args += ["--source-weight", "1", "--source-weight", "1"]
-    res = CliRunner().invoke(app, [*args, "-L", "32", "-K", "8", "-n", "8", "--val-fraction", "0.25", "-o", str(out)])
+    args += ["--source-weight", "3", "--source-weight", "1"]
+    res = CliRunner().invoke(app, [*args, "-L", "32", "-K", "8", "-n", "16", "--val-fraction", "0.25", "-o", str(out)])
     assert res.exit_code == 0, res.output
     meta = json.loads((out / "meta.json").read_text())
     assert meta["source"] == [str(kd_dir / "chat.jsonl"), str(text_dir)]
-    assert [p["sequences"] for p in meta["sources"]] == [{"train": 3, "val": 1}] * 2
+    assert [p["sequences"] for p in meta["sources"]] == [{"train": 9, "val": 3}, {"train": 3, "val": 1}]
+    assert meta["settings"]["source_weights"] == [3, 1]
 
 
 def test_kd_metrics_by_source(mixed, kd_cache, kd_dir, kd_teacher, tmp_path):

@@ -363,23 +363,24 @@ def _source_split_blocks(
     for split, n in wanted.items():
         order = list(docs[split])
         random.Random(f"{seed}:{split}").shuffle(order)
-        counter = _Counter(order)
         block_docs[split] = []
-        sources: list[int] = []  # each rendering's document ("both" renders a conversation twice)
-        renderings = iter_render(counter, tokenizer, cfg.thinking, batch=8, sources=sources)
-        if mixed and not is_chat:
+        if mixed and not is_chat:  # long texts: a few blocks from each document
             blocks[split] = spread_or_pack(order, tokenizer, n, cfg.seq_len, cfg.thinking, block_docs[split])
-            counter.n = len(set(block_docs[split]))
-        elif split == "val" and cfg.val_blocks_per_document:
-            per_doc = cfg.val_blocks_per_document
-            blocks[split] = spread(
-                renderings, cfg.seq_len, eos, per_doc, max_blocks=n, block_docs=block_docs[split], doc_of=sources
-            )
+            used_docs[split] = len(set(block_docs[split]))
         else:
-            blocks[split] = pack(
-                renderings, cfg.seq_len, eos, max_blocks=n, block_docs=block_docs[split], doc_of=sources
-            )
-        used_docs[split] = counter.n
+            counter = _Counter(order)
+            sources: list[int] = []  # each rendering's document ("both" renders a conversation twice)
+            renderings = iter_render(counter, tokenizer, cfg.thinking, batch=8, sources=sources)
+            if split == "val" and cfg.val_blocks_per_document:
+                per_doc = cfg.val_blocks_per_document
+                blocks[split] = spread(
+                    renderings, cfg.seq_len, eos, per_doc, max_blocks=n, block_docs=block_docs[split], doc_of=sources
+                )
+            else:
+                blocks[split] = pack(
+                    renderings, cfg.seq_len, eos, max_blocks=n, block_docs=block_docs[split], doc_of=sources
+                )
+            used_docs[split] = counter.n
         if len(blocks[split]) < n:
             console.print(
                 f"[yellow]warning:[/] {spec} gives only {len(blocks[split])} {split} blocks "
